@@ -1,0 +1,1 @@
+"""CIFAR-style models in our own code."""
