@@ -1,0 +1,367 @@
+"""ZeroMQ framing between the parameter server (ROUTER) and its workers (DEALER), optionally over CURVE.
+
+A message is one header frame (`protocol.pack_header`) and payload frames; the ROUTER side adds the
+peer's identity in front. Payload frames go out zero-copy (`copy=False`): a buffer passed to `send` must
+not be modified until the peer has answered (ZeroMQ reads it from its I/O thread).
+
+Bounds on what a peer can make us hold: ZeroMQ's MAXMSGSIZE bounds each frame (a peer that sends a
+larger frame is disconnected by libzmq: the receiver sees nothing of that message, a ROUTER forgets the
+peer's identity until it reconnects, and the sender's DEALER reconnects by itself); `recv` keeps at most
+`max_frames` payload frames of a message and raises `MalformedMessage` for the rest. libzmq delivers a
+multipart message only once all of it has arrived, so an authenticated (CURVE) peer is what bounds the
+frame count in memory on a network: hence `bind_server` refuses a non-loopback host without keys.
+
+`Server.send` to a peer that is not connected returns 0 (ROUTER_MANDATORY turns the silent drop into an
+error that we report this way); a send that stays blocked by a full queue for `send_timeout_ms` raises
+`TimeoutError`. Sockets are not thread-safe: use each Server/Client from one thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import zmq
+from zmq.auth.thread import ThreadAuthenticator
+
+from atomo_core.wire import Message
+from services.common.protocol import Header, ProtocolError, check_name, pack_header, unpack_header
+
+ZAP_DOMAIN = b"atomo"
+
+
+@dataclass(frozen=True)
+class SocketOptions:
+    """Per-socket limits. `max_message_bytes` is ZeroMQ's MAXMSGSIZE, checked per frame: set it from the
+    model size (the largest payload frame either side may send)."""
+
+    max_message_bytes: int
+    send_hwm: int = 8  # messages, not bytes
+    recv_hwm: int = 64
+    linger_ms: int = 1000  # bounded LINGER on close; never -1 (which can hang)
+    heartbeat_ivl_ms: int = 1000  # ZMQ_HEARTBEAT_IVL; TIMEOUT and TTL are 3 x IVL
+    max_frames: int = 1024  # payload frames per multipart message accepted
+    send_timeout_ms: int = 30000  # a send blocked this long by a full queue raises TimeoutError
+    immediate: bool = False  # client: queue only on completed connections (sends block while disconnected)
+
+    def __post_init__(self):
+        if self.max_message_bytes < 1:
+            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        for name in ("send_hwm", "recv_hwm", "heartbeat_ivl_ms", "max_frames", "send_timeout_ms"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.linger_ms < 0:
+            raise ValueError(f"linger_ms must be >= 0 (a bounded linger), got {self.linger_ms}")
+
+
+@dataclass
+class Received:
+    peer: bytes  # ROUTER side: the sender's identity; b"" on the DEALER side
+    header: Header
+    frames: list[memoryview]  # payload frames, zero-copy read-only views
+    nbytes: int  # total bytes of the multipart message, header included (identity excluded)
+
+
+class MalformedMessage(ProtocolError):
+    """Raised by `recv` for a bad multipart message, after all of it was consumed; `.peer` is the sender."""
+
+    def __init__(self, reason: str, message: str, peer: bytes = b""):
+        super().__init__(reason, message)
+        self.peer = peer
+
+
+class CurveKeys:
+    """CURVE keys from a directory written by `atomo keys DIR` (see services/common/keys.py).
+
+    Layout: `DIR/server.key` (public), `DIR/server.key_secret`, `DIR/clients/NAME.key` and
+    `NAME.key_secret` per client. The server accepts exactly the public keys in `DIR/clients/`.
+    """
+
+    def __init__(self, public: bytes, secret: bytes, server_public: bytes, authorized: frozenset[bytes] = frozenset()):
+        self.public = public
+        self.secret = secret
+        self.server_public = server_public
+        self.authorized = authorized
+
+    @classmethod
+    def load(cls, directory, role: str, name: str | None = None) -> CurveKeys:
+        directory = Path(directory)
+        server_public, server_secret = _load_pair(directory / "server.key_secret")
+        clients = directory / "clients"
+        if role == "server":
+            authorized = frozenset(_load_public(path) for path in sorted(clients.glob("*.key")))
+            if not authorized:
+                raise ValueError(f"no client public keys in {clients}: no client could connect")
+            return cls(server_public, server_secret, server_public, authorized)
+        if role != "client":
+            raise ValueError(f"role must be 'server' or 'client', got {role!r}")
+        if name is None:
+            names = sorted(path.name.removesuffix(".key_secret") for path in clients.glob("*.key_secret"))
+            if len(names) != 1:
+                raise ValueError(f"pick a client key name among {names} in {clients}")
+            name = names[0]
+        public, secret = _load_pair(clients / f"{name}.key_secret")
+        return cls(public, secret, server_public)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP credentials check (zmq.auth): accept only the authorized client keys."""
+        return key in self.authorized
+
+
+def _load_pair(path: Path) -> tuple[bytes, bytes]:
+    if not path.is_file():
+        raise ValueError(f"missing CURVE key file {path} (write keys with `atomo keys DIR`)")
+    public, secret = zmq.auth.load_certificate(path)
+    if not secret:
+        raise ValueError(f"{path} holds no secret key")
+    return public, secret
+
+
+def _load_public(path: Path) -> bytes:
+    public, _ = zmq.auth.load_certificate(path)
+    return public
+
+
+class _Authenticators:
+    """One ZAP handler per context (ZeroMQ allows one), shared by the CURVE servers of that context."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._by_context: dict[int, tuple[ThreadAuthenticator, list[CurveKeys]]] = {}
+
+    def acquire(self, ctx: zmq.Context, keys: CurveKeys) -> None:
+        with self._lock:
+            if id(ctx) not in self._by_context:
+                auth = ThreadAuthenticator(ctx)
+                auth.start()
+                self._by_context[id(ctx)] = (auth, [])
+            auth, users = self._by_context[id(ctx)]
+            users.append(keys)
+            auth.configure_curve_callback(domain="*", credentials_provider=_AnyOf(list(users)))
+
+    def release(self, ctx: zmq.Context, keys: CurveKeys) -> None:
+        with self._lock:
+            auth, users = self._by_context[id(ctx)]
+            users.remove(keys)
+            if users:
+                auth.configure_curve_callback(domain="*", credentials_provider=_AnyOf(list(users)))
+            else:
+                auth.stop()
+                del self._by_context[id(ctx)]
+
+
+class _AnyOf:
+    def __init__(self, users: list[CurveKeys]):
+        self.users = users
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return any(keys.callback(domain, key) for keys in self.users)
+
+
+_AUTHENTICATORS = _Authenticators()
+
+
+def _configure(sock: zmq.Socket, options: SocketOptions) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
+    sock.setsockopt(zmq.SNDHWM, options.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, options.recv_hwm)
+    sock.setsockopt(zmq.LINGER, options.linger_ms)
+    sock.setsockopt(zmq.SNDTIMEO, options.send_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * options.heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * options.heartbeat_ivl_ms, 6553500))
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
+    sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 6)
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tcp(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def bind_server(
+    ctx: zmq.Context,
+    host: str,
+    port: int,
+    options: SocketOptions,
+    keys: CurveKeys | None = None,
+    allow_remote_without_keys: bool = False,
+) -> Server:
+    """A ROUTER bound to tcp://host:port (port 0 picks a free port); a CURVE server when `keys` are given."""
+    if keys is None and not _is_loopback(host) and not allow_remote_without_keys:
+        raise ValueError(
+            f"refusing to serve unauthenticated on non-loopback host {host!r}: give CURVE keys "
+            "(`atomo keys DIR`) or allow_remote_without_keys=True on a trusted network"
+        )
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        _configure(sock, options)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its identity back at once
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        if keys is not None:
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+            _AUTHENTICATORS.acquire(ctx, keys)
+        try:
+            sock.bind(_tcp(host, port or "*"))
+        except zmq.ZMQError:
+            if keys is not None:
+                _AUTHENTICATORS.release(ctx, keys)
+            raise
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return Server(sock, options, endpoint, int(endpoint.rsplit(":", 1)[1]), ctx, keys)
+
+
+def connect_client(
+    ctx: zmq.Context, endpoint: str, identity: str, options: SocketOptions, keys: CurveKeys | None = None
+) -> Client:
+    """A DEALER with the stable identity `identity` (the worker id), connected to `endpoint`."""
+    check_name(identity, "identity")
+    if not identity:
+        raise ValueError("a client identity must not be empty")
+    sock = ctx.socket(zmq.DEALER)
+    try:
+        _configure(sock, options)
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.IMMEDIATE, int(options.immediate))
+        if keys is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, keys.server_public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+        if endpoint.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.connect(endpoint)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    return Client(sock, options)
+
+
+def _buffer(frame) -> memoryview | bytes | zmq.Frame:
+    """A frame as something ZeroMQ sends without copying (an atomo_core Message is joined once)."""
+    if isinstance(frame, Message):
+        return bytes(frame)
+    if isinstance(frame, zmq.Frame):
+        return frame
+    if isinstance(frame, torch.Tensor):
+        if frame.device.type != "cpu":
+            frame = frame.cpu()
+        return memoryview(frame.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(frame)
+    if not view.c_contiguous:
+        raise ValueError("payload frames must be C-contiguous buffers")
+    return view
+
+
+def _nbytes(buf) -> int:
+    return len(buf) if isinstance(buf, (bytes, zmq.Frame)) else buf.nbytes
+
+
+class _Endpoint:
+    def __init__(self, sock: zmq.Socket, options: SocketOptions):
+        self._sock = sock
+        self._options = options
+
+    def _send(self, prefix: list[bytes], header: Header, frames: Sequence) -> int:
+        parts = [pack_header(header)] + [_buffer(f) for f in frames]
+        try:
+            self._sock.send_multipart(prefix + parts, copy=False)
+        except zmq.Again as exc:
+            raise TimeoutError(f"send blocked for {self._options.send_timeout_ms} ms: the peer is not reading") from exc
+        return sum(_nbytes(p) for p in parts)
+
+    def _recv(self, timeout_ms: int | None, router: bool) -> Received | None:
+        if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        parts: list[zmq.Frame] = []
+        keep = int(router) + 1 + self._options.max_frames  # identity, header, payload
+        count = 0
+        more = True
+        while more:  # consume the whole message (it has fully arrived) before judging it
+            frame = self._sock.recv(zmq.NOBLOCK, copy=False)
+            more = frame.more
+            count += 1
+            if count <= keep:
+                parts.append(frame)
+        peer = parts.pop(0).bytes if router else b""
+        if count > keep:
+            payload = count - int(router) - 1
+            raise MalformedMessage(
+                "too_many_frames", f"{payload} payload frames exceed {self._options.max_frames}", peer
+            )
+        if not parts:
+            raise MalformedMessage("missing_header", "a message with no header frame", peer)
+        try:
+            header = unpack_header(parts[0].buffer)
+        except ProtocolError as exc:
+            raise MalformedMessage(exc.reason, str(exc), peer) from exc
+        frames = [p.buffer.toreadonly() for p in parts[1:]]
+        return Received(peer, header, frames, sum(len(p) for p in parts))
+
+    def close(self) -> None:
+        self._sock.close(linger=self._options.linger_ms)
+
+
+class Server(_Endpoint):
+    """The PS side: a ROUTER; peers are identified by their identity bytes."""
+
+    def __init__(self, sock, options, endpoint: str, port: int, ctx: zmq.Context, keys: CurveKeys | None):
+        super().__init__(sock, options)
+        self.endpoint = endpoint
+        self.port = port
+        self._ctx = ctx
+        self._keys = keys
+
+    def send(self, peer: bytes, header: Header, frames: Sequence = ()) -> int:
+        """Send to one peer; returns the bytes sent (header + payload), or 0 if that peer is not connected."""
+        try:
+            return self._send([peer], header, frames)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                return 0
+            raise
+
+    def recv(self, timeout_ms: int | None) -> Received | None:
+        """The next message (None after `timeout_ms`; None waits forever); raises MalformedMessage."""
+        return self._recv(timeout_ms, router=True)
+
+    def close(self) -> None:
+        if self._sock.closed:
+            return
+        super().close()
+        if self._keys is not None:
+            _AUTHENTICATORS.release(self._ctx, self._keys)
+
+
+class Client(_Endpoint):
+    """The worker side: a DEALER with a stable identity; reconnects by itself."""
+
+    def send(self, header: Header, frames: Sequence = ()) -> int:
+        """Send to the server; returns the bytes sent (header + payload)."""
+        return self._send([], header, frames)
+
+    def recv(self, timeout_ms: int | None) -> Received | None:
+        """The next message (None after `timeout_ms`; None waits forever); raises MalformedMessage."""
+        return self._recv(timeout_ms, router=False)
