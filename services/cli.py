@@ -10,7 +10,9 @@ import importlib
 import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "keys": ("services.common.keys", "write CURVE key pairs for the PS and its workers"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
