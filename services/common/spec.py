@@ -7,12 +7,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq")
 BUDGETED = ("entrywise", "svd", "fourier")
+# Codec parameter -> the codecs that take it.
+_PARAMETER_OWNERS = {
+    "budget": BUDGETED,
+    "bits": ("qsgd",),
+    "bucket_size": ("qsgd",),
+    "q": ("lq",),
+    "clip": ("terngrad",),
+}
 
 
 class CodecSpec(BaseModel):
@@ -33,19 +41,14 @@ class CodecSpec(BaseModel):
         1.0, ge=1.0, description="layers whose compression rate would be below this are sent dense"
     )
 
-    @model_validator(mode="after")
-    def _only_own_parameters(self):
-        own = {
-            "budget": self.name in BUDGETED,
-            "bits": self.name == "qsgd",
-            "bucket_size": self.name == "qsgd",
-            "q": self.name == "lq",
-            "clip": self.name == "terngrad",
-        }
-        stray = [f for f, allowed in own.items() if getattr(self, f) is not None and not allowed]
-        if stray:
-            raise ValueError(f"codec {self.name!r} takes no {', '.join(stray)}")
-        return self
+    # Field validators (not a model validator) so that an error names its field, e.g. "codec.bits".
+    @field_validator(*_PARAMETER_OWNERS)
+    @classmethod
+    def _only_own_parameters(cls, value, info: ValidationInfo):
+        name = info.data.get("name")
+        if value is not None and name is not None and name not in _PARAMETER_OWNERS[info.field_name]:
+            raise ValueError(f"codec {name!r} takes no {info.field_name}")
+        return value
 
     def codec_params(self) -> dict:
         """Keyword arguments for `atomo_core.make_codec(self.name, **params)`."""
@@ -77,7 +80,9 @@ class RunSpec(BaseModel):
     dataset: Literal[DATASETS] = "digits"
     codec: CodecSpec = Field(default_factory=CodecSpec)
     workers: int = Field(2, ge=1, le=256)
-    batch_size: int = Field(64, ge=1, le=65536, description="global batch, split evenly across workers")
+    batch_size: int = Field(
+        64, ge=1, le=65536, validate_default=True, description="global batch, split evenly across workers"
+    )
     lr: float = Field(0.05, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
@@ -96,17 +101,30 @@ class RunSpec(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.steps is not None and self.epochs is not None:
+    # Field validators (not a model validator) so that an error names its field; `workers` and `steps`
+    # come first in the class, so they are in `info.data` when valid.
+    @field_validator("epochs")
+    @classmethod
+    def _steps_or_epochs(cls, epochs, info: ValidationInfo):
+        if epochs is not None and info.data.get("steps") is not None:
             raise ValueError("give steps or epochs, not both")
-        if self.num_aggregate is not None and self.num_aggregate > self.workers:
-            raise ValueError(f"num_aggregate ({self.num_aggregate}) exceeds workers ({self.workers})")
-        if self.min_workers > self.workers:
-            raise ValueError(f"min_workers ({self.min_workers}) exceeds workers ({self.workers})")
-        if self.batch_size < self.workers:
-            raise ValueError(f"batch_size ({self.batch_size}) is smaller than workers ({self.workers})")
-        return self
+        return epochs
+
+    @field_validator("num_aggregate", "min_workers")
+    @classmethod
+    def _at_most_workers(cls, value, info: ValidationInfo):
+        workers = info.data.get("workers")
+        if value is not None and workers is not None and value > workers:
+            raise ValueError(f"{info.field_name} ({value}) exceeds workers ({workers})")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _at_least_workers(cls, batch_size, info: ValidationInfo):
+        workers = info.data.get("workers")
+        if workers is not None and batch_size < workers:
+            raise ValueError(f"batch_size ({batch_size}) is smaller than workers ({workers})")
+        return batch_size
 
     def total_steps(self, train_size: int) -> int:
         """Steps to run: `steps`, or `epochs` passes over a training set of `train_size` examples."""
