@@ -1,0 +1,155 @@
+"""QSGD (Alistarh et al., NeurIPS 2017) with s = 2**bits - 1 levels, bucketing and Elias coding.
+
+Per bucket v (Sec. 3.1, eq. for Q_s): Q_s(v)_i = ||v||_2 sign(v_i) l_i / s, with r_i = s |v_i| / ||v||_2 and
+the unbiased stochastic rounding l_i = floor(r_i) + Bernoulli(r_i - floor(r_i)), so E[l_i] = r_i and
+E[l_i^2] = floor(r_i)^2 + (2 floor(r_i) + 1) frac(r_i).
+
+Coding (chosen per message, flagged in the meta section):
+
+- ELIAS, QSGD's sparse code (Sec. 3.1, "Efficient coding of gradients"): 32 bits per bucket norm, then for
+  each nonzero level, the Elias omega code of the gap to the previous nonzero index (the first one's
+  index + 1), a sign bit and the Elias omega code of l_i. The gaps run across bucket boundaries (the
+  bucket of an index is index // bucket_size), so no per-bucket counts are sent. The omega codes are
+  stored depth-major (`elias`): the same number of bits as QSGD's concatenated codes, but decodable with a
+  few vectorized passes. QSGD's Theorem 3.2 bounds the expected bits of one bucket of n entries by
+  (3 + (3/2 + o(1)) log2(2(s^2 + n) / (s(s + sqrt n)))) s(s + sqrt n) + 32 (`elias_bits_bound`).
+- FIXED: b + 1 bits per entry (sign, then the level), whenever that is smaller (the dense regime).
+
+Sections: norms (float32, one per bucket), meta (int64, 2: coding, nonzeros), payload (uint8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from atomo_core.codecs import Codec, register_codec
+from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths, pack_fixed, unpack_fixed
+from atomo_core.quantizers.ternary import check_stream_end
+from atomo_core.wire import CODEC_IDS, WireFormatError, expect_sections
+
+FIXED, ELIAS = 0, 1
+MAX_BITS = 16
+
+
+def elias_bits_bound(n: int, s: int) -> float:
+    """QSGD Theorem 3.2 without its o(1) term: expected bits of the Elias code of one bucket of n entries."""
+    nonzeros = s * (s + math.sqrt(n))  # QSGD Lemma 3.1: E||Q_s(v)||_0 <= s(s + sqrt n)
+    return (3 + 1.5 * math.log2(2 * (s * s + n) / nonzeros)) * nonzeros + 32
+
+
+@register_codec
+class QSGDCodec(Codec):
+    """`bits` b in [1, 16] (s = 2**b - 1 levels); `bucket_size` d entries per norm (0 or None: one bucket)."""
+
+    name = "qsgd"
+    codec_id = CODEC_IDS["qsgd"]
+
+    def __init__(self, bits: int = 4, bucket_size: int | None = None):
+        if bits != int(bits) or not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"qsgd: bits must be an integer in [1, {MAX_BITS}], got {bits}")
+        bucket_size = bucket_size or 0
+        if bucket_size != int(bucket_size) or not 0 <= bucket_size < 2**32:
+            raise ValueError(f"qsgd: bucket_size must be a non-negative integer, got {bucket_size}")
+        self.bits = int(bits)
+        self.bucket_size = int(bucket_size)
+        self.levels = 2**self.bits - 1
+
+    def buckets(self, n: int) -> tuple[int, int]:
+        """(bucket size, number of buckets) for a tensor of n entries."""
+        size = self.bucket_size or max(n, 1)
+        return size, -(-n // size)
+
+    def quantize(self, flat: torch.Tensor, generator: torch.Generator | None):
+        """Bucket norms (float32) and the levels l_i (float32, 0..s) of the flattened float32 tensor."""
+        n = flat.numel()
+        size, count = self.buckets(n)
+        padded = torch.nn.functional.pad(flat, (0, size * count - n)).view(count, size)
+        norms = torch.linalg.vector_norm(padded, dim=1)
+        if not bool(torch.isfinite(norms).all()):
+            raise ValueError("qsgd: the tensor has non-finite entries or its bucket norms overflow float32")
+        scale = torch.where(norms > 0, self.levels / norms, torch.zeros_like(norms))
+        ratio = padded.abs_().mul_(scale[:, None]).view(-1)[:n].clamp_(max=self.levels)  # r_i = s |v_i| / ||v||
+        levels = ratio.floor()
+        fraction = ratio.sub_(levels)
+        uniform = torch.rand(n, generator=generator, device=flat.device)
+        return norms, levels.add_(uniform < fraction)  # round up with probability frac(r_i): unbiased
+
+    def encode(self, tensor, generator=None):
+        flat = tensor.detach().reshape(-1).to(torch.float32)
+        norms, levels = self.quantize(flat, generator)
+        (indices,) = torch.nonzero(levels, as_tuple=True)
+        negative = (flat[indices] < 0).cpu().numpy()
+        nonzero_levels = levels[indices].to(torch.int64).cpu().numpy()
+        indices = indices.cpu().numpy()
+        fixed_bits = flat.numel() * (self.bits + 1)
+        coding = FIXED
+        if 3 * indices.size < fixed_bits:  # every nonzero costs at least 3 bits in the Elias code
+            codes = np.stack([np.diff(indices, prepend=-1), nonzero_levels], axis=1).reshape(-1)
+            if indices.size + int(omega_lengths(codes).sum()) < fixed_bits:
+                coding = ELIAS
+                payload = np.packbits(np.concatenate([negative.astype(np.uint8), omega_encode(codes)]))
+        if coding == FIXED:
+            words = levels.to(torch.int32).cpu().numpy()
+            words[indices[negative]] |= 1 << self.bits
+            payload = pack_fixed(words, self.bits + 1)
+        meta = torch.tensor([coding, indices.size], dtype=torch.int64)
+        return self._message(tensor, [norms.cpu(), meta, torch.from_numpy(payload)])
+
+    def wire_params(self):
+        return (float(self.bits), float(self.bucket_size))
+
+    @classmethod
+    def from_wire_params(cls, params):
+        if len(params) != 2:
+            raise WireFormatError(f"qsgd: expected 2 parameters (bits, bucket_size), got {len(params)}")
+        try:
+            return cls(bits=params[0], bucket_size=params[1])
+        except ValueError as exc:
+            raise WireFormatError(str(exc)) from exc
+
+    def decode_message(self, msg):
+        n = msg.numel
+        size, count = self.buckets(n)
+        payload_bytes = msg.sections[2].numel() if len(msg.sections) == 3 else -1
+        expect_sections(msg, [(torch.float32, count), (torch.int64, 2), (torch.uint8, payload_bytes)], self.name)
+        norms = msg.sections[0]
+        coding, nonzeros = (int(v) for v in msg.sections[1])
+        if not bool((torch.isfinite(norms) & (norms >= 0)).all()):
+            raise WireFormatError("qsgd: bucket norms must be finite and non-negative")
+        if not 0 <= nonzeros <= n:
+            raise WireFormatError(f"qsgd: {nonzeros} nonzeros for {n} entries")
+        payload = msg.sections[2].numpy()
+        if coding == FIXED:
+            if payload.size != -(-n * (self.bits + 1) // 8):
+                raise WireFormatError(f"qsgd: {payload.size} payload bytes for {n} entries of {self.bits + 1} bits")
+            words = unpack_fixed(payload, n, self.bits + 1)
+            levels = words & self.levels
+            (indices,) = np.nonzero(levels)
+            if indices.size != nonzeros:
+                raise WireFormatError(f"qsgd: payload has {indices.size} nonzero levels, meta says {nonzeros}")
+            negative = (words[indices] >> self.bits).astype(bool)
+            levels = levels[indices]
+        elif coding == ELIAS:
+            bits = np.unpackbits(payload)
+            codes, end = omega_decode(bits, nonzeros, 2 * nonzeros)
+            check_stream_end(bits, end)
+            negative = bits[:nonzeros].astype(bool)
+            indices = np.cumsum(codes[0::2]) - 1
+            levels = codes[1::2]
+            if indices.size and indices[-1] >= n:
+                raise WireFormatError(f"qsgd: index {indices[-1]} out of range for {n} entries")
+            if levels.size and levels.max() > self.levels:
+                raise WireFormatError(f"qsgd: level {levels.max()} exceeds s = {self.levels}")
+        else:
+            raise WireFormatError(f"qsgd: unknown payload coding {coding}")
+        indices = torch.from_numpy(indices)
+        bucket_norms = norms[indices // size]
+        if bool((bucket_norms == 0).any()):
+            raise WireFormatError("qsgd: nonzero level in a bucket of norm 0")
+        signed = torch.from_numpy(np.where(negative, -levels, levels).astype(np.float32))
+        estimate = torch.zeros(n)
+        estimate[indices] = bucket_norms * signed / self.levels
+        return estimate.reshape(msg.shape).to(msg.dtype)

@@ -1,0 +1,129 @@
+"""Ternary quantizers g -> scale * sign(g_i) * zeta_i, zeta_i ~ Bernoulli(|g_i| / scale) (Section 4, eq. for L_q).
+
+TernGrad (scale = ||g||_inf) and l_q quantization (scale = ||g||_q) differ only in the scale, so they share
+the sampler and the wire layout here. Sections: scale (float32, 1), meta (int64, 2: coding, nonzeros),
+payload (uint8). Codings: PACKED, 2 bits per entry (0 -> 0, 1 -> +1, 3 -> -1); SPARSE, one sign bit per
+nonzero then the Elias omega codes of the gaps between nonzero indices (`elias`), as QSGD codes them.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import numpy as np
+import torch
+
+from atomo_core.codecs import Codec
+from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths
+from atomo_core.wire import WireFormatError, expect_sections
+
+PACKED, SPARSE = 0, 1
+_VALUES = torch.tensor([0.0, 1.0, 0.0, -1.0])  # code 2 is invalid and rejected before lookup
+
+
+def sample_ternary(flat: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """sign(g_i) * zeta_i as int8, zeta_i ~ Bernoulli(|g_i| / scale): one uniform per entry."""
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    probability = flat.abs().mul_(inverse)
+    uniform = torch.rand(flat.numel(), generator=generator, device=flat.device)
+    return torch.sign(flat).to(torch.int8).mul_(uniform < probability)
+
+
+def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
+    """2 bits per entry, four entries per byte, first entry in the high bits."""
+    codes = ternary.view(torch.uint8) & 3
+    codes = torch.nn.functional.pad(codes, (0, -codes.numel() % 4)).view(-1, 4)
+    return (codes[:, 0] << 6) | (codes[:, 1] << 4) | (codes[:, 2] << 2) | codes[:, 3]
+
+
+def unpack_ternary(payload: torch.Tensor, n: int) -> torch.Tensor:
+    if payload.numel() != -(-n // 4):
+        raise WireFormatError(f"ternary: {payload.numel()} payload bytes, {n} entries need {-(-n // 4)}")
+    codes = torch.stack([(payload >> shift) & 3 for shift in (6, 4, 2, 0)], dim=1).view(-1)
+    if bool((codes == 2).any()) or bool(codes[n:].any()):
+        raise WireFormatError("ternary: invalid 2-bit code or nonzero padding")
+    return _VALUES[codes[:n].long()]
+
+
+def sparse_ternary_bits(indices: np.ndarray) -> int:
+    """Bits of the SPARSE coding: a sign bit and the omega code of the gap for each nonzero."""
+    return indices.size + int(omega_lengths(np.diff(indices, prepend=-1)).sum())
+
+
+def encode_sparse_ternary(indices: np.ndarray, negative: np.ndarray) -> torch.Tensor:
+    bits = np.concatenate([negative.astype(np.uint8), omega_encode(np.diff(indices, prepend=-1))])
+    return torch.from_numpy(np.packbits(bits))
+
+
+def decode_sparse_ternary(payload: torch.Tensor, n: int, nonzeros: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, negative) of the nonzeros; checks the stream length, padding and index range."""
+    bits = np.unpackbits(payload.numpy())
+    gaps, end = omega_decode(bits, nonzeros, nonzeros)
+    check_stream_end(bits, end)
+    indices = np.cumsum(gaps) - 1
+    if indices.size and indices[-1] >= n:
+        raise WireFormatError(f"sparse index {indices[-1]} out of range for {n} entries")
+    return indices, bits[:nonzeros].astype(bool)
+
+
+def check_stream_end(bits: np.ndarray, end: int) -> None:
+    """The stream must fill its bytes exactly: fewer than 8 trailing bits, all zero."""
+    if bits.size - end >= 8 or bits[end:].any():
+        raise WireFormatError(f"bit stream ends at bit {end} of {bits.size}: trailing bytes or nonzero padding")
+
+
+class TernaryCodec(Codec):
+    """Encodes scale * sign(g) * zeta; subclasses choose the scale and whether SPARSE coding may be used."""
+
+    allow_sparse: bool = False
+
+    @abstractmethod
+    def scale(self, flat: torch.Tensor) -> torch.Tensor:
+        """The float32 scale of the flattened float32 tensor (a 0-dim tensor)."""
+
+    def prepare(self, flat: torch.Tensor) -> torch.Tensor:
+        """The tensor actually quantized (TernGrad clips it here)."""
+        return flat
+
+    def encode(self, tensor, generator=None):
+        flat = self.prepare(tensor.detach().reshape(-1).to(torch.float32))
+        scale = self.scale(flat) if flat.numel() else torch.zeros((), device=flat.device)
+        if not bool(torch.isfinite(scale)):
+            raise ValueError(f"{self.name}: the scale of this tensor is not finite (non-finite entries or overflow)")
+        ternary = sample_ternary(flat, scale, generator)
+        (indices,) = torch.nonzero(ternary, as_tuple=True)
+        coding, payload = PACKED, None
+        if self.allow_sparse:
+            indices_np = indices.cpu().numpy()
+            if sparse_ternary_bits(indices_np) < 2 * flat.numel():
+                coding = SPARSE
+                payload = encode_sparse_ternary(indices_np, (ternary[indices] < 0).cpu().numpy())
+        if payload is None:
+            payload = pack_ternary(ternary).cpu()
+        meta = torch.tensor([coding, indices.numel()], dtype=torch.int64)
+        return self._message(tensor, [scale.reshape(1).cpu(), meta, payload])
+
+    def decode_message(self, msg):
+        n = msg.numel
+        payload_bytes = msg.sections[2].numel() if len(msg.sections) == 3 else -1
+        expect_sections(msg, [(torch.float32, 1), (torch.int64, 2), (torch.uint8, payload_bytes)], self.name)
+        scale = float(msg.sections[0][0])
+        coding, nonzeros = (int(v) for v in msg.sections[1])
+        if not (np.isfinite(scale) and scale >= 0):
+            raise WireFormatError(f"{self.name}: invalid scale {scale}")
+        if not 0 <= nonzeros <= n:
+            raise WireFormatError(f"{self.name}: {nonzeros} nonzeros for {n} entries")
+        if coding == PACKED:
+            ternary = unpack_ternary(msg.sections[2], n)
+            if int(torch.count_nonzero(ternary)) != nonzeros:
+                raise WireFormatError(f"{self.name}: payload has a different number of nonzeros than {nonzeros}")
+            estimate = ternary.mul_(scale)
+        elif coding == SPARSE and self.allow_sparse:
+            indices, negative = decode_sparse_ternary(msg.sections[2], n, nonzeros)
+            estimate = torch.zeros(n)
+            estimate[torch.from_numpy(indices)] = torch.from_numpy(np.where(negative, -scale, scale).astype(np.float32))
+        else:
+            raise WireFormatError(f"{self.name}: unknown payload coding {coding}")
+        if nonzeros and scale == 0:
+            raise WireFormatError(f"{self.name}: nonzero entries with a zero scale")
+        return estimate.reshape(msg.shape).to(msg.dtype)
