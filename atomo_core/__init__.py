@@ -6,16 +6,27 @@ Atomic Sparsification", NeurIPS 2018. Section and equation numbers in docstrings
 
 import atomo_core.decompositions  # noqa: F401  (registers the ATOMO codecs)
 import atomo_core.quantizers  # noqa: F401  (registers the quantization codecs)
-from atomo_core.codecs import Codec, codec_names, decode, make_codec, register_codec
+from atomo_core.codecs import Codec, codec_for, codec_names, decode, make_codec, register_codec
+from atomo_core.decompositions import AtomicCodec, AtomicDecomposition, OrthonormalBasisDecomposition
+from atomo_core.policy import LayerPolicy, decode_add_, dense_nbytes
+from atomo_core.probabilities import atomic_probabilities
 from atomo_core.wire import Message, WireFormatError, WireLimits
 
 __all__ = [
+    "AtomicCodec",
+    "AtomicDecomposition",
     "Codec",
+    "LayerPolicy",
     "Message",
+    "OrthonormalBasisDecomposition",
     "WireFormatError",
     "WireLimits",
+    "atomic_probabilities",
+    "codec_for",
     "codec_names",
     "decode",
+    "decode_add_",
+    "dense_nbytes",
     "make_codec",
     "register_codec",
 ]

@@ -58,6 +58,13 @@ class Codec(ABC):
             raise WireFormatError(f"message shape {tuple(estimate.shape)} does not match {tuple(out.shape)}")
         return out.add_(estimate.to(device=out.device, dtype=out.dtype), alpha=alpha)
 
+    def expected_nbytes(self, shape: tuple[int, ...]) -> int | None:
+        """An upper bound on the expected wire length for a tensor of `shape`, if known before encoding.
+
+        The per-layer policy uses it to send a layer dense when compression would not pay; None: unknown.
+        """
+        return None
+
     def _message(self, tensor: torch.Tensor, sections: list[torch.Tensor]) -> Message:
         return Message(self.codec_id, tuple(tensor.shape), tensor.dtype, self.wire_params(), sections)
 
@@ -95,10 +102,15 @@ def make_codec(name: str, **params) -> Codec:
 def decode(data: Message | bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS) -> torch.Tensor:
     """Decode any registered codec's message from its wire form alone."""
     msg = decode_message(data, limits)
+    return codec_for(msg).decode_message(msg)
+
+
+def codec_for(msg: Message) -> Codec:
+    """The codec that reads a parsed message, from its header's codec id and parameters."""
     cls = _BY_ID.get(msg.codec_id)
     if cls is None:
         raise WireFormatError(f"unknown codec id {msg.codec_id}")
-    return cls.from_wire_params(msg.params).decode_message(msg)
+    return cls.from_wire_params(msg.params)
 
 
 @register_codec

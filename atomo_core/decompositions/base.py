@@ -1,0 +1,154 @@
+"""The two halves of an ATOMO codec: an atomic decomposition, and the sampler that sparsifies it.
+
+A decomposition writes a tensor g as sum_i lam_i a_i with unit-norm atoms a_i (Section 2, eq. (1)) and
+knows how to put a few weighted atoms on the wire and rebuild their sum. `AtomicCodec` adds the rest of
+ATOMO, the same for every decomposition: Algorithm 1 probabilities p (problem (3)), independent
+t_i ~ Bernoulli(p_i), and the estimate g^ = sum_i (t_i / p_i) lam_i a_i of eq. (2), which is unbiased, with
+E||g^||^2 = sum_i lam_i^2 / p_i when the atoms are orthonormal (Lemma 1, Theorem 4).
+
+To add a decomposition, subclass `AtomicDecomposition` and register an `AtomicCodec` subclass that names
+it (see docs/custom-decomposition.md).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from atomo_core.codecs import Codec
+from atomo_core.probabilities import atomic_probabilities, check_budget
+from atomo_core.sampling import bernoulli_sample
+from atomo_core.wire import DEFAULT_LIMITS, DTYPE_CODES, Message, WireFormatError, WireLimits, decode_message
+
+ATOM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+class AtomicDecomposition(ABC):
+    """g = sum_i lam_i a_i with unit-norm atoms (eq. (1)), and the wire form of a few weighted atoms.
+
+    Options that change the wire form are returned by `wire_params` and read back by `from_wire_params`
+    (floats in the message header). Decoding must validate every section it reads.
+    """
+
+    def wire_params(self) -> tuple[float, ...]:
+        return ()
+
+    @classmethod
+    def from_wire_params(cls, params: tuple[float, ...]) -> AtomicDecomposition:
+        if params:
+            raise WireFormatError(f"{cls.__name__}: expected no decomposition parameters, got {len(params)}")
+        return cls()
+
+    @abstractmethod
+    def decompose(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """The coefficients lam (1-D, one per atom) and a state from which `pack` reads atoms."""
+
+    @abstractmethod
+    def pack(self, state: Any, index: torch.Tensor, lam: torch.Tensor, p: torch.Tensor) -> list[torch.Tensor]:
+        """Sections that carry sum_k (lam_k / p_k) a_{index_k}: the selected atoms with their weights (eq. (2)).
+
+        `index` lists the selected atoms (ascending), `lam` and `p` their coefficients and probabilities.
+        """
+
+    @abstractmethod
+    def unpack(self, sections: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """Validate the sections and rebuild the estimate (float32 or float64) with the tensor's `shape`.
+
+        Raise WireFormatError for anything inconsistent with `shape` and this decomposition's options.
+        """
+
+    def unpack_add_(self, sections: list[torch.Tensor], out: torch.Tensor, alpha: float) -> torch.Tensor:
+        """out += alpha * unpack(...): override where the estimate can be added without materializing it."""
+        return out.add_(self.unpack(sections, tuple(out.shape)).to(device=out.device, dtype=out.dtype), alpha=alpha)
+
+    def expected_sections(self, shape: tuple[int, ...], atoms: float) -> list[torch.Tensor] | None:
+        """Meta tensors with the sections' sizes when about `atoms` atoms are selected; None if unknown."""
+        return None
+
+
+class AtomicCodec(Codec):
+    """ATOMO over the decomposition `decomposition_type`: Algorithm 1, Bernoulli sampling, eq. (2).
+
+    `budget` is the sparsity budget s of problem (3): the expected number of atoms sent. Other keyword
+    options go to the decomposition. The header carries (budget, *decomposition.wire_params()).
+    """
+
+    decomposition_type: ClassVar[type[AtomicDecomposition]]
+
+    def __init__(self, budget: float, **options):
+        self.budget = check_budget(budget)
+        self.decomposition = self.decomposition_type(**options)
+
+    def encode(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> Message:
+        lam, state = self.decomposition.decompose(tensor.detach())  # eq. (1)
+        p = atomic_probabilities(lam, self.budget)  # Algorithm 1, problem (3)
+        index = bernoulli_sample(p, generator)  # t_i ~ Bernoulli(p_i)
+        return self._message(tensor, self.decomposition.pack(state, index, lam[index], p[index]))  # eq. (2)
+
+    def wire_params(self) -> tuple[float, ...]:
+        return (self.budget, *self.decomposition.wire_params())
+
+    @classmethod
+    def from_wire_params(cls, params: tuple[float, ...]) -> AtomicCodec:
+        if not params:
+            raise WireFormatError(f"{cls.name}: missing the sparsity budget parameter")
+        codec = cls.__new__(cls)
+        try:
+            codec.budget = check_budget(params[0])
+        except ValueError as exc:
+            raise WireFormatError(f"{cls.name}: {exc}") from exc
+        codec.decomposition = cls.decomposition_type.from_wire_params(tuple(params[1:]))
+        return codec
+
+    def decode_message(self, msg: Message) -> torch.Tensor:
+        return self.decomposition.unpack(msg.sections, msg.shape).to(msg.dtype)
+
+    def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
+        msg = decode_message(data, limits)
+        if msg.codec_id != self.codec_id:
+            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
+        if tuple(msg.shape) != tuple(out.shape):
+            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        return self.decomposition.unpack_add_(msg.sections, out, alpha)
+
+    def expected_nbytes(self, shape: tuple[int, ...]) -> int | None:
+        sections = self.decomposition.expected_sections(tuple(shape), self.budget)
+        if sections is None:
+            return None
+        return len(Message(self.codec_id, tuple(shape), torch.float32, self.wire_params(), sections))
+
+
+def atom_dtype_code(name: str) -> float:
+    """The header code of an `atom_dtype` option ("float32" or "float16")."""
+    if name not in ATOM_DTYPES:
+        raise ValueError(f"atom_dtype must be one of {sorted(ATOM_DTYPES)}, got {name!r}")
+    return float(DTYPE_CODES[ATOM_DTYPES[name]])
+
+
+def atom_dtype_name(code: float) -> str:
+    """The `atom_dtype` option written as `code` in a header; WireFormatError for anything else."""
+    for name, dtype in ATOM_DTYPES.items():
+        if code == DTYPE_CODES[dtype]:
+            return name
+    raise WireFormatError(f"unknown atom dtype code {code}")
+
+
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """WireFormatError unless every received value is finite."""
+    if values.numel() and not bool(torch.isfinite(values).all()):
+        raise WireFormatError(f"{what} contain non-finite values")
+
+
+def section_counts(sections: list[torch.Tensor], dtypes: list[torch.dtype], codec: str) -> list[int]:
+    """Check the number and dtypes of sections; return their element counts."""
+    got = [s.dtype for s in sections]
+    if got != dtypes:
+        raise WireFormatError(f"{codec}: section dtypes {got} do not match the expected {dtypes}")
+    return [s.numel() for s in sections]
+
+
+def meta(count: float, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor of about `count` elements: sizes a section without allocating it."""
+    return torch.empty(max(0, round(count)), dtype=dtype, device="meta")
