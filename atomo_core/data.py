@@ -42,7 +42,7 @@ AUGMENTS = ("none", "crop", "crop_flip")
 _PARTITION, _EPOCH_ORDER, _AUGMENT, _SYNTHETIC = range(4)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Split:
     """Images `x` [N, C, 32, 32] float32 (normalised) and labels `y` [N] int64."""
 
@@ -202,19 +202,18 @@ def shard_indices(n: int, num_shards: int, shard_index: int, seed: int = 0) -> t
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True):
     """Random crop of the zero-padded images and (if `flip`) horizontal flip with probability 1/2, per image.
 
-    Vectorised over the batch: one gather with per-image row and column indices. Zero padding is the
-    channel mean, as the images are normalised.
+    Vectorised over the batch: one gather of each image's window from its flattened padded image. Zero
+    padding is the channel mean, as the images are normalised.
     """
-    n, _, height, width = x.shape
+    n, channels, height, width = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
     rows = torch.randint(2 * padding + 1, (n, 1), generator=generator) + torch.arange(height)
     cols = torch.randint(2 * padding + 1, (n, 1), generator=generator) + torch.arange(width)
     if flip:
         cols = torch.where(torch.rand(n, 1, generator=generator) < 0.5, cols.flip(1), cols)
-    rows, cols = rows.to(x.device), cols.to(x.device)
-    batch = torch.arange(n, device=x.device)[:, None, None]
-    # Advanced indices around a slice put the indexed dimensions first: [n, height, width, channels].
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    window = (rows[:, :, None] * padded.shape[-1] + cols[:, None, :]).flatten(1).to(x.device)
+    pixels = padded.flatten(2).gather(2, window[:, None, :].expand(n, channels, height * width))
+    return pixels.view(n, channels, height, width)
 
 
 class BatchStream:
