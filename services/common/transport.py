@@ -131,27 +131,27 @@ class _Authenticators:
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._by_context: dict[int, tuple[ThreadAuthenticator, list[CurveKeys]]] = {}
+        self._by_context: dict[zmq.Context, tuple[ThreadAuthenticator, list[CurveKeys]]] = {}
 
     def acquire(self, ctx: zmq.Context, keys: CurveKeys) -> None:
         with self._lock:
-            if id(ctx) not in self._by_context:
+            if ctx not in self._by_context:
                 auth = ThreadAuthenticator(ctx)
                 auth.start()
-                self._by_context[id(ctx)] = (auth, [])
-            auth, users = self._by_context[id(ctx)]
+                self._by_context[ctx] = (auth, [])
+            auth, users = self._by_context[ctx]
             users.append(keys)
-            auth.configure_curve_callback(domain="*", credentials_provider=_AnyOf(list(users)))
+            auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(), credentials_provider=_AnyOf(list(users)))
 
     def release(self, ctx: zmq.Context, keys: CurveKeys) -> None:
         with self._lock:
-            auth, users = self._by_context[id(ctx)]
+            auth, users = self._by_context[ctx]
             users.remove(keys)
             if users:
-                auth.configure_curve_callback(domain="*", credentials_provider=_AnyOf(list(users)))
+                auth.configure_curve_callback(domain=ZAP_DOMAIN.decode(), credentials_provider=_AnyOf(list(users)))
             else:
                 auth.stop()
-                del self._by_context[id(ctx)]
+                del self._by_context[ctx]
 
 
 class _AnyOf:
