@@ -51,8 +51,10 @@ def atomic_probabilities(lam: torch.Tensor, budget: float) -> torch.Tensor:
     nnz = int(torch.count_nonzero(work))
     if s >= nnz:  # every non-zero atom is kept with certainty
         return (work > 0).to(lam.dtype)
-    scale = _scale(work, s)
-    return (work * scale).clamp_(max=1.0).to(lam.dtype)
+    p = (work * _scale(work, s)).clamp_(max=1.0).to(lam.dtype)
+    if int(torch.count_nonzero(p)) != nnz:  # c |lam_i| underflowed the dtype: keep p_i > 0 as (3) requires
+        p[(p == 0) & (lam != 0)] = torch.finfo(lam.dtype).tiny
+    return p
 
 
 def _scale(a: torch.Tensor, s: float) -> float:

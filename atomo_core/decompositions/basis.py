@@ -4,10 +4,11 @@ For an orthonormal basis B (analysis lam = B^T g, synthesis g = B lam) the atoms
 the coefficients are lam. Algorithm 1 gives p_i = min(1, c |lam_i|) (Appendix B, eq. (14)), so every
 selected atom that is not clipped (p_i < 1) has the same weight magnitude |lam_i| / p_i = 1/c in eq. (2).
 The wire form uses that: the unclipped atoms cost an index and a sign bit, plus one shared scale 1/c;
-the clipped ones (p_i = 1, at most s of them) are sent as index and exact value.
+the clipped ones (p_i = 1, at most s of them) are sent as index and exact weight lam_i (as are the rare
+atoms whose p_i was raised to the dtype's smallest normal number because c |lam_i| underflowed it).
 
-Sections: unclipped indices (int32, ascending), their signs (uint8, 8 per byte, 1 = negative), the scale
-1/c (one float64), clipped indices (int32, ascending), clipped values (atom_dtype).
+Sections: shared-weight indices (int32, ascending), their signs (uint8, 8 per byte, 1 = negative), the
+scale 1/c (one float64), exact-weight indices (int32, ascending), exact weights lam_i / p_i (atom_dtype).
 """
 
 from __future__ import annotations
@@ -65,16 +66,22 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
         return self.analysis(flat), None
 
     def pack(self, state, index, lam, p):
-        unclipped = p < 1
-        signs = _pack_bits(lam[unclipped] < 0)
-        weight = lam[unclipped].abs().to(torch.float64) / p[unclipped].to(torch.float64)  # all equal to 1/c
-        scale = weight.mean().reshape(1) if weight.numel() else torch.zeros(1, dtype=torch.float64)
+        weight = lam.to(torch.float64) / p.to(torch.float64)  # lam_i / p_i of eq. (2)
+        shared = p < 1  # p_i = c |lam_i|: weight sign(lam_i) / c ...
+        scale = torch.zeros(1, dtype=torch.float64, device=lam.device)
+        if bool(shared.any()):
+            scale[0] = weight[shared].abs()[torch.argmax(torch.where(shared, p, 0))]  # 1/c, from the largest p
+            # ... except where p_i was raised to the dtype's tiny because c |lam_i| underflowed it.
+            shared &= (weight.abs() - scale).abs() <= 1e-3 * scale
+        exact = weight[~shared].to(ATOM_DTYPES[self.atom_dtype])
+        if not bool(torch.isfinite(exact).all()):
+            raise ValueError(f"atom_dtype {self.atom_dtype} cannot represent the weights lam_i/p_i: use float32")
         return [
-            index[unclipped].to(torch.int32),
-            signs,
-            scale.to(torch.float64),
-            index[~unclipped].to(torch.int32),
-            lam[~unclipped].to(ATOM_DTYPES[self.atom_dtype]),
+            index[shared].to(torch.int32),
+            _pack_bits(lam[shared] < 0),
+            scale,
+            index[~shared].to(torch.int32),
+            exact,
         ]
 
     def unpack(self, sections, shape):
