@@ -1,0 +1,210 @@
+"""A local cluster: one PS and N worker processes on loopback (`atomo train`, `atomo up`, the tests).
+
+Each process is `python -m services ps|worker ...` with its output in `<log_dir>/<name>.log`. The PS picks
+free ports itself and prints them on a ready line, which `start()` reads; it then waits until every worker
+has registered (through the PS's control port).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from services.control.ps_client import PSClient, PSUnavailable
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+class ClusterError(RuntimeError):
+    """A process of the local cluster did not start or exited early; the message quotes its log."""
+
+
+def _log_tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class LocalCluster:
+    """Start a PS (`ps_args` appended to its command) and `workers` workers; `stop()` ends them all.
+
+    `threads`: torch threads per process (default: the cores shared out, at least one each).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        workers: int = 2,
+        log_dir: str | Path | None = None,
+        ps_args: tuple[str, ...] = (),
+        worker_args: tuple[str, ...] = (),
+        threads: int | None = None,
+        heartbeat_s: float = 1.0,
+        metrics: bool = True,
+        env: dict[str, str] | None = None,
+    ):
+        self.state_dir = Path(state_dir)
+        self.log_dir = Path(log_dir) if log_dir is not None else self.state_dir / "logs"
+        self.num_workers = workers
+        self.ps_args = tuple(ps_args)
+        self.worker_args = tuple(worker_args)
+        self.threads = threads or max(1, (os.cpu_count() or 1) // (workers + 1))
+        self.heartbeat_s = heartbeat_s
+        self.metrics = metrics
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.ps: subprocess.Popen | None = None
+        self.workers: dict[str, subprocess.Popen] = {}
+        self.ready: dict = {}
+        self.port = 0
+        self.control_port = 0
+
+    # -- processes -------------------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it from here)
+        try:
+            return subprocess.Popen(
+                [sys.executable, "-m", "services", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
+        finally:
+            log.close()
+
+    def start_ps(self, timeout_s: float = READY_TIMEOUT_S) -> dict:
+        """Start the PS (on the ports of the previous PS, if any) and return its ready line."""
+        args = [
+            "ps",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-port",
+            str(self.control_port),
+            "--state-dir",
+            str(self.state_dir),
+            "--heartbeat-s",
+            str(self.heartbeat_s),
+            "--threads",
+            str(self.threads),
+            *(["--metrics-port", str(self.ready.get("metrics_port") or 0)] if self.metrics else []),
+            *self.ps_args,
+        ]
+        log = self.log_dir / "ps.log"
+        offset = log.stat().st_size if log.exists() else 0
+        self.ps = self._spawn("ps", args)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            ready = self._ready_line(log, offset)
+            if ready is not None:
+                self.ready = ready
+                self.port, self.control_port = ready["port"], ready["control_port"]
+                return ready
+            if self.ps.poll() is not None:
+                raise ClusterError(f"the PS exited with status {self.ps.returncode}:\n{_log_tail(log)}")
+            time.sleep(0.05)
+        raise ClusterError(f"the PS was not ready within {timeout_s:.0f} s:\n{_log_tail(log)}")
+
+    @staticmethod
+    def _ready_line(log: Path, offset: int) -> dict | None:
+        try:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                for line in f:
+                    if line.startswith(b'{"ready"'):
+                        return json.loads(line)
+        except (OSError, ValueError):
+            return None
+        return None
+
+    def start_worker(self, worker_id: str) -> subprocess.Popen:
+        args = [
+            "worker",
+            "--ps",
+            f"tcp://127.0.0.1:{self.port}",
+            "--id",
+            worker_id,
+            "--device",
+            "cpu",
+            "--heartbeat-s",
+            str(self.heartbeat_s),
+            "--threads",
+            str(self.threads),
+            *self.worker_args,
+        ]
+        self.workers[worker_id] = self._spawn(worker_id, args)
+        return self.workers[worker_id]
+
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
+        """Start the PS and the workers; return once every worker has registered."""
+        self.start_ps(timeout_s)
+        for i in range(self.num_workers):
+            self.start_worker(f"worker-{i}")
+        self.wait_for_workers(self.num_workers, timeout_s)
+        return self
+
+    def client(self, timeout_s: float = 5.0) -> PSClient:
+        return PSClient(f"tcp://127.0.0.1:{self.control_port}", timeout_s=timeout_s)
+
+    def wait_for_workers(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for worker_id, proc in self.workers.items():
+                if proc.poll() is not None:
+                    log = _log_tail(self.log_dir / f"{worker_id}.log")
+                    raise ClusterError(f"worker {worker_id} exited with status {proc.returncode}:\n{log}")
+            try:
+                workers = self.client().status()["workers"]
+            except PSUnavailable:
+                workers = []
+            if sum(w["state"] != "lost" for w in workers) >= count:
+                return
+            time.sleep(0.1)
+        raise ClusterError(f"fewer than {count} workers registered within {timeout_s:.0f} s")
+
+    def wait_for_run(self, run_id: str, timeout_s: float) -> dict:
+        """Wait until run `run_id` ends at the PS; return its run object."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                status = self.client().status()
+            except PSUnavailable:
+                status = {}
+            run = status.get("run") or {}
+            if run.get("run_id") == run_id and run.get("state") in ("succeeded", "failed", "cancelled"):
+                return run
+            if self.ps is not None and self.ps.poll() is not None:
+                raise ClusterError(f"the PS exited with status {self.ps.returncode}")
+            time.sleep(0.2)
+        raise ClusterError(f"run {run_id} did not end within {timeout_s:.0f} s")
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        proc.wait(STOP_TIMEOUT_S)
+
+    def stop(self) -> None:
+        """SIGTERM every process, then SIGKILL what is still running after a grace period."""
+        procs = [*self.workers.values(), *([self.ps] if self.ps is not None else [])]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,186 @@
+"""A model replica and the one synchronous SGD step that the PS and every worker run (Section 2).
+
+Mini-batch SGD on a parameter server: the PS averages the k (sparsified) gradients g_1..g_k of a step and
+applies w <- w - lr * optimizer(mean_i g_i). In the `atoms` downlink the PS forwards the k encoded gradients
+it aggregated, and every worker runs this same code on them in the same order (decode, sum, divide by k,
+optimizer step), so replicas on the same device type stay bitwise equal to the PS's model.
+
+Frame layout of a gradient: one encoded message per parameter, in `model.parameters()` order, then one dense
+message per floating-point buffer (BatchNorm running mean and variance), which the PS averages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+import atomo_core
+from atomo_core import WireFormatError, make_codec
+from atomo_core.models import build_model
+from services.common.spec import MODELS, RunSpec
+
+DENSE = make_codec("dense")
+FRAME_SLACK = 4096  # bytes beyond a tensor's fp32 payload: the wire header (shape, parameters, sections)
+
+
+class GradientError(ValueError):
+    """An encoded gradient or state that fails validation; `reason` is a bounded metric label."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def learning_rate(spec: RunSpec, step: int, total_steps: int) -> float:
+    """The step size of step `step`: linear warm-up, then constant, step (x0.1 at milestones) or cosine decay."""
+    if step < spec.warmup_steps:
+        return spec.lr * (step + 1) / spec.warmup_steps
+    if spec.lr_schedule == "step":
+        return spec.lr * 0.1 ** sum(step >= m for m in spec.step_milestones)
+    if spec.lr_schedule == "cosine":
+        span = max(1, total_steps - spec.warmup_steps)
+        return spec.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - spec.warmup_steps) / span)))
+    return spec.lr
+
+
+def max_frame_bytes(model_names=MODELS, num_classes: int = 100, in_channels: int = 3) -> int:
+    """The largest payload frame of these models: one tensor dense in fp32, plus room for the wire header."""
+    largest = 0
+    with torch.device("meta"):
+        for name in model_names:
+            model = build_model(name, num_classes, in_channels)
+            largest = max(largest, max(t.numel() for t in [*model.parameters(), *model.buffers()]))
+    return 4 * largest + FRAME_SLACK
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: CUDA when present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+class Replica:
+    """The model, its SGD optimizer and a gradient accumulator; identical code on the PS and the workers."""
+
+    def __init__(self, spec: RunSpec, num_classes: int, in_channels: int, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.model = build_model(spec.model, num_classes, in_channels).to(device)
+        self.params = list(self.model.parameters())
+        self.buffers = [b for b in self.model.buffers() if b.is_floating_point()]
+        self.optimizer = torch.optim.SGD(
+            self.params,
+            lr=spec.lr,
+            momentum=spec.momentum,
+            nesterov=spec.nesterov and spec.momentum > 0,
+            weight_decay=spec.weight_decay,
+        )
+        self.grad_sum = [torch.zeros_like(p) for p in self.params]
+        self.buffer_sum = [torch.zeros_like(b) for b in self.buffers]
+        self.summed = 0
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.params) + len(self.buffers)
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes of one gradient sent dense in fp32 (what a compressed one is compared with)."""
+        return sum(len(DENSE.encode(t)) for t in self.params + self.buffers)
+
+    def decode_gradient(self, frames) -> list[torch.Tensor]:
+        """Decode and validate one worker's gradient frames: estimates of the gradients, then its buffers."""
+        if len(frames) != self.num_frames:
+            raise GradientError("bad_frames", f"{len(frames)} frames, expected {self.num_frames}")
+        estimates = []
+        for i, (frame, ref) in enumerate(zip(frames, self.params + self.buffers, strict=True)):
+            try:
+                estimate = atomo_core.decode(frame) if i < len(self.params) else DENSE.decode(frame)
+            except WireFormatError as exc:
+                raise GradientError("bad_payload", f"frame {i}: {exc}") from exc
+            if estimate.shape != ref.shape:
+                raise GradientError(
+                    "bad_shape", f"frame {i}: shape {tuple(estimate.shape)}, expected {tuple(ref.shape)}"
+                )
+            if not torch.isfinite(estimate.sum()):
+                raise GradientError("non_finite", f"frame {i}: non-finite values")
+            estimates.append(estimate)
+        return estimates
+
+    def begin_step(self) -> None:
+        for t in self.grad_sum + self.buffer_sum:
+            t.zero_()
+        self.summed = 0
+
+    def accumulate(self, estimates: list[torch.Tensor]) -> None:
+        """Add one validated gradient and its buffers to the step's sums."""
+        for total, estimate in zip(self.grad_sum + self.buffer_sum, estimates, strict=True):
+            total.add_(estimate.to(total.device, non_blocking=True))
+        self.summed += 1
+
+    def finish_step(self, lr: float) -> None:
+        """w <- SGD(w, mean of the summed gradients) with step size `lr` (momentum, Nesterov, weight decay);
+        BatchNorm running statistics <- the mean of the summed workers' buffers."""
+        for p, total in zip(self.params, self.grad_sum, strict=True):
+            p.grad = total.div_(self.summed)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        with torch.no_grad():
+            for b, total in zip(self.buffers, self.buffer_sum, strict=True):
+                b.copy_(total.div_(self.summed))
+
+    def sgd_step(self, gradients, lr: float) -> None:
+        """Decode the k gradients in the PS's order, average them and step: the PS accumulates the same way
+        as the gradients arrive, so both run begin_step, accumulate x k, finish_step."""
+        self.begin_step()
+        for frames in gradients:
+            self.accumulate(self.decode_gradient(frames))
+        self.finish_step(lr)
+
+    def digest(self) -> str:
+        """A hash of the parameters' and buffers' bytes: equal digests mean bitwise-equal replicas."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in self.params + self.buffers:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def momentum_buffers(self) -> list[torch.Tensor] | None:
+        buffers = [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self.params]
+        return None if any(b is None for b in buffers) else buffers
+
+    def state_messages(self, with_momentum: bool) -> tuple[list, bool]:
+        """Dense messages of copies of the parameters, buffers and (optionally) momentum: a replica's state."""
+        tensors = self.params + self.buffers
+        momentum = self.momentum_buffers() if with_momentum else None
+        if momentum is not None:
+            tensors = tensors + momentum
+        return [DENSE.encode(t.detach().cpu().clone()) for t in tensors], momentum is not None
+
+    def load_state_messages(self, frames, with_momentum: bool) -> None:
+        """Replace the state by frames from `state_messages`, validated before anything is overwritten."""
+        targets = self.params + self.buffers + (self.params if with_momentum else [])
+        if len(frames) != len(targets):
+            raise GradientError("bad_frames", f"{len(frames)} state frames, expected {len(targets)}")
+        values = []
+        for i, (frame, ref) in enumerate(zip(frames, targets, strict=True)):
+            try:
+                value = DENSE.decode(frame)
+            except WireFormatError as exc:
+                raise GradientError("bad_payload", f"state frame {i}: {exc}") from exc
+            if value.shape != ref.shape or not torch.isfinite(value.sum()):
+                raise GradientError("bad_state", f"state frame {i}: wrong shape or non-finite values")
+            values.append(value)
+        n = len(self.params) + len(self.buffers)
+        with torch.no_grad():
+            for t, value in zip(self.params + self.buffers, values[:n], strict=True):
+                t.copy_(value)
+        self.optimizer.state.clear()
+        if with_momentum:
+            for p, value in zip(self.params, values[n:], strict=True):
+                self.optimizer.state[p]["momentum_buffer"] = value.to(p.device).clone()

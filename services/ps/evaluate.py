@@ -1,0 +1,62 @@
+"""Test-set evaluation in a background thread, on a copy of the weights, so that training does not wait."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+from torch.nn import functional as F
+
+from atomo_core.data import Split
+from atomo_core.models import build_model
+
+EVAL_BATCH = 512
+
+
+class Evaluator:
+    """`submit(step, state_dict)` queues an evaluation; `results()` returns the finished ones."""
+
+    def __init__(self, model_name: str, num_classes: int, in_channels: int, test: Split, device: torch.device):
+        self.model = build_model(model_name, num_classes, in_channels).to(device)
+        self.test = test.to(device)
+        self.device = device
+        self.todo: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="evaluate", daemon=True)
+        self.thread.start()
+
+    def submit(self, step: int, state: dict[str, torch.Tensor]) -> None:
+        """Evaluate the weights `state` (a copy, owned by the evaluator from now on) of step `step`."""
+        self.todo.put((step, state))
+
+    def results(self) -> list[tuple[int, float, float]]:
+        """(step, test accuracy, test loss) of the evaluations finished since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self.done.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while (job := self.todo.get()) is not None:
+            step, state = job
+            self.done.put((step, *self.evaluate(state)))
+
+    @torch.no_grad()
+    def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy loss of the weights `state` on the test split."""
+        self.model.load_state_dict(state)
+        self.model.eval()
+        correct, loss = 0, 0.0
+        for start in range(0, len(self.test), EVAL_BATCH):
+            x, y = self.test.x[start : start + EVAL_BATCH], self.test.y[start : start + EVAL_BATCH]
+            logits = self.model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+        return correct / len(self.test), loss / len(self.test)

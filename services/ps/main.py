@@ -1,0 +1,94 @@
+"""`atomo ps`: the parameter server. Flags default to ATOMO_* environment variables (container commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+
+import yaml
+
+from services.common.spec import RunSpec
+from services.common.transport import CurveKeys
+
+
+def _env(name: str, default=None, kind=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else kind(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bind", default=_env("ATOMO_PS_BIND", "127.0.0.1"), help="host to bind (ATOMO_PS_BIND)")
+    parser.add_argument(
+        "--port", type=int, default=_env("ATOMO_PS_PORT", 5555, int), help="worker port (ATOMO_PS_PORT)"
+    )
+    parser.add_argument(
+        "--control-port", type=int, default=_env("ATOMO_PS_CONTROL_PORT", 5556, int), help="control REP port"
+    )
+    parser.add_argument("--state-dir", default=_env("ATOMO_STATE_DIR", "atomo-state"), help="runs live here")
+    parser.add_argument("--spec", help="a RunSpec file (YAML or JSON) to run at start")
+    parser.add_argument("--run-id", help="run id of --spec (default: its name and the time)")
+    parser.add_argument("--exit-after-run", action="store_true", help="exit when the started or resumed run ends")
+    parser.add_argument("--keys", default=_env("ATOMO_KEYS"), help="CURVE key directory (`atomo keys`)")
+    parser.add_argument("--metrics-port", type=int, default=_env("ATOMO_METRICS_PORT", None, int))
+    parser.add_argument("--heartbeat-s", type=float, default=_env("ATOMO_HEARTBEAT_S", 1.0, float))
+    parser.add_argument(
+        "--check-every", type=int, default=_env("ATOMO_CHECK_EVERY", 10, int), help="replica check period (steps)"
+    )
+    parser.add_argument(
+        "--worker-timeout-s",
+        type=float,
+        default=_env("ATOMO_WORKER_TIMEOUT_S", 120.0, float),
+        help="fail a run that has had fewer than min_workers workers this long",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("ATOMO_DEVICE", "auto"))
+    parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
+    parser.add_argument("--threads", type=int, default=_env("ATOMO_THREADS", None, int), help="torch CPU threads")
+    parser.add_argument(
+        "--allow-remote-without-keys", action="store_true", help="serve a non-loopback host without CURVE keys"
+    )
+    parser.add_argument("--log-level", default=_env("ATOMO_LOG_LEVEL", "INFO"))
+
+
+def load_spec(path: str) -> RunSpec:
+    with open(path, encoding="utf-8") as f:
+        return RunSpec.model_validate(yaml.safe_load(f) or {})
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.ps.server import ParameterServer
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    spec = load_spec(args.spec) if args.spec else None
+    ps = ParameterServer(
+        bind=args.bind,
+        port=args.port,
+        control_port=args.control_port,
+        state_dir=args.state_dir,
+        keys=CurveKeys.load(args.keys, "server") if args.keys else None,
+        metrics_port=args.metrics_port,
+        heartbeat_s=args.heartbeat_s,
+        check_every=args.check_every,
+        worker_timeout_s=args.worker_timeout_s,
+        device=args.device,
+        data_root=args.data_root,
+        allow_remote_without_keys=args.allow_remote_without_keys,
+    )
+    if ps.run is None and spec is not None:
+        ps.submit(args.run_id, spec)
+    if args.exit_after_run and ps.run is not None:
+        ps.exit_after = ps.run.run_id
+    signal.signal(signal.SIGTERM, lambda *_: setattr(ps, "stopping", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(ps, "stopping", True))
+    ready = {"ready": True, **ps.public(), "run_id": ps.run.run_id if ps.run else None}
+    print(json.dumps(ready), flush=True)
+    ps.serve()
+    if ps.exit_after is not None:
+        return 0 if ps.run is not None and ps.run.state == "succeeded" else 1
+    return 0

@@ -1,0 +1,337 @@
+"""The parameter server process: the workers' ROUTER socket, the control REP socket, heartbeats, one run.
+
+Every incoming message is validated (header by the transport, then run id, step, sender, payload); a bad
+one is dropped, logged with its sender and counted in atomo_ps_dropped_messages_total{reason}. Nothing a
+peer sends can raise out of the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import time
+from pathlib import Path
+
+import zmq
+
+from services.common import metrics
+from services.common.protocol import Header, MsgType
+from services.common.replica import max_frame_bytes, resolve_device
+from services.common.spec import RunSpec
+from services.common.transport import (
+    ZAP_DOMAIN,
+    CurveKeys,
+    MalformedMessage,
+    SocketOptions,
+    bind_server,
+)
+from services.ps.rundir import RunDirectory, check_run_id, new_run_id, scan_runs
+from services.ps.training import Run, WorkerInfo
+
+log = logging.getLogger("atomo.ps")
+
+POLL_MS = 10
+MAX_CONTROL_BYTES = 1 << 20
+MAX_RECORDS_PER_REPLY = 10_000
+MAX_GRADIENT_FRAMES = 4096
+
+
+class ParameterServer:
+    def __init__(
+        self,
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        control_port: int = 0,
+        state_dir: str | Path = "atomo-state",
+        keys: CurveKeys | None = None,
+        metrics_port: int | None = None,
+        heartbeat_s: float = 1.0,
+        check_every: int = 10,
+        worker_timeout_s: float = 120.0,
+        device: str = "auto",
+        data_root: str | None = None,
+        allow_remote_without_keys: bool = False,
+    ):
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_s = heartbeat_s
+        self.check_every = check_every
+        self.worker_timeout_s = worker_timeout_s
+        self.device = resolve_device(device)
+        self.data_root = data_root
+        self.ctx = zmq.Context()
+        options = SocketOptions(
+            max_message_bytes=max_frame_bytes(),
+            heartbeat_ivl_ms=int(heartbeat_s * 1000),
+            max_frames=MAX_GRADIENT_FRAMES,
+            send_timeout_ms=max(200, int(heartbeat_s * 500)),
+        )
+        self.server = bind_server(self.ctx, bind, port, options, keys, allow_remote_without_keys)
+        self.control = self._bind_control(bind, control_port, keys)
+        self.address = f"{socket.gethostname()}:{self.server.port}"
+        self.metrics = metrics.create(metrics.PS_METRICS)
+        self.metrics_port = None
+        if metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            httpd, _thread = start_http_server(metrics_port, addr=bind)
+            self.metrics_port = httpd.server_port
+        self.workers: dict[str, WorkerInfo] = {}
+        self.past_runs, unfinished = scan_runs(self.state_dir)
+        self.run: Run | None = None
+        self.exit_after: str | None = None
+        self.stopping = False
+        if unfinished:
+            for run_id in unfinished[:-1]:
+                self._abandon(run_id)
+            self.start_run(unfinished[-1], RunSpec.model_validate(RunDirectory(self.state_dir, unfinished[-1]).spec()))
+
+    def _bind_control(self, host: str, port: int, keys: CurveKeys | None) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.REP)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_CONTROL_BYTES)
+        sock.setsockopt(zmq.SNDTIMEO, 1000)
+        if keys is not None:  # the workers' ZAP handler (same context) checks the clients' keys
+            sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        sock.bind(f"tcp://[{host}]:{port or '*'}" if ":" in host else f"tcp://{host}:{port or '*'}")
+        self.control_port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        return sock
+
+    def _abandon(self, run_id: str) -> None:
+        """An older unfinished run that a newer one superseded: record it as failed."""
+        rundir = RunDirectory(self.state_dir, run_id)
+        summary = {"run_id": run_id, "state": "failed", "error": "superseded by a newer run after a PS restart"}
+        rundir.write_summary(summary)
+        self.past_runs[run_id] = summary
+
+    # -- metrics helpers used by the run ---------------------------------------------------------------------
+
+    def observe(self, name: str, labels: tuple, value: float, counter: bool = False) -> None:
+        metric = self.metrics[name].labels(*labels)
+        metric.inc(value) if counter else metric.observe(value)
+
+    def set_gauge(self, name: str, labels: tuple, value: float) -> None:
+        self.metrics[name].labels(*labels).set(value)
+
+    def drop(self, reason: str, sender: str, why: str) -> None:
+        self.metrics["atomo_ps_dropped_messages_total"].labels(reason).inc()
+        log.warning("dropped a message from %r (%s): %s", sender, reason, why)
+
+    def send(self, w: WorkerInfo, header: Header, frames=()) -> int:
+        try:
+            return self.server.send(w.peer, header, frames)
+        except TimeoutError:
+            log.warning("worker %s is not reading: %s not sent", w.id, header.type.name)
+            return 0
+
+    # -- runs ------------------------------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, spec: RunSpec) -> Run:
+        self.run = Run(self, run_id, spec, RunDirectory(self.state_dir, run_id), self.device)
+        return self.run
+
+    def submit(self, run_id: str | None, spec: RunSpec) -> str:
+        if self.run is not None and not self.run.final:
+            raise ValueError(f"run {self.run.run_id} is {self.run.state}: the PS serves one run at a time")
+        run_id = check_run_id(run_id or new_run_id(spec.name))
+        if run_id in self.past_runs or (self.run is not None and self.run.run_id == run_id):
+            raise ValueError(f"run {run_id} exists")
+        if self.run is not None:
+            self.past_runs[self.run.run_id] = self.run.summary()
+        self.start_run(run_id, spec)
+        return run_id
+
+    # -- the loop --------------------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        next_heartbeat = 0.0
+        while not self.stopping:
+            try:
+                received = self.server.recv(POLL_MS)
+            except MalformedMessage as exc:
+                self.drop(exc.reason, exc.peer.decode(errors="replace")[:64], str(exc))
+                received = None
+            if received is not None:
+                self._on_message(received)
+            self._serve_control()
+            now = time.monotonic()
+            if now >= next_heartbeat:
+                next_heartbeat = now + self.heartbeat_s
+                self._heartbeats(now)
+            if self.run is not None:
+                self.run.tick(now)
+                if self.exit_after == self.run.run_id and self.run.final:
+                    break
+        self.close()
+
+    def close(self) -> None:
+        if self.run is not None and not self.run.final:
+            self.run.save_checkpoint()
+            self.run.evaluator.close()
+        self.server.close()
+        self.control.close(linger=0)
+        self.ctx.term()
+
+    def _heartbeats(self, now: float) -> None:
+        """Heartbeat every worker; one silent for three intervals is lost."""
+        for w in self.workers.values():
+            if w.state == "lost":
+                continue
+            if now - w.last_seen > 3 * self.heartbeat_s:
+                w.state = "lost"
+                log.warning("worker %s lost (silent for %.1f s)", w.id, now - w.last_seen)
+                if self.run is not None and not self.run.final:
+                    self.run.on_worker_lost(w)
+            else:
+                self.send(w, Header(MsgType.HEARTBEAT, worker_id=w.id))
+        self.metrics["atomo_ps_workers"].set(sum(w.state != "lost" for w in self.workers.values()))
+
+    def _on_message(self, received) -> None:
+        header = received.header
+        sender = received.peer.decode(errors="replace")
+        if header.worker_id != sender:
+            self.drop("bad_sender", sender[:64], f"header names worker {header.worker_id!r}")
+            return
+        if header.type == MsgType.REGISTER:
+            self._on_register(received)
+            return
+        w = self.workers.get(sender)
+        if w is None or w.state == "lost" or w.peer != received.peer:
+            if header.type == MsgType.GRADIENT:
+                self.drop("unregistered", sender, "gradient from a worker that is not registered")
+            self.server.send(received.peer, Header(MsgType.REJECT, worker_id=sender, meta={"reason": "unknown worker"}))
+            return
+        w.last_seen = time.monotonic()
+        w.last_heartbeat = time.time()
+        if header.type == MsgType.GRADIENT:
+            if self.run is None or self.run.final:
+                self.drop("wrong_run", sender, f"gradient for run {header.run_id!r}, none is running")
+            else:
+                self.run.on_gradient(w, received)
+        elif header.type != MsgType.HEARTBEAT:
+            self.drop("unexpected_type", sender, f"{header.type.name} is not sent by workers")
+
+    def _on_register(self, received) -> None:
+        meta = received.header.meta
+        sender = received.header.worker_id
+        if not sender or received.frames:
+            self.drop("bad_meta", sender, "REGISTER needs a worker id and no payload")
+            return
+        port = meta.get("metrics_port")
+        pid = meta.get("pid")
+        w = self.workers.get(sender)
+        if w is None:
+            w = self.workers[sender] = WorkerInfo(sender, received.peer)
+        elif w.state == "lost" and self.run is not None and not self.run.final:
+            self.run.event("worker_rejoined", {"worker": sender, "step": self.run.step})
+        w.peer = received.peer
+        w.address = str(meta.get("address", ""))[:256]
+        w.device = str(meta.get("device", ""))[:32]
+        w.metrics_port = port if type(port) is int and 0 < port < 65536 else None
+        w.pid = pid if type(pid) is int else None
+        w.last_seen = time.monotonic()
+        w.last_heartbeat = time.time()
+        if w.state == "lost":
+            w.state = "idle"
+        if self.run is not None and not self.run.final:
+            self.run.on_worker_ready(w)
+        if w.state != "training":
+            self.send(w, Header(MsgType.HEARTBEAT, worker_id=sender))
+
+    # -- control ---------------------------------------------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        while self.control.poll(0, zmq.POLLIN):
+            try:
+                request = json.loads(self.control.recv())
+                if not isinstance(request, dict):
+                    raise ValueError("a request is a JSON object")
+                frames = self._control(request)
+            except Exception as exc:  # every request gets a reply: a REP socket must answer to go on
+                frames = [{"ok": False, "error": str(exc)[:500] or type(exc).__name__}]
+            try:
+                head = json.dumps(frames[0], allow_nan=False, default=str).encode()
+                self.control.send_multipart([head, *frames[1:]])
+            except (zmq.ZMQError, ValueError) as exc:
+                log.warning("control reply not sent: %s", exc)
+
+    def _control(self, request: dict) -> list:
+        op = request.get("op")
+        run = self.run
+        if op == "ping":
+            return [{"ok": True, "ps": self.public()}]
+        if op == "submit":
+            spec = RunSpec.model_validate(request.get("spec") or {})
+            run_id = self.submit(request.get("run_id"), spec)
+            return [{"ok": True, "run_id": run_id}]
+        if op == "cancel":
+            run_id = request.get("run_id")
+            if run is not None and run.run_id == run_id:
+                run.cancel()
+            return [{"ok": True}]
+        if op == "status":
+            runs = {rid: s.get("state") for rid, s in self.past_runs.items()}
+            if run is not None:
+                runs[run.run_id] = run.state
+            return [
+                {
+                    "ok": True,
+                    "ps": self.public(),
+                    "workers": [w.public(run.run_id if run else None) for w in self.workers.values()],
+                    "run": run.public() if run is not None else None,
+                    "runs": runs,
+                }
+            ]
+        if op == "metrics":
+            since = _int_field(request, "since", -1)
+            records = run.metrics_since(since) if self._is_current(request) else self._past(request).metrics()
+            records = [r for r in records if r["step"] > since][:MAX_RECORDS_PER_REPLY]
+            return [{"ok": True, "records": [_finite(r) for r in records]}]
+        if op == "events":
+            since = _int_field(request, "since", 0)
+            events = run.events if self._is_current(request) else self._past(request).events()
+            return [{"ok": True, "events": [e for e in events if e["seq"] > since][:MAX_RECORDS_PER_REPLY]}]
+        if op == "checkpoint":
+            rundir = run.rundir if self._is_current(request) else self._past(request)
+            if not rundir.checkpoint_path.exists():
+                raise ValueError(f"run {rundir.run_id} has no checkpoint yet")
+            data = rundir.checkpoint_path.read_bytes()
+            step = run.checkpoint_step if self._is_current(request) else int(rundir.load_checkpoint()["step"])
+            return [{"ok": True, "step": step}, data]
+        raise ValueError(f"unknown op {op!r}")
+
+    def _is_current(self, request: dict) -> bool:
+        return self.run is not None and request.get("run_id") == self.run.run_id
+
+    def _past(self, request: dict) -> RunDirectory:
+        run_id = check_run_id(request.get("run_id"))
+        if run_id not in self.past_runs:
+            raise ValueError(f"unknown run {run_id}")
+        return RunDirectory(self.state_dir, run_id)
+
+    def public(self) -> dict:
+        return {
+            "address": self.address,
+            "device": self.device.type,
+            "state": "running" if self.run is not None and not self.run.final else "idle",
+            "port": self.server.port,
+            "control_port": self.control_port,
+            "metrics_port": self.metrics_port,
+        }
+
+
+def _int_field(request: dict, key: str, default: int) -> int:
+    value = request.get(key, default)
+    if type(value) is not int:
+        raise ValueError(f"{key} must be an integer")
+    return value
+
+
+def _finite(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -1,0 +1,62 @@
+"""`atomo worker`: one worker. Flags default to ATOMO_* environment variables (container commands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+
+from services.common.transport import CurveKeys
+
+
+def _env(name: str, default=None, kind=str):
+    value = os.environ.get(name)
+    return default if value in (None, "") else kind(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ps", default=_env("ATOMO_PS", "tcp://127.0.0.1:5555"), help="PS endpoint (ATOMO_PS)")
+    parser.add_argument(
+        "--id",
+        default=_env("ATOMO_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"[-64:]),
+        help="stable worker id (ATOMO_WORKER_ID)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("ATOMO_DEVICE", "auto"))
+    parser.add_argument("--metrics-port", type=int, default=_env("ATOMO_METRICS_PORT", None, int))
+    parser.add_argument("--keys", default=_env("ATOMO_KEYS"), help="CURVE key directory (`atomo keys`)")
+    parser.add_argument("--key-name", default=_env("ATOMO_KEY_NAME"), help="this worker's client key name")
+    parser.add_argument("--heartbeat-s", type=float, default=_env("ATOMO_HEARTBEAT_S", 1.0, float))
+    parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
+    parser.add_argument("--threads", type=int, default=_env("ATOMO_THREADS", None, int), help="torch CPU threads")
+    parser.add_argument("--log-level", default=_env("ATOMO_LOG_LEVEL", "INFO"))
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.worker.worker import Worker, install_signal_handlers
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    metrics_port = args.metrics_port
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        httpd, _thread = start_http_server(metrics_port)
+        metrics_port = httpd.server_port
+    worker = Worker(
+        args.ps,
+        args.id,
+        device=args.device,
+        keys=CurveKeys.load(args.keys, "client", args.key_name) if args.keys else None,
+        heartbeat_s=args.heartbeat_s,
+        metrics_port=metrics_port,
+        data_root=args.data_root,
+    )
+    install_signal_handlers(worker)
+    print(json.dumps({"ready": True, "id": args.id, "metrics_port": metrics_port}), flush=True)
+    worker.serve()
+    return 0
