@@ -302,3 +302,35 @@ def test_socket_options_are_bounded():
         SocketOptions(max_message_bytes=1, linger_ms=-1)
     with pytest.raises(ValueError):
         SocketOptions(max_message_bytes=1, max_frames=0)
+
+
+def test_send_blocked_by_a_peer_that_does_not_read_times_out(ctx):
+    options = SocketOptions(max_message_bytes=4 << 20, send_hwm=2, recv_hwm=2, send_timeout_ms=300, linger_ms=0)
+    server = bind_server(ctx, "127.0.0.1", 0, options)
+    client = connect_client(ctx, server.endpoint, "slow", options)
+    client.send(Header(MsgType.REGISTER))
+    peer = server.recv(WAIT_MS).peer
+    block = np.zeros(1 << 20, dtype=np.uint8)
+    sends = 0
+    with pytest.raises(TimeoutError, match="not reading"):
+        while sends < 200:  # queues and socket buffers hold a few MiB at most
+            server.send(peer, Header(MsgType.UPDATE, step=sends), [block])
+            sends += 1
+    assert 2 <= sends < 200
+    for step in range(sends):  # nothing was lost or reordered before the timeout
+        assert client.recv(WAIT_MS).header.step == step
+    client.close()
+    server.close()
+
+
+def test_ipv6_loopback(ctx):
+    try:
+        server = bind_server(ctx, "::1", 0, OPTIONS)
+    except zmq.ZMQError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    assert server.endpoint == f"tcp://[::1]:{server.port}"
+    client = connect_client(ctx, server.endpoint, "w6", OPTIONS)
+    client.send(Header(MsgType.HEARTBEAT))
+    assert server.recv(WAIT_MS).peer == b"w6"
+    client.close()
+    server.close()
