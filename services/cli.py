@@ -12,6 +12,12 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("services.common.keys", "write CURVE key pairs for the PS and its workers"),
+    "serve": ("services.control.commands.serve", "the control service (REST API) for a PS control endpoint"),
+    "submit": ("services.control.commands.submit", "submit a run (a RunSpec file and/or flags) to the control service"),
+    "runs": ("services.control.commands.runs", "list runs"),
+    "status": ("services.control.commands.status", "a run's progress, live until it ends"),
+    "cancel": ("services.control.commands.cancel", "cancel a run"),
+    "logs": ("services.control.commands.logs", "a run's events: state changes, worker joins and losses"),
 }
 
 

@@ -1,0 +1,324 @@
+"""The REST API of the control service: runs, their metrics, events and checkpoints, and the cluster."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
+
+from services.common.metrics import CONTROL_METRICS, create
+from services.common.spec import RunSpec
+from services.common.transport import CurveKeys
+from services.control import errors
+from services.control.auth import bearer_dependency
+from services.control.errors import ApiError, ErrorBody
+from services.control.middleware import BodyLimit, RequestTimer
+from services.control.ps_client import PSClient, PSError, PSUnavailable
+from services.control.scheduler import Scheduler
+from services.control.store import FINAL, PROGRESS_FIELDS, STATES, Store
+
+RunState = Literal[STATES]
+RunId = Annotated[str, Path(min_length=1, max_length=64)]
+
+
+@dataclass
+class Settings:
+    db_path: str = "atomo-control.db"
+    ps_endpoint: str = "tcp://127.0.0.1:5556"
+    token: str | None = None
+    max_body_bytes: int = 1 << 20
+    poll_interval_s: float = 0.5
+    ps_timeout_s: float = 2.0
+    lost_after_s: float = 120.0
+    curve: CurveKeys | None = None
+
+
+# Response models ----------------------------------------------------------------------------------------
+
+
+class Run(BaseModel):
+    id: str
+    name: str
+    state: RunState
+    reason: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    spec: RunSpec
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    test_accuracy: float | None = None
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    compression_ratio: float | None = None
+    mean_encode_s: float | None = None
+    mean_compute_s: float | None = None
+    mean_communication_s: float | None = None
+
+
+class RunList(BaseModel):
+    runs: list[Run]
+    next_page_token: str | None = None
+
+
+class Metrics(BaseModel):
+    run_id: str
+    records: list[dict[str, Any]]
+    next_since: int
+
+
+class Event(BaseModel):
+    seq: int
+    time: datetime
+    type: str
+    detail: Any = None
+
+
+class Events(BaseModel):
+    run_id: str
+    events: list[Event]
+    next_since: int
+
+
+class PSInfo(BaseModel):
+    address: str | None = None
+    device: str | None = None
+    state: str | None = None
+
+
+class Worker(BaseModel):
+    id: str
+    address: str | None = None
+    device: str | None = None
+    state: str | None = None
+    last_heartbeat: float | None = None
+    run: str | None = None
+
+
+class Cluster(BaseModel):
+    reachable: bool
+    endpoint: str
+    observed_at: datetime | None = None
+    ps: PSInfo | None = None
+    workers: list[Worker] = []
+    run_id: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    ready: bool
+    store: bool
+    ps: bool
+
+
+def _time(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+def _run_out(run: dict) -> Run:
+    progress = {k: run["progress"].get(k) for k in PROGRESS_FIELDS}
+    return Run(
+        id=run["id"],
+        name=run["spec"].get("name", ""),
+        state=run["state"],
+        reason=run["reason"],
+        created_at=_time(run["created_at"]),
+        started_at=_time(run["started_at"]),
+        finished_at=_time(run["finished_at"]),
+        error=run["error"],
+        cancel_requested=run["cancel_requested"],
+        spec=run["spec"],
+        **progress,
+    )
+
+
+def _page_token(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode()
+
+
+def _page_seq(token: str) -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        if kind == "seq" and value.isdigit():
+            return int(value)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    detail = [{"field": "page_token", "in": "query", "message": "not a page token from a previous listing"}]
+    raise ApiError(422, "invalid request: page_token", detail)
+
+
+# The app ------------------------------------------------------------------------------------------------
+
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 500)}
+
+
+def create_app(settings: Settings) -> FastAPI:
+    store = Store(settings.db_path)
+    registry = CollectorRegistry()
+    metrics = create(CONTROL_METRICS, registry)
+    ps = PSClient(settings.ps_endpoint, settings.ps_timeout_s, settings.curve)
+    scheduler = Scheduler(
+        store,
+        ps,
+        metrics["atomo_control_run_duration_seconds"],
+        settings.poll_interval_s,
+        settings.lost_after_s,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.start()
+        yield
+        await run_in_threadpool(scheduler.stop)
+
+    app = FastAPI(
+        title="atomo control service",
+        version="1",
+        description="Submit and follow ATOMO training runs on a parameter-server cluster.",
+        lifespan=lifespan,
+    )
+    app.state.store, app.state.scheduler, app.state.settings = store, scheduler, settings
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestTimer, histogram=metrics["atomo_control_http_request_duration_seconds"])
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(bearer_dependency(settings.token))], responses=_ERRORS)
+
+    def get_run(run_id: str) -> dict:
+        run = store.get_run(run_id)
+        if run is None:
+            raise ApiError(404, f"no run {run_id!r}")
+        return run
+
+    @v1.post("/runs", status_code=201, response_model=Run, summary="Submit a run (queued, FIFO)")
+    async def submit_run(spec: Annotated[RunSpec | None, Body()] = None) -> Run:
+        spec = spec or RunSpec()
+        run = store.create_run(spec.model_dump(mode="json"))
+        scheduler.wake()
+        return _run_out(run)
+
+    @v1.get("/runs", response_model=RunList, summary="List runs, newest first")
+    async def list_runs(
+        state: Annotated[list[RunState] | None, Query(description="only runs in these states")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        page_token: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> RunList:
+        before = None if page_token is None else _page_seq(page_token)
+        runs = store.list_runs(state, before, limit)
+        token = _page_token(runs[-1]["seq"]) if len(runs) == limit else None
+        return RunList(runs=[_run_out(r) for r in runs], next_page_token=token)
+
+    @v1.get("/runs/{run_id}", response_model=Run, summary="A run: state, progress and figures")
+    async def read_run(run_id: RunId) -> Run:
+        return _run_out(get_run(run_id))
+
+    @v1.get("/runs/{run_id}/metrics", response_model=Metrics, summary="Per-step records after step `since`")
+    async def read_metrics(
+        run_id: RunId,
+        since: Annotated[int, Query(ge=-1, le=2**62)] = -1,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> Metrics:
+        get_run(run_id)
+        records = store.metrics(run_id, since, limit)
+        return Metrics(run_id=run_id, records=records, next_since=records[-1]["step"] if records else since)
+
+    @v1.get("/runs/{run_id}/events", response_model=Events, summary="State changes, worker joins and losses")
+    async def read_events(
+        run_id: RunId,
+        since: Annotated[int, Query(ge=0, le=2**62)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> Events:
+        get_run(run_id)
+        events = [Event(**e | {"time": _time(e["time"])}) for e in store.events(run_id, since, limit)]
+        return Events(run_id=run_id, events=events, next_since=events[-1].seq if events else since)
+
+    @v1.post(
+        "/runs/{run_id}/cancel",
+        response_model=Run,
+        summary="Cancel a run (idempotent)",
+        responses={409: {"model": ErrorBody, "description": "the run already succeeded or failed"}},
+    )
+    async def cancel_run(run_id: RunId) -> Run:
+        run = get_run(run_id)
+        if run["state"] in ("succeeded", "failed"):
+            raise ApiError(409, f"run {run_id} already {run['state']}", {"state": run["state"]})
+        if run["state"] != "cancelled" and not store.transition(
+            run_id, "cancelled", "cancelled on request before it started", from_states=("queued",)
+        ):
+            store.request_cancel(run_id)
+            scheduler.wake()
+        return _run_out(get_run(run_id))
+
+    @v1.get(
+        "/runs/{run_id}/checkpoint",
+        summary="The run's latest model weights (torch.save of the state_dict)",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "the checkpoint file"},
+            503: {"model": ErrorBody, "description": "the PS is unreachable"},
+        },
+    )
+    def read_checkpoint(run_id: RunId) -> Response:
+        get_run(run_id)
+        try:
+            step, data = ps.checkpoint(run_id)
+        except PSUnavailable as exc:
+            raise ApiError(503, f"the PS is unreachable: {exc}") from exc
+        except PSError as exc:
+            raise ApiError(404, f"no checkpoint for run {run_id}: {exc}") from exc
+        headers = {"Content-Disposition": f'attachment; filename="{run_id}-step{step}.pt"', "X-Atomo-Step": str(step)}
+        return Response(data, media_type="application/octet-stream", headers=headers)
+
+    @v1.get("/cluster", response_model=Cluster, summary="The PS and every worker, as last seen")
+    async def read_cluster() -> Cluster:
+        status = scheduler.cluster or {}
+        live = status.get("run") or {}
+        return Cluster(
+            reachable=scheduler.ps_reachable(),
+            endpoint=settings.ps_endpoint,
+            observed_at=_time(scheduler.last_contact),
+            ps=status.get("ps"),
+            workers=status.get("workers") or [],
+            run_id=live.get("run_id") if live.get("state") not in FINAL else None,
+        )
+
+    app.include_router(v1)
+
+    @app.get("/healthz", response_model=Health, summary="Liveness")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Ready,
+        summary="Readiness: the store is open and the PS reachable",
+        responses={503: {"model": Ready, "description": "not ready"}},
+    )
+    async def readyz(response: Response) -> Ready:
+        ready = Ready(ready=False, store=store.ping(), ps=scheduler.ps_reachable())
+        ready.ready = ready.store and ready.ps
+        response.status_code = 200 if ready.ready else 503
+        return ready
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        runs = metrics["atomo_control_runs"]
+        for state, n in store.count_by_state().items():
+            runs.labels(state=state).set(n)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

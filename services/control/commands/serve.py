@@ -1,0 +1,71 @@
+"""`atomo serve`: the control service alone, pointing at a PS control endpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from services.control.client import TOKEN_ENV
+
+PS_ENV = "ATOMO_PS_CONTROL"
+
+
+def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> None:
+    """The HTTP and store options that `serve` and `up` share."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=port, help=f"HTTP port (default {port})")
+    parser.add_argument("--token-file", help=f"file holding the API token (${TOKEN_ENV} takes precedence)")
+    parser.add_argument(
+        "--allow-unauthenticated", action="store_true", help="serve without a token on a non-loopback address"
+    )
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between PS polls (default 0.5)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    parser.add_argument(
+        "--ps",
+        default=os.environ.get(PS_ENV, "tcp://127.0.0.1:5556"),
+        help=f"the PS control endpoint (default ${PS_ENV} or tcp://127.0.0.1:5556)",
+    )
+    parser.add_argument("--db", default="atomo-control.db", help="SQLite store path (default atomo-control.db)")
+    parser.add_argument("--curve-keys", help="CURVE key directory (`atomo keys`) when the PS control port uses CURVE")
+    parser.add_argument("--curve-client", help="the client key name in DIR/clients to use (default: the only one)")
+
+
+def serve(args: argparse.Namespace, db_path: str, ps_endpoint: str, token: str | None, curve=None) -> int:
+    """Run the control service in the foreground until interrupted."""
+    import uvicorn
+
+    from services.control.app import Settings, create_app
+
+    settings = Settings(
+        db_path=db_path,
+        ps_endpoint=ps_endpoint,
+        token=token,
+        max_body_bytes=args.max_body_bytes,
+        poll_interval_s=args.poll_interval,
+        curve=curve,
+    )
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.control.auth import check_bind, load_token
+
+    curve = None
+    try:
+        token = load_token(args.token_file)
+        check_bind(args.host, token, args.allow_unauthenticated)
+        if args.curve_keys:
+            from services.common.transport import CurveKeys
+
+            curve = CurveKeys.load(args.curve_keys, "client", args.curve_client)
+    except (OSError, ValueError) as exc:
+        print(f"atomo serve: {exc}", file=sys.stderr)
+        return 2
+    return serve(args, args.db, args.ps, token, curve)

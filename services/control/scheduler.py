@@ -1,0 +1,164 @@
+"""The run queue: FIFO, one run at a time per cluster, driven by polling the PS's control port.
+
+Each poll (every `poll_interval_s`, or at once after `wake()`):
+  1. ask the PS for its status; keep it as the cluster snapshot (GET /v1/cluster, /readyz);
+  2. for each starting/running run in the store: copy the PS's new per-step records and events into the
+     store, update its progress, follow its state at the PS (a run the PS does not know is resubmitted
+     while `starting`, failed once `running`), forward a pending cancel;
+  3. when no run is active and the PS is idle, claim the oldest queued run and submit it.
+A control service restarted mid-run re-attaches to the run the PS kept going, in step 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from services.control.ps_client import PSClient, PSError, PSUnavailable
+from services.control.store import FINAL, Store
+
+log = logging.getLogger("atomo.control")
+
+_FINAL_REASONS = {
+    "succeeded": "the PS finished every step",
+    "failed": "the PS reported a failure",
+    "cancelled": "the PS stopped the run",
+}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        ps: PSClient,
+        run_duration=None,
+        poll_interval_s: float = 0.5,
+        lost_after_s: float = 120.0,
+    ):
+        self.store = store
+        self.ps = ps
+        self.run_duration = run_duration  # prometheus Histogram of finished runs' wall time, or None
+        self.poll_interval_s = poll_interval_s
+        self.lost_after_s = lost_after_s
+        self.cluster: dict | None = None  # the PS's latest status reply
+        self.last_contact: float | None = None
+        self._unreachable_since: float | None = None
+        self._attached: set[str] = set()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # Lifecycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="atomo-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.store.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def ps_reachable(self) -> bool:
+        horizon = max(2.0, 4 * self.poll_interval_s) + self.ps.timeout_ms / 1000
+        return self.last_contact is not None and time.time() - self.last_contact < horizon
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:  # the loop must outlive any one bad poll; the cause is logged
+                log.exception("scheduler poll failed")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+        self.store.close()
+
+    # One poll -----------------------------------------------------------------------------------------
+
+    def poll_once(self) -> None:
+        try:
+            status = self.ps.status()
+        except (PSUnavailable, PSError) as exc:
+            self._ps_lost(str(exc))
+            return
+        self.cluster, self.last_contact, self._unreachable_since = status, time.time(), None
+        live = status.get("run") or None
+        known = dict(status.get("runs") or {})
+        if live:
+            known[live["run_id"]] = live["state"]
+        busy = bool(live) and live["state"] not in FINAL
+        for run in self.store.active_runs():
+            try:
+                self._follow(run, live if live and live["run_id"] == run["id"] else None, known.get(run["id"]), busy)
+            except (PSUnavailable, PSError) as exc:
+                log.warning("following run %s: %s", run["id"], exc)
+                return
+        if not busy and not self.store.active_runs():
+            self._submit_next()
+
+    def _ps_lost(self, why: str) -> None:
+        now = time.time()
+        self._unreachable_since = self._unreachable_since or now
+        if now - self._unreachable_since < self.lost_after_s:
+            return
+        for run in self.store.active_runs():
+            reason = f"the PS has been unreachable for {now - self._unreachable_since:.0f} s ({why})"
+            self._finish(run, "failed", reason, error=reason)
+
+    def _follow(self, run: dict, live: dict | None, ps_state: str | None, busy: bool) -> None:
+        run_id = run["id"]
+        if ps_state is None:
+            if run["state"] == "starting" and run["cancel_requested"]:
+                self._finish(run, "cancelled", "cancelled before the PS started it")
+            elif run["state"] == "starting" and not busy:
+                self._submit(run)
+            elif run["state"] == "running":
+                reason = "the PS does not know this run (it restarted without its state)"
+                self._finish(run, "failed", reason, error=reason)
+            return
+        if run_id not in self._attached:
+            self._attached.add(run_id)
+            if run["state"] == "running":
+                self.store.add_event(run_id, "attached", {"reason": "the control service (re)started; the PS kept it"})
+        records = self.ps.metrics(run_id, self.store.last_step(run_id))
+        if records:
+            self.store.add_metrics(run_id, records)
+        self.store.add_ps_events(run_id, self.ps.events(run_id, run["ps_event_seq"]))
+        self.store.set_progress(run_id, live if live is not None else self.store.progress_from_metrics(run_id))
+        if ps_state == "running":
+            self.store.transition(run_id, "running", "the PS started training", from_states=("starting",))
+        elif ps_state in FINAL:
+            error = (live or {}).get("error")
+            reason = "cancelled on request" if ps_state == "cancelled" and run["cancel_requested"] else None
+            reason = reason or (f"the PS reported: {error}" if error else _FINAL_REASONS[ps_state])
+            self._finish(run, ps_state, reason, error=error)
+            return
+        if run["cancel_requested"]:
+            self.ps.cancel(run_id)
+
+    def _submit_next(self) -> None:
+        run = self.store.next_queued()
+        if run is not None and self.store.transition(
+            run["id"], "starting", "submitted to the PS", from_states=("queued",)
+        ):
+            self._submit(run)
+
+    def _submit(self, run: dict) -> None:
+        try:
+            self.ps.submit(run["id"], run["spec"])
+        except PSUnavailable:
+            return  # the next poll sees whether the PS got it, and resubmits if not
+        except PSError as exc:
+            self._finish(run, "failed", f"the PS rejected the run: {exc}", error=str(exc))
+
+    def _finish(self, run: dict, state: str, reason: str, error: str | None = None) -> None:
+        if self.store.transition(run["id"], state, reason, error=error) and self.run_duration is not None:
+            finished = self.store.get_run(run["id"])
+            if finished["started_at"] is not None:
+                self.run_duration.observe(finished["finished_at"] - finished["started_at"])

@@ -1,0 +1,264 @@
+"""The control service's REST API over real HTTP (`atomo serve` in a child process) with no PS reachable:
+validation, authentication, the error shape, pagination, cancel of queued runs, store durability."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from services.cli import main
+from services.control.client import ApiError, Client
+from services.control.launchers import ControlProcess, free_port
+
+TOKEN = "test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def dead_ps() -> str:
+    """A PS control endpoint where nothing listens."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, dead_ps):
+    db = tmp_path_factory.mktemp("control") / "control.db"
+    control = ControlProcess(db, dead_ps, TOKEN, extra_args=("--poll-interval", "0.2")).start()
+    yield control
+    control.stop()
+
+
+@pytest.fixture
+def api(service):
+    with Client(service.url, TOKEN) as client:
+        yield client
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    return body["error"]
+
+
+INVALID_SPECS = [
+    ({"model": "alexnet"}, "model"),
+    ({"dataset": "imagenet"}, "dataset"),
+    ({"codec": {"name": "zip"}}, "codec.name"),
+    ({"codec": {"name": "svd", "budget": 0}}, "codec.budget"),
+    ({"codec": {"name": "svd", "budget": -2.5}}, "codec.budget"),
+    ({"codec": {"name": "qsgd", "bits": 0}}, "codec.bits"),
+    ({"codec": {"name": "qsgd", "bits": 17}}, "codec.bits"),
+    ({"codec": {"name": "svd", "bits": 4}}, "codec.bits"),
+    ({"codec": {"name": "qsgd", "budget": 3}}, "codec.budget"),
+    ({"codec": {"name": "svd", "reshape": "columns"}}, "codec.reshape"),
+    ({"workers": 0}, "workers"),
+    ({"workers": 257}, "workers"),
+    ({"workers": 2, "num_aggregate": 3}, "num_aggregate"),
+    ({"workers": 2, "min_workers": 3}, "min_workers"),
+    ({"workers": 8, "batch_size": 4}, "batch_size"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 10, "epochs": 1}, "epochs"),
+    ({"lr": 0}, "lr"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"name": ""}, "name"),
+    ({"step_milestones": [10, "x"]}, "step_milestones[1]"),
+    ({"unknown_field": 1}, "unknown_field"),
+    ({"codec": {"name": "svd", "extra": 1}}, "codec.extra"),
+    ({"device": "tpu"}, "device"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), INVALID_SPECS, ids=[f for _, f in INVALID_SPECS])
+def test_invalid_spec_is_422_naming_the_field(service, spec, field):
+    response = httpx.post(service.url + "/v1/runs", json=spec, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 422
+    error = error_of(response)
+    assert error["code"] == "validation_error"
+    assert field in [d["field"] for d in error["details"]], error
+    assert field in error["message"]
+
+
+def test_malformed_json_is_422_on_the_body(service):
+    response = httpx.post(
+        service.url + "/v1/runs",
+        content=b'{"model": ',
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert [d["field"] for d in error_of(response)["details"]] == ["body"]
+
+
+def test_empty_spec_queues_the_default_run(api):
+    run = api.submit({})
+    assert run["state"] == "queued" and run["id"].startswith("run-")
+    assert run["spec"]["model"] == "lenet5" and run["spec"]["codec"]["name"] == "svd"
+    assert run["created_at"] and run["started_at"] is None
+    fetched = api.run(run["id"])
+    assert fetched["state"] == "queued"  # no PS: it waits
+    assert fetched["spec"] == run["spec"]
+
+
+def test_readyz_is_false_without_ps_and_healthz_is_open(service):
+    health = httpx.get(service.url + "/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    ready = httpx.get(service.url + "/readyz")
+    assert ready.status_code == 503
+    assert ready.json() == {"ready": False, "store": True, "ps": False}
+
+
+def test_cluster_reports_unreachable_ps(api, dead_ps):
+    cluster = api.cluster()
+    assert cluster["reachable"] is False and cluster["endpoint"] == dead_ps and cluster["workers"] == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": TOKEN}],
+    ids=["missing", "wrong", "basic-scheme", "no-scheme"],
+)
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/runs"), ("POST", "/v1/runs"), ("GET", "/v1/cluster"), ("GET", "/v1/runs/x")]
+)
+def test_v1_requires_the_token(service, headers, method, path):
+    response = httpx.request(method, service.url + path, headers=headers, json={})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    assert error_of(response)["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/v1/runs/run-doesnotexist", 404, "not_found"),
+        ("GET", "/v1/runs/run-doesnotexist/metrics", 404, "not_found"),
+        ("GET", "/v1/runs/run-doesnotexist/events", 404, "not_found"),
+        ("GET", "/v1/runs/run-doesnotexist/checkpoint", 404, "not_found"),
+        ("POST", "/v1/runs/run-doesnotexist/cancel", 404, "not_found"),
+        ("GET", "/v1/nothing-here", 404, "not_found"),
+        ("DELETE", "/v1/runs", 405, "method_not_allowed"),
+        ("PUT", "/v1/runs/x/cancel", 405, "method_not_allowed"),
+        ("GET", "/v1/runs?limit=0", 422, "validation_error"),
+        ("GET", "/v1/runs?state=paused", 422, "validation_error"),
+        ("GET", "/v1/runs?page_token=not-a-token", 422, "validation_error"),
+    ],
+)
+def test_error_shape(service, method, path, status, code):
+    response = httpx.request(method, service.url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == status
+    assert error_of(response)["code"] == code
+
+
+def test_body_limit_is_413(service):
+    big = {"name": "x", "step_milestones": list(range(300_000))}  # about 2 MB of JSON, over the 1 MiB limit
+    response = httpx.post(service.url + "/v1/runs", json=big, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 413
+    assert error_of(response)["code"] == "payload_too_large"
+
+
+def test_pagination_walks_every_run_once_newest_first(api):
+    created = [api.submit({"name": f"page-{i}", "steps": 5, "model": "mlp"})["id"] for i in range(7)]
+    seen, token = [], None
+    while True:
+        page = api.runs(limit=3, page_token=token)
+        assert len(page["runs"]) <= 3
+        seen += [r["id"] for r in page["runs"]]
+        token = page["next_page_token"]
+        if token is None:
+            break
+    assert len(seen) == len(set(seen))
+    positions = [seen.index(i) for i in created]
+    assert positions == sorted(positions, reverse=True)  # newest first
+
+
+def test_cancel_queued_run_is_immediate_and_idempotent(api):
+    run = api.submit({"name": "to-cancel"})
+    first = api.cancel(run["id"])
+    second = api.cancel(run["id"])
+    assert first["state"] == second["state"] == "cancelled"
+    assert first["finished_at"] == second["finished_at"]
+    states = [e["detail"]["state"] for e in api.events(run["id"])["events"] if e["type"] == "state"]
+    assert states == ["queued", "cancelled"]
+    assert run["id"] in [r["id"] for r in api.runs(state=["cancelled"], limit=500)["runs"]]
+    assert run["id"] not in [r["id"] for r in api.runs(state=["queued"], limit=500)["runs"]]
+
+
+def test_metrics_endpoint_counts_runs_by_state(api, service):
+    queued = len(api.runs(state=["queued"], limit=500)["runs"])
+    text = httpx.get(service.url + "/metrics").text
+    assert f'atomo_control_runs{{state="queued"}} {float(queued)}' in text
+    assert 'atomo_control_http_request_duration_seconds_bucket{le="0.005",method="GET",route="/v1/runs",' in text
+    assert "atomo_control_run_duration_seconds_count" in text
+
+
+def test_openapi_and_docs_are_served(service):
+    spec = httpx.get(service.url + "/openapi.json").json()
+    assert {"/v1/runs", "/v1/runs/{run_id}", "/v1/runs/{run_id}/cancel", "/v1/cluster"} <= set(spec["paths"])
+    assert httpx.get(service.url + "/docs").status_code == 200
+
+
+def test_store_survives_a_restart(tmp_path, dead_ps):
+    control = ControlProcess(tmp_path / "control.db", dead_ps, TOKEN).start()
+    try:
+        with Client(control.url, TOKEN) as api:
+            ids = [api.submit({"name": f"durable-{i}"})["id"] for i in range(3)]
+            api.cancel(ids[1])
+            before = {i: api.run(i) for i in ids}
+    finally:
+        control.stop(kill=True)  # a crash, not a graceful stop
+    control = ControlProcess(tmp_path / "control.db", dead_ps, TOKEN).start()
+    try:
+        with Client(control.url, TOKEN) as api:
+            assert {i: api.run(i) for i in ids} == before
+            assert [r["id"] for r in api.runs(state=["queued"])["runs"]] == [ids[2], ids[0]]
+    finally:
+        control.stop()
+
+
+def atomo(capsys, *args) -> tuple[int, str, str]:
+    """Run an `atomo` command in this process (the real CLI over real HTTP); (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_open_service_refuses_a_public_bind(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ATOMO_API_TOKEN", raising=False)
+    code, _, err = atomo(capsys, "serve", "--host", "0.0.0.0", "--db", str(tmp_path / "c.db"))
+    assert code == 2
+    assert "refusing to bind 0.0.0.0 without an API token" in err
+
+
+def test_cli_submit_runs_cancel_logs(service, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ATOMO_URL", service.url)
+    monkeypatch.setenv("ATOMO_API_TOKEN", TOKEN)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: mlp\ndataset: digits\ncodec:\n  name: qsgd\n  bits: 2\nsteps: 20\n")
+    code, out, err = atomo(capsys, "submit", str(spec), "--workers", "3", "--set", "codec.bucket_size=128")
+    assert code == 0, err
+    run_id = out.strip()
+    with Client(service.url, TOKEN) as api:
+        spec_seen = api.run(run_id)["spec"]
+    assert spec_seen["workers"] == 3 and spec_seen["codec"] == spec_seen["codec"] | {"bits": 2, "bucket_size": 128}
+    code, out, _ = atomo(capsys, "runs", "--state", "queued")
+    assert code == 0 and run_id in out
+    code, out, _ = atomo(capsys, "cancel", run_id)
+    assert code == 0 and "cancelled" in out
+    code, out, _ = atomo(capsys, "logs", run_id)
+    assert code == 0 and '"state": "cancelled"' in out
+    code, out, _ = atomo(capsys, "status", run_id)
+    assert code == 1 and "cancelled" in out
+
+    code, _, err = atomo(capsys, "submit", "--set", "codec.budget=-1")
+    assert code == 1 and "codec.budget" in err
+    code, _, err = atomo(capsys, "status", "run-doesnotexist")
+    assert code == 1 and "no run" in err
+    code, _, err = atomo(capsys, "runs", "--token", "nope")
+    assert code == 1 and "401" in err
+    code, _, err = atomo(capsys, "runs", "--url", f"http://127.0.0.1:{free_port()}")
+    assert code == 2 and "cannot reach the control service" in err
+
+
+def test_api_error_carries_the_fields(api):
+    with pytest.raises(ApiError) as info:
+        api.submit({"codec": {"name": "qsgd", "bits": 99}})
+    assert info.value.status == 422 and info.value.details[0]["field"] == "codec.bits"
