@@ -59,7 +59,7 @@ class Codec(ABC):
         return out.add_(estimate.to(device=out.device, dtype=out.dtype), alpha=alpha)
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int | None:
-        """An upper bound on the expected wire length for a tensor of `shape`, if known before encoding.
+        """The expected wire length (or an estimate of it) for a tensor of `shape`, if known before encoding.
 
         The per-layer policy uses it to send a layer dense when compression would not pay; None: unknown.
         """

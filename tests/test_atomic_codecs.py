@@ -80,6 +80,7 @@ def coefficients(name: str, x: torch.Tensor) -> np.ndarray:
 CASES = [
     ("entrywise", {"budget": 5}),
     ("entrywise", {"budget": 2.5, "atom_dtype": "float16"}),
+    ("entrywise", {"budget": 20}),  # most atoms clipped
     ("fourier", {"budget": 5}),
     ("svd", {"budget": 1.5}),
     ("svd", {"budget": 2, "reshape": "paper"}),

@@ -70,7 +70,7 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
         shared = p < 1  # p_i = c |lam_i|: weight sign(lam_i) / c ...
         scale = torch.zeros(1, dtype=torch.float64, device=lam.device)
         if bool(shared.any()):
-            scale[0] = weight[shared].abs()[torch.argmax(torch.where(shared, p, 0))]  # 1/c, from the largest p
+            scale[0] = weight.abs()[torch.argmax(torch.where(shared, p, 0))]  # 1/c, from the largest p < 1
             # ... except where p_i was raised to the dtype's tiny because c |lam_i| underflowed it.
             shared &= (weight.abs() - scale).abs() <= 1e-3 * scale
         exact = weight[~shared].to(ATOM_DTYPES[self.atom_dtype])
@@ -110,11 +110,11 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
 
     def expected_sections(self, shape, atoms):
         atoms = min(atoms, _numel(shape))
-        # Sized as if every atom were clipped (index and value): an upper bound.
+        # Sized as if no atom were clipped: clipped atoms cost an exact weight instead of a sign bit.
         value_dtype = ATOM_DTYPES[self.atom_dtype]
-        return [meta(0, torch.int32), meta(0, torch.uint8), meta(1, torch.float64)] + [
-            meta(atoms, torch.int32),
-            meta(atoms, value_dtype),
+        return [meta(atoms, torch.int32), meta(atoms / 8, torch.uint8), meta(1, torch.float64)] + [
+            meta(0, torch.int32),
+            meta(0, value_dtype),
         ]
 
 
