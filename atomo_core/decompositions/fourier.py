@@ -20,6 +20,8 @@ from atomo_core.wire import CODEC_IDS
 def dct(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-II of a 1-D real tensor (scipy.fft.dct(x, norm="ortho"))."""
     n = x.numel()
+    if n == 0:
+        return x.clone()
     v = torch.cat([x[0::2], x[1::2].flip(0)])  # even entries, then odd entries reversed
     k = torch.arange(n, device=x.device, dtype=x.dtype)
     twiddle = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))
@@ -31,6 +33,8 @@ def dct(x: torch.Tensor) -> torch.Tensor:
 def idct(y: torch.Tensor) -> torch.Tensor:
     """Inverse of `dct` (the orthonormal DCT-III)."""
     n = y.numel()
+    if n == 0:
+        return y.clone()
     z = y * math.sqrt(n / 2.0)
     z[0] = z[0] * math.sqrt(2.0)
     k = torch.arange(n, device=y.device, dtype=y.dtype)
