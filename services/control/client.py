@@ -61,8 +61,9 @@ class Client:
     def run(self, run_id: str) -> dict:
         return self._request("GET", _run_path(run_id)).json()
 
-    def metrics(self, run_id: str, since: int = -1) -> dict:
-        return self._request("GET", _run_path(run_id, "/metrics"), params={"since": since}).json()
+    def metrics(self, run_id: str, since: int = -1, limit: int = 1000) -> dict:
+        params = {"since": since, "limit": limit}
+        return self._request("GET", _run_path(run_id, "/metrics"), params=params).json()
 
     def events(self, run_id: str, since: int = 0) -> dict:
         return self._request("GET", _run_path(run_id, "/events"), params={"since": since}).json()

@@ -101,3 +101,23 @@ class ControlProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class LocalLauncher(Launcher):
+    """A PS and `workers` worker processes on loopback (services.common.launch.LocalCluster)."""
+
+    def __init__(self, state_dir: str | Path, workers: int = 2, **cluster_options):
+        from services.common.launch import LocalCluster
+
+        self.cluster = LocalCluster(state_dir, workers, **cluster_options)
+
+    def start(self) -> str:
+        self.cluster.start()
+        return self.control_endpoint
+
+    def stop(self) -> None:
+        self.cluster.stop()
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.cluster.control_port}"
