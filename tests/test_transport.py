@@ -15,6 +15,7 @@ import zmq
 
 from atomo_core.codecs import make_codec
 from atomo_core.wire import decode_message
+from services.common.keys import write_keys
 from services.common.protocol import Header, MsgType, pack_header
 from services.common.transport import (
     CurveKeys,
@@ -220,28 +221,27 @@ def test_heartbeats_drop_a_frozen_peer(ctx, server):
 
 @pytest.fixture(scope="module")
 def key_dirs(tmp_path_factory):
-    """Two independent key sets written by the real `atomo keys` command."""
-    dirs = []
-    for name in ("keys", "other"):
-        directory = tmp_path_factory.mktemp(name)
-        done = subprocess.run(
-            [sys.executable, "-m", "services", "keys", str(directory), "--clients", "2"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        assert (directory / "clients" / "client-1.key_secret").stat().st_mode & 0o077 == 0
-        dirs.append(directory)
-    return dirs
-
-
-def test_keys_command_refuses_to_overwrite(key_dirs):
+    """Two independent key sets: one written by the real `atomo keys` command, one by its function."""
+    directory, other = tmp_path_factory.mktemp("keys"), tmp_path_factory.mktemp("other")
     done = subprocess.run(
-        [sys.executable, "-m", "services", "keys", str(key_dirs[0])], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "services", "keys", str(directory), "--clients", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert done.returncode == 2 and "already exist" in done.stderr
+    assert done.returncode == 0, done.stderr
+    assert (directory / "clients" / "client-1.key_secret").stat().st_mode & 0o077 == 0
+    write_keys(other, clients=2)
+    return directory, other
+
+
+def test_keys_are_never_overwritten(key_dirs):
+    before = (key_dirs[0] / "server.key_secret").read_bytes()
+    with pytest.raises(FileExistsError, match="already exist"):
+        write_keys(key_dirs[0], clients=3)
+    assert (key_dirs[0] / "server.key_secret").read_bytes() == before
+    assert not (key_dirs[0] / "clients" / "client-2.key").exists()
 
 
 def test_curve_authorized_clients_talk(ctx, key_dirs):
@@ -296,12 +296,12 @@ def test_curve_key_loading_errors(tmp_path, key_dirs):
 
 
 def test_socket_options_are_bounded():
-    with pytest.raises(ValueError):
-        SocketOptions(max_message_bytes=0)
-    with pytest.raises(ValueError):
-        SocketOptions(max_message_bytes=1, linger_ms=-1)
-    with pytest.raises(ValueError):
-        SocketOptions(max_message_bytes=1, max_frames=0)
+    with pytest.raises(ValueError, match="header frame"):
+        SocketOptions(max_message_bytes=1000)
+    with pytest.raises(ValueError, match="linger_ms"):
+        SocketOptions(max_message_bytes=1 << 20, linger_ms=-1)
+    with pytest.raises(ValueError, match="max_frames"):
+        SocketOptions(max_message_bytes=1 << 20, max_frames=0)
 
 
 def test_send_blocked_by_a_peer_that_does_not_read_times_out(ctx):

@@ -29,7 +29,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from atomo_core.wire import Message
-from services.common.protocol import Header, ProtocolError, check_name, pack_header, unpack_header
+from services.common.protocol import MAX_HEADER_BYTES, Header, ProtocolError, check_name, pack_header, unpack_header
 
 ZAP_DOMAIN = b"atomo"
 
@@ -49,8 +49,10 @@ class SocketOptions:
     immediate: bool = False  # client: queue only on completed connections (sends block while disconnected)
 
     def __post_init__(self):
-        if self.max_message_bytes < 1:
-            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        if self.max_message_bytes < MAX_HEADER_BYTES:
+            raise ValueError(
+                f"max_message_bytes must hold a header frame ({MAX_HEADER_BYTES}), got {self.max_message_bytes}"
+            )
         for name in ("send_hwm", "recv_hwm", "heartbeat_ivl_ms", "max_frames", "send_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
