@@ -1,0 +1,183 @@
+"""Codec costs on real gradients: encode/decode time, bytes, compression, relative variance, vs backward time.
+
+One backward pass (random CIFAR-shaped batch) of each model gives the gradients. Every codec encodes the
+>= 2-D gradients (1-D ones go dense, as the default per-layer policy does). Figures are medians over
+--repeats; encode time is compared with the backward time measured in the same run. Relative variance is
+E||g^ - g||^2 / ||g||^2 over the whole model, estimated from --samples encodings.
+
+    python bench/codecs.py [--models resnet18,vgg11_bn] [--batch 128] [--threads 2] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import atomo_core
+from atomo_core import atomic_probabilities, dense_nbytes, make_codec
+from atomo_core.codecs import Codec
+from atomo_core.models import build_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "codecs.json"
+
+
+def codec_configs() -> list[tuple[str, Callable[[tuple[int, ...]], Codec]]]:
+    """(label, shape -> codec). Entry-wise and Fourier budgets are a fraction of each layer's entries."""
+
+    def fraction(name, rate, **params):
+        return lambda shape: make_codec(name, budget=max(1.0, rate * torch.Size(shape).numel()), **params)
+
+    def fixed(name, **params):
+        return lambda shape: make_codec(name, **params)
+
+    configs = [
+        ("svd rows s=1", fixed("svd", budget=1)),
+        ("svd rows s=3", fixed("svd", budget=3)),
+        ("svd rows s=3 fp16", fixed("svd", budget=3, atom_dtype="float16")),
+        ("svd paper s=3", fixed("svd", budget=3, reshape="paper")),
+        ("entrywise 1%", fraction("entrywise", 0.01)),
+        ("entrywise 0.1%", fraction("entrywise", 0.001)),
+        ("fourier 1%", fraction("fourier", 0.01)),
+    ]
+    quantizers = [
+        ("qsgd", "qsgd 1 bit b=512", {"bits": 1, "bucket_size": 512}),
+        ("qsgd", "qsgd 4 bits b=512", {"bits": 4, "bucket_size": 512}),
+        ("terngrad", "terngrad", {}),
+        ("lq", "lq q=2", {"q": 2.0}),
+    ]
+    configs += [(label, fixed(name, **p)) for name, label, p in quantizers if name in atomo_core.codec_names()]
+    return configs
+
+
+def gradients(model_name: str, batch: int) -> tuple[list[torch.Tensor], float]:
+    """The model's gradients for one random batch, and the backward time (second of two passes)."""
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    backward_s = 0.0
+    for _ in range(2):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        start = time.perf_counter()
+        loss.backward()
+        backward_s = time.perf_counter() - start
+    return [p.grad.detach().clone() for p in model.parameters()], backward_s
+
+
+def median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, samples: int) -> dict:
+    codecs = [make(tuple(g.shape)) if g.dim() >= 2 else make_codec("dense") for g in grads]
+    generator = torch.Generator().manual_seed(0)
+
+    def encode():
+        return [c.encode(g, generator) for c, g in zip(codecs, grads, strict=True)]
+
+    encode()  # warm-up: first calls initialize LAPACK/FFT plans and allocator pools
+    encode_s = median_time(encode, repeats)
+    wires = [bytes(m) for m in encode()]
+    decode_s = median_time(lambda: [atomo_core.decode(w) for w in wires], repeats)
+    outs = [torch.zeros_like(g) for g in grads]
+    decode_add_s = median_time(lambda: atomo_core.decode_add_(wires, outs), repeats)
+    norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
+    errors = []
+    for _ in range(samples):
+        estimates = [atomo_core.decode(bytes(m)) for m in encode()]
+        errors.append(sum(float((e.double() - g.double()).pow(2).sum()) for e, g in zip(estimates, grads, strict=True)))
+    nbytes = sum(len(w) for w in wires)
+    headers = sum(len(atomo_core.wire.decode_message(w).header()) for w in wires)
+    return {
+        "encode_ms": 1e3 * encode_s,
+        "decode_ms": 1e3 * decode_s,
+        "decode_add_ms": 1e3 * decode_add_s,
+        "bytes": nbytes,
+        "header_fraction": headers / nbytes,
+        "compression": sum(dense_nbytes(tuple(g.shape)) for g in grads) / nbytes,
+        "relative_variance": statistics.mean(errors) / norm2,
+        "relative_variance_se": (statistics.stdev(errors) / len(errors) ** 0.5 / norm2) if samples > 1 else None,
+    }
+
+
+def fp16_rounding(grads) -> dict:
+    """What float16 atoms do: with every atom kept (p = 1) the estimate is sum lam_i u~_i v~_i^T, exactly
+    the gradient rebuilt from rounded atoms; its relative distance to the gradient is the bias that rounding
+    introduces with respect to the true gradient."""
+    matrices = [g for g in grads if g.dim() >= 2]
+    error, norm2 = 0.0, 0.0
+    for g in matrices:
+        rows = g.shape[0]
+        full = make_codec("svd", budget=min(rows, g[0].numel()), atom_dtype="float16")
+        error += float((atomo_core.decode(full.encode(g)).double() - g.double()).pow(2).sum())
+        norm2 += float(g.double().pow(2).sum())
+    return {"relative_error_all_atoms_fp16": (error / norm2) ** 0.5}
+
+
+def probabilities_timing(grads, repeats: int) -> dict:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    out = {"entries": flat.numel()}
+    for label, budget in [("s=3", 3), ("s=1e-3 n", 1e-3 * flat.numel()), ("s=1e-2 n", 1e-2 * flat.numel())]:
+        out[label + " ms"] = 1e3 * median_time(lambda b=budget: atomic_probabilities(flat, b), repeats)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,vgg11_bn")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=3, help="encodings per relative-variance estimate")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = {"threads": args.threads, "batch": args.batch, "torch": torch.__version__, "models": {}}
+    for model_name in args.models.split(","):
+        grads, backward_s = gradients(model_name, args.batch)
+        dense = sum(dense_nbytes(tuple(g.shape)) for g in grads)
+        print(
+            f"\n{model_name}: {sum(g.numel() for g in grads):,} parameters, dense {dense / 1e6:.2f} MB, "
+            f"backward (batch {args.batch}) {1e3 * backward_s:.0f} ms"
+        )
+        print(
+            f"{'codec':<20} {'encode ms':>10} {'enc/bwd':>8} {'decode ms':>10} {'dec+add/bwd':>12} {'KB':>9} "
+            f"{'ratio':>8} {'header':>7} {'rel var':>9}"
+        )
+        rows = {}
+        for label, make in codec_configs():
+            r = measure(grads, make, args.repeats, args.samples)
+            r["encode_over_backward"] = r["encode_ms"] / (1e3 * backward_s)
+            r["decode_add_over_backward"] = r["decode_add_ms"] / (1e3 * backward_s)
+            rows[label] = r
+            print(
+                f"{label:<20} {r['encode_ms']:>10.1f} {r['encode_over_backward']:>8.3f} {r['decode_ms']:>10.1f} "
+                f"{r['decode_add_over_backward']:>12.3f} {r['bytes'] / 1e3:>9.1f} {r['compression']:>8.1f} "
+                f"{100 * r['header_fraction']:>6.2f}% {r['relative_variance']:>9.3g}"
+            )
+        extra = {**fp16_rounding(grads), **{"probabilities": probabilities_timing(grads, args.repeats)}}
+        print(f"fp16 atoms, all atoms kept: relative error {extra['relative_error_all_atoms_fp16']:.2e}")
+        print(
+            "Algorithm 1 on all",
+            ", ".join(f"{k} {v:.1f}" if "ms" in k else f"{k} {v:,}" for k, v in extra["probabilities"].items()),
+        )
+        report["models"][model_name] = {"backward_ms": 1e3 * backward_s, "dense_bytes": dense, "codecs": rows, **extra}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
