@@ -18,7 +18,14 @@ from scipy import stats
 import atomo_core
 from atomo_core import Message, WireFormatError, make_codec
 from atomo_core.quantizers import elias_bits_bound
-from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths
+from atomo_core.quantizers.elias import (
+    check_stream_end,
+    omega_decode,
+    omega_fields,
+    omega_lengths,
+    pack_fields,
+    read_fields,
+)
 from atomo_core.wire import CODEC_IDS
 
 ALPHA = 1e-6
@@ -177,7 +184,7 @@ def test_qsgd_bits_within_theorem_3_2(kind, n, bits):
     assert mean <= elias_bits_bound(n, 2**bits - 1) + 3 * se
 
 
-def test_elias_omega_matches_the_textbook_code_lengths():
+def test_elias_omega_matches_the_textbook_code():
     def omega(k):
         code = "0"
         while k > 1:
@@ -186,11 +193,26 @@ def test_elias_omega_matches_the_textbook_code_lengths():
         return code
 
     values = np.concatenate([np.arange(1, 1100), [2**16 - 1, 2**16, 2**31, 2**32 - 1]])
-    assert [len(omega(int(k))) for k in values] == omega_lengths(values).tolist()
-    bits = omega_encode(values)
-    decoded, end = omega_decode(bits, 0, values.size)
-    assert end == bits.size == omega_lengths(values).sum()
+    textbook = [omega(int(k)) for k in values]
+    assert [len(code) for code in textbook] == omega_lengths(values).tolist()
+    data = pack_fields(*omega_fields(values))
+    decoded, end = omega_decode(data, 0, values.size)
+    check_stream_end(data, end)
+    assert end == sum(len(code) for code in textbook)
     assert np.array_equal(decoded, values)
+    # Depth-major order is a permutation of the textbook bits: same multiset of ones.
+    assert int(np.unpackbits(data).sum()) == sum(code.count("1") for code in textbook)
+
+
+def test_bit_fields_pack_most_significant_bit_first():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 33, 500)
+    values = rng.integers(0, 2**32, 500) & ((np.int64(1) << lengths) - 1)
+    expected = "".join(format(int(v), f"0{int(n)}b") for v, n in zip(values, lengths, strict=True))
+    data = pack_fields(values, lengths)
+    assert data.size == -(-len(expected) // 8)
+    assert "".join(map(str, np.unpackbits(data)[: len(expected)])) == expected
+    assert np.array_equal(read_fields(data, np.cumsum(lengths) - lengths, lengths), values)
 
 
 CASES = [

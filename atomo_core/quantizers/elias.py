@@ -2,7 +2,7 @@
 
 Elias omega writes k >= 2 as groups `bin(N_d) ... bin(N_1) bin(k) 0` with N_1 = bitlen(k) - 1,
 N_2 = bitlen(N_1) - 1, ..., down to a group of two bits; k = 1 is the single bit `0`. Every group starts
-with a 1 and the final 0 ends the code, so a code with groups g has 1 + sum(bitlen(g)) bits.
+with a 1 and the final 0 ends the code, so |omega(k)| = bitlen(k) + |omega(bitlen(k) - 1)|, |omega(1)| = 1.
 
 A concatenation of omega codes can only be split by walking it group by group, which is far too slow in
 Python for millions of codes. We store exactly the same bits in another order ("depth-major"), so that
@@ -15,7 +15,9 @@ an array of codes decodes in one vectorized pass per recursion level:
    (N bits, N = the value of its group at level j - 1).
 
 Each code keeps its omega length exactly, so bit counts (and QSGD's bound) are unchanged. Values are
-limited to [1, 2**32): at most 4 levels, and a decoder rejects any group longer than 31 bits.
+limited to [1, 2**32): at most 4 levels, and a decoder rejects any group longer than 32 bits.
+
+Bit streams are built from (value, length) fields, most significant bit first, packed 64 bits at a time.
 """
 
 from __future__ import annotations
@@ -26,7 +28,18 @@ from atomo_core.wire import WireFormatError
 
 MAX_VALUE = 1 << 32
 MAX_DEPTH = 4  # groups of a value < 2**32: 32 bits -> 5 bits -> 3 bits -> 2 bits
-_MAX_GROUP_MANTISSA = 31
+_MAX_MANTISSA = 31
+
+
+def _omega_groups(k: int) -> list[int]:
+    """The omega groups of k, outermost first (empty for k = 1)."""
+    return [k] + _omega_groups(k.bit_length() - 1) if k > 1 else []
+
+
+# For N = bitlen(k) - 1 <= 32: the groups of N, outermost first (0-padded), their number and their bits.
+_INNER = np.array([(_omega_groups(n) + [0, 0, 0])[:3] for n in range(33)], dtype=np.int64)
+_INNER_DEPTH = np.array([len(_omega_groups(n)) for n in range(33)], dtype=np.int64)
+_INNER_BITS = np.array([sum(g.bit_length() for g in _omega_groups(n)) for n in range(33)], dtype=np.int64)
 
 
 def bit_length(values: np.ndarray) -> np.ndarray:
@@ -34,57 +47,84 @@ def bit_length(values: np.ndarray) -> np.ndarray:
     return np.frexp(values.astype(np.float64))[1].astype(np.int64)
 
 
-def _groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each value's omega groups, outermost first, as rows of a (MAX_DEPTH, count) array, and its depth."""
+def _check_values(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.int64)
     if values.size and (values.min() < 1 or values.max() >= MAX_VALUE):
         raise ValueError(f"Elias omega codes here take integers in [1, 2**32), got [{values.min()}, {values.max()}]")
-    groups = np.zeros((MAX_DEPTH, values.size), dtype=np.int64)
-    depth = np.zeros(values.size, dtype=np.int64)
-    current = values
-    for level in range(MAX_DEPTH):
-        more = current > 1
-        groups[level] = np.where(more, current, 0)
-        depth += more
-        current = np.where(more, bit_length(current) - 1, 1)
-    return groups, depth
+    return values
 
 
 def omega_lengths(values: np.ndarray) -> np.ndarray:
-    """Elias omega code length in bits of each value: 1 + the bit lengths of its groups."""
-    groups, _ = _groups(values)
-    return 1 + np.where(groups > 0, bit_length(np.maximum(groups, 1)), 0).sum(axis=0)
+    """|omega(k)| for each value: bitlen(k) + the bits of the groups of bitlen(k) - 1, plus the final 0."""
+    inner = bit_length(_check_values(values)) - 1
+    return np.where(inner > 0, inner + 1 + _INNER_BITS[inner] + 1, 1)
 
 
-def omega_encode(values: np.ndarray) -> np.ndarray:
-    """The depth-major omega bits of `values` as a uint8 array of 0/1 (see the module docstring)."""
-    groups, depth = _groups(values)
-    unary = np.ones(int(depth.sum()) + depth.size, dtype=np.uint8)
-    unary[np.cumsum(depth + 1) - 1] = 0
-    parts = [unary]
-    for level in range(1, MAX_DEPTH + 1):
+def omega_fields(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The depth-major omega stream of `values` as (field values, field lengths) for `pack_fields`."""
+    values = _check_values(values)
+    inner = bit_length(values) - 1
+    depth = np.where(inner > 0, 1 + _INNER_DEPTH[inner], 0)
+    fields = [((np.int64(1) << (depth + 1)) - 2, depth + 1)]  # unary depth: d ones, then 0
+    for level in range(1, int(depth.max(initial=0)) + 1):
         (codes,) = np.nonzero(depth >= level)
-        if codes.size == 0:
-            break
-        group = groups[depth[codes] - level, codes]
+        outer = depth[codes] - level  # 0: the value itself; i >= 1: group i - 1 of its N_1
+        group = np.where(outer == 0, values[codes], _INNER[inner[codes], np.maximum(outer - 1, 0)])
         mantissa_bits = bit_length(group) - 1
-        parts.append(write_fields(group, mantissa_bits))
-    return np.concatenate(parts)
+        fields.append((group - (np.int64(1) << mantissa_bits), mantissa_bits))
+    return np.concatenate([f[0] for f in fields]), np.concatenate([f[1] for f in fields])
 
 
-def omega_decode(bits: np.ndarray, start: int, count: int) -> tuple[np.ndarray, int]:
-    """Decode `count` depth-major omega codes from the 0/1 array `bits` at `start`; returns (values, end).
+def pack_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenate the fields (lengths 1..32, values < 2**length) into bytes, most significant bit first."""
+    values = values.astype(np.uint64)
+    lengths = lengths.astype(np.uint64)
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if ends.size else 0
+    offsets = ends - lengths
+    word, shift = offsets >> np.uint64(6), offsets & np.uint64(63)
+    end_in_word = shift + lengths
+    fits = end_in_word <= 64
+    head = np.where(
+        fits,
+        values << np.where(fits, np.uint64(64) - end_in_word, 0).astype(np.uint64),
+        values >> np.where(fits, 0, end_in_word - np.uint64(64)).astype(np.uint64),
+    )
+    words = np.zeros(total // 64 + 1, dtype=np.uint64)
+    if values.size:
+        starts = np.flatnonzero(np.diff(word, prepend=np.uint64(1 << 63)))
+        words[word[starts]] = np.bitwise_or.reduceat(head, starts)
+    (split,) = np.nonzero(~fits)  # fields that run into the next word: at most one per word
+    words[word[split] + np.uint64(1)] |= values[split] << (np.uint64(128) - end_in_word[split])
+    return words.astype(">u8").view(np.uint8)[: -(-total // 8)]
 
-    Every read is checked against len(bits), so a malformed stream raises WireFormatError and the work
-    is bounded by the buffer size (one pass per level, one vectorized step per bit of a group).
+
+def read_fields(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The fields (lengths 1..32) at the given bit offsets of `data` (callers check them against its size)."""
+    padded = np.zeros(8 * (data.size // 8 + 2), dtype=np.uint8)
+    padded[: data.size] = data
+    words = padded.view(">u8").astype(np.uint64)
+    offsets = offsets.astype(np.uint64)
+    word, shift = offsets >> np.uint64(6), offsets & np.uint64(63)
+    window = (words[word] << shift) | ((words[word + np.uint64(1)] >> np.uint64(1)) >> (np.uint64(63) - shift))
+    return (window >> (np.uint64(64) - lengths.astype(np.uint64))).astype(np.int64)
+
+
+def omega_decode(data: np.ndarray, start: int, count: int) -> tuple[np.ndarray, int]:
+    """Decode `count` depth-major omega codes from bit `start` of the bytes `data`; returns (values, end bit).
+
+    Every read is checked against the buffer, so a malformed stream raises WireFormatError and the work
+    is bounded by the buffer size (one vectorized pass per level, at most MAX_DEPTH).
     """
+    nbits = 8 * data.size
     if count == 0:
         return np.zeros(0, dtype=np.int64), start
-    if start + count > bits.size:
-        raise WireFormatError(f"Elias stream: {count} codes need at least {count} bits, {bits.size - start} left")
+    if start + count > nbits:
+        raise WireFormatError(f"Elias stream: {count} codes need at least {count} bits, {nbits - start} left")
+    bits = np.unpackbits(data, count=min(nbits, start + count * (MAX_DEPTH + 1)))
     (zeros,) = np.nonzero(bits[start:] == 0)
     if zeros.size < count:
-        raise WireFormatError(f"Elias stream: {zeros.size} code terminators found, {count} expected")
+        raise WireFormatError(f"Elias stream: fewer than {count} codes in the depth stream")
     ends = zeros[:count]
     depth = np.diff(ends, prepend=-1) - 1
     if depth.max() > MAX_DEPTH:
@@ -94,36 +134,21 @@ def omega_decode(bits: np.ndarray, start: int, count: int) -> tuple[np.ndarray, 
     for level in range(1, int(depth.max()) + 1):
         (codes,) = np.nonzero(depth >= level)
         lengths = values[codes]
-        if lengths.max() > _MAX_GROUP_MANTISSA:
+        if lengths.max() > _MAX_MANTISSA:
             raise WireFormatError(f"Elias stream: a group of {lengths.max() + 1} bits exceeds 32")
         total = int(lengths.sum())
-        if position + total > bits.size:
-            raise WireFormatError(f"Elias stream: level {level} needs {total} bits, {bits.size - position} left")
+        if position + total > nbits:
+            raise WireFormatError(f"Elias stream: level {level} needs {total} bits, {nbits - position} left")
         offsets = position + np.cumsum(lengths) - lengths
-        values[codes] = (np.int64(1) << lengths) | read_fields(bits, offsets, lengths)
+        values[codes] = (np.int64(1) << lengths) | read_fields(data, offsets, lengths)
         position += total
     return values, position
 
 
-def write_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenate each value's low `lengths` bits, most significant first, as a uint8 array of 0/1."""
-    offsets = np.cumsum(lengths) - lengths
-    out = np.zeros(int(lengths.sum()), dtype=np.uint8)
-    active = np.arange(lengths.size)
-    for bit in range(int(lengths.max(initial=0))):
-        active = active[lengths[active] > bit]
-        out[offsets[active] + bit] = (values[active] >> (lengths[active] - 1 - bit)) & 1
-    return out
-
-
-def read_fields(bits: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The inverse of `write_fields` at given bit offsets (callers check offsets + lengths <= len(bits))."""
-    values = np.zeros(lengths.size, dtype=np.int64)
-    active = np.arange(lengths.size)
-    for bit in range(int(lengths.max(initial=0))):
-        active = active[lengths[active] > bit]
-        values[active] = (values[active] << 1) | bits[offsets[active] + bit]
-    return values
+def check_stream_end(data: np.ndarray, end: int) -> None:
+    """A stream of `end` bits must fill `data` exactly: no trailing byte, zero padding bits."""
+    if data.size != -(-end // 8) or (end % 8 and data[-1] & (0xFF >> (end % 8))):
+        raise WireFormatError(f"bit stream of {end} bits in {data.size} bytes: trailing bytes or nonzero padding")
 
 
 def pack_fixed(values: np.ndarray, width: int) -> np.ndarray:

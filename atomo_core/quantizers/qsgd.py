@@ -26,8 +26,15 @@ import numpy as np
 import torch
 
 from atomo_core.codecs import Codec, register_codec
-from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths, pack_fixed, unpack_fixed
-from atomo_core.quantizers.ternary import check_stream_end
+from atomo_core.quantizers.elias import (
+    check_stream_end,
+    omega_decode,
+    omega_fields,
+    omega_lengths,
+    pack_fields,
+    pack_fixed,
+    unpack_fixed,
+)
 from atomo_core.wire import CODEC_IDS, WireFormatError, expect_sections
 
 FIXED, ELIAS = 0, 1
@@ -90,7 +97,9 @@ class QSGDCodec(Codec):
             codes = np.stack([np.diff(indices, prepend=-1), nonzero_levels], axis=1).reshape(-1)
             if indices.size + int(omega_lengths(codes).sum()) < fixed_bits:
                 coding = ELIAS
-                payload = np.packbits(np.concatenate([negative.astype(np.uint8), omega_encode(codes)]))
+                values, lengths = omega_fields(codes)
+                ones = np.ones(indices.size, dtype=np.int64)
+                payload = pack_fields(np.concatenate([negative, values]), np.concatenate([ones, lengths]))
         if coding == FIXED:
             words = levels.to(torch.int32).cpu().numpy()
             words[indices[negative]] |= 1 << self.bits
@@ -133,10 +142,9 @@ class QSGDCodec(Codec):
             negative = (words[indices] >> self.bits).astype(bool)
             levels = levels[indices]
         elif coding == ELIAS:
-            bits = np.unpackbits(payload)
-            codes, end = omega_decode(bits, nonzeros, 2 * nonzeros)
-            check_stream_end(bits, end)
-            negative = bits[:nonzeros].astype(bool)
+            codes, end = omega_decode(payload, nonzeros, 2 * nonzeros)
+            check_stream_end(payload, end)
+            negative = np.unpackbits(payload, count=nonzeros).astype(bool)
             indices = np.cumsum(codes[0::2]) - 1
             levels = codes[1::2]
             if indices.size and indices[-1] >= n:

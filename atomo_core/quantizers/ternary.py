@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from atomo_core.codecs import Codec
-from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths
+from atomo_core.quantizers.elias import check_stream_end, omega_decode, omega_fields, omega_lengths, pack_fields
 from atomo_core.wire import WireFormatError, expect_sections
 
 PACKED, SPARSE = 0, 1
@@ -51,25 +51,20 @@ def sparse_ternary_bits(indices: np.ndarray) -> int:
 
 
 def encode_sparse_ternary(indices: np.ndarray, negative: np.ndarray) -> torch.Tensor:
-    bits = np.concatenate([negative.astype(np.uint8), omega_encode(np.diff(indices, prepend=-1))])
-    return torch.from_numpy(np.packbits(bits))
+    values, lengths = omega_fields(np.diff(indices, prepend=-1))
+    ones = np.ones(indices.size, dtype=np.int64)
+    return torch.from_numpy(pack_fields(np.concatenate([negative, values]), np.concatenate([ones, lengths])))
 
 
 def decode_sparse_ternary(payload: torch.Tensor, n: int, nonzeros: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, negative) of the nonzeros; checks the stream length, padding and index range."""
-    bits = np.unpackbits(payload.numpy())
-    gaps, end = omega_decode(bits, nonzeros, nonzeros)
-    check_stream_end(bits, end)
+    data = payload.numpy()
+    gaps, end = omega_decode(data, nonzeros, nonzeros)
+    check_stream_end(data, end)
     indices = np.cumsum(gaps) - 1
     if indices.size and indices[-1] >= n:
         raise WireFormatError(f"sparse index {indices[-1]} out of range for {n} entries")
-    return indices, bits[:nonzeros].astype(bool)
-
-
-def check_stream_end(bits: np.ndarray, end: int) -> None:
-    """The stream must fill its bytes exactly: fewer than 8 trailing bits, all zero."""
-    if bits.size - end >= 8 or bits[end:].any():
-        raise WireFormatError(f"bit stream ends at bit {end} of {bits.size}: trailing bytes or nonzero padding")
+    return indices, np.unpackbits(data, count=nonzeros).astype(bool)
 
 
 class TernaryCodec(Codec):
