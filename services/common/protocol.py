@@ -51,7 +51,6 @@ REASONS = (
     "bad_field",  # a field out of its bounds (name length or charset, negative step, non-finite timing)
     "oversized",  # a header longer than the limit
     "too_many_frames",  # a multipart message with more frames than accepted
-    "missing_header",  # a multipart message without a header frame
 )
 
 

@@ -307,14 +307,12 @@ class _Endpoint:
             count += 1
             if count <= keep:
                 parts.append(frame)
-        peer = parts.pop(0).bytes if router else b""
+        peer = parts.pop(0).bytes if router else b""  # a ZeroMQ message has at least one frame after it
         if count > keep:
             payload = count - int(router) - 1
             raise MalformedMessage(
                 "too_many_frames", f"{payload} payload frames exceed {self._options.max_frames}", peer
             )
-        if not parts:
-            raise MalformedMessage("missing_header", "a message with no header frame", peer)
         try:
             header = unpack_header(parts[0].buffer)
         except ProtocolError as exc:
