@@ -93,3 +93,13 @@ def test_decode_add_validates_count_and_shapes_before_adding():
 def test_min_compression_rate_must_be_at_least_one():
     with pytest.raises(ValueError, match="min_compression_rate"):
         LayerPolicy(make_codec("svd", budget=1), min_compression_rate=0.5)
+
+
+def test_atomo_codecs_command_prints_every_codec(capsys):
+    from services.cli import main
+
+    assert main(["codecs", "--model", "mlp", "--batch", "16", "--samples", "2"]) == 0
+    out = capsys.readouterr().out
+    for label in ["svd s=3", "entrywise s=64", "fourier s=64"]:
+        assert label in out
+    assert "dense" in out and "rel. variance" in out
