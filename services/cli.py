@@ -11,6 +11,7 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "codecs": ("services.codecs_demo", "each codec's bytes, compression ratio and variance on one real gradient"),
     "keys": ("services.common.keys", "write CURVE key pairs for the PS and its workers"),
     "serve": ("services.control.commands.serve", "the control service (REST API) for a PS control endpoint"),
     "submit": ("services.control.commands.submit", "submit a run (a RunSpec file and/or flags) to the control service"),
