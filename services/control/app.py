@@ -7,7 +7,7 @@ import binascii
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -16,7 +16,6 @@ from pydantic import BaseModel
 
 from services.common.metrics import CONTROL_METRICS, create
 from services.common.spec import RunSpec
-from services.common.transport import CurveKeys
 from services.control import errors
 from services.control.auth import bearer_dependency
 from services.control.errors import ApiError, ErrorBody
@@ -24,6 +23,9 @@ from services.control.middleware import BodyLimit, RequestTimer
 from services.control.ps_client import PSClient, PSError, PSUnavailable
 from services.control.scheduler import Scheduler
 from services.control.store import FINAL, PROGRESS_FIELDS, STATES, Store
+
+if TYPE_CHECKING:  # the transport module pulls in torch; the control service only needs the keys' fields
+    from services.common.transport import CurveKeys
 
 RunState = Literal[STATES]
 RunId = Annotated[str, Path(min_length=1, max_length=64)]

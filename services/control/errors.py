@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("atomo.control")
 
@@ -58,6 +59,15 @@ def field_path(loc: tuple) -> str:
     return out or "body"
 
 
+def allowed_methods(app: FastAPI, scope) -> list[str]:
+    """Every method some route serves at this path."""
+    methods = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -65,7 +75,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 400:  # FastAPI's "error parsing the body" (e.g. not UTF-8): a 422 like bad JSON
+            details = [{"field": "body", "in": "body", "message": str(exc.detail)}]
+            return error_response(422, "invalid request: body", details)
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers = {"Allow": ", ".join(allowed_methods(app, request.scope))}
+        return error_response(exc.status_code, str(exc.detail), None, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -7,10 +7,12 @@ restarts costs one timeout and never leaves a REQ socket stuck in its send/recei
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import zmq
 
-from services.common.transport import CurveKeys
+if TYPE_CHECKING:  # the transport module pulls in torch; only the keys' fields are used here
+    from services.common.transport import CurveKeys
 
 MAX_REPLY_BYTES = 1 << 30  # a checkpoint of the largest model with headroom; the PS is trusted but bounded
 
