@@ -23,9 +23,12 @@ def dct(x: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return x.clone()
     v = torch.cat([x[0::2], x[1::2].flip(0)])  # even entries, then odd entries reversed
-    k = torch.arange(n, device=x.device, dtype=x.dtype)
-    twiddle = torch.polar(torch.ones_like(k), -math.pi * k / (2 * n))
-    y = (torch.fft.fft(v) * twiddle).real * math.sqrt(2.0 / n)
+    half = torch.fft.rfft(v)  # V_k for k <= n/2; V_{n-k} = conj(V_k) since v is real
+    rest = n - half.numel()
+    real = torch.cat([half.real, half.real[1 : rest + 1].flip(0)])
+    imag = torch.cat([half.imag, -half.imag[1 : rest + 1].flip(0)])
+    cos, sin = _twiddles(n, x)
+    y = (real * cos + imag * sin) * math.sqrt(2.0 / n)  # Re(V_k exp(-i pi k / 2n))
     y[0] = y[0] / math.sqrt(2.0)
     return y
 
@@ -37,15 +40,23 @@ def idct(y: torch.Tensor) -> torch.Tensor:
         return y.clone()
     z = y * math.sqrt(n / 2.0)
     z[0] = z[0] * math.sqrt(2.0)
-    k = torch.arange(n, device=y.device, dtype=y.dtype)
-    mirrored = torch.cat([z.new_zeros(1), z[1:].flip(0)])  # y_{n-k}, with y_n = 0
-    spectrum = torch.complex(z, -mirrored) * torch.polar(torch.ones_like(k), math.pi * k / (2 * n))
-    v = torch.fft.ifft(spectrum).real
+    m = n // 2 + 1
+    cos, sin = _twiddles(m, y, n)
+    mirrored = torch.cat([z.new_zeros(1), z.flip(0)[: m - 1]])  # z_{n-k} for k < m, with z_n = 0
+    head = z[:m]
+    # V_k = exp(i pi k / 2n) (z_k - i z_{n-k}) for k <= n/2; the rest follow by Hermitian symmetry.
+    spectrum = torch.complex(head * cos + mirrored * sin, head * sin - mirrored * cos)
+    v = torch.fft.irfft(spectrum, n)
     x = torch.empty_like(y)
-    half = (n + 1) // 2
-    x[0::2] = v[:half]
-    x[1::2] = v[half:].flip(0)
+    x[0::2] = v[: (n + 1) // 2]
+    x[1::2] = v[(n + 1) // 2 :].flip(0)
     return x
+
+
+def _twiddles(count: int, like: torch.Tensor, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pi k / 2n for k < count."""
+    angle = torch.arange(count, device=like.device, dtype=like.dtype) * (math.pi / (2 * (n or count)))
+    return torch.cos(angle), torch.sin(angle)
 
 
 class FourierDecomposition(OrthonormalBasisDecomposition):
