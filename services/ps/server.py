@@ -171,7 +171,7 @@ class ParameterServer:
         self.close()
 
     def close(self) -> None:
-        if self.run is not None and not self.run.final:
+        if self.run is not None and self.run.prepared and not self.run.final:
             self.run.save_checkpoint()
             self.run.evaluator.close()
         self.server.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -89,23 +90,18 @@ class Run:
         self.spec = spec
         self.rundir = rundir
         self.device = device
-        train, test, info = load_dataset(spec.dataset, ps.data_root, seed=spec.seed)
-        self.total_steps = spec.total_steps(len(train))
-        torch.manual_seed(spec.seed)
-        self.replica = Replica(spec, info.num_classes, info.in_channels, device)
-        self.dense_gradient_bytes = self.replica.dense_bytes
-        self.info = info
-        self.evaluator = Evaluator(spec.model, info.num_classes, info.in_channels, test, device)
         self.labels = (run_id, spec.codec.name)
         self.state = "starting"
         self.error: str | None = None
         self.step = 0
+        self.total_steps = spec.steps  # known for sure once the data set is loaded
+        self.replica: Replica | None = None
+        self.evaluator: Evaluator | None = None
         self.shards: dict[int, str] = {}
         self.current = StepState()
         self.records: list[dict] = []
         self.unflushed: list[dict] = []
         self.pending_evals: set[int] = set()
-        self.events: list[dict] = rundir.events()
         self.totals = {"bytes_up": 0, "bytes_down": 0, "dense_bytes": 0}
         self.wall_before = 0.0  # wall seconds of earlier lives of this run (resumed from a checkpoint)
         self.started = time.time()
@@ -119,15 +115,36 @@ class Run:
         self.replica_mismatches = 0
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
-        self._resume()
+        self.events: list[dict] = rundir.events()
+        if not (rundir.path / "spec.json").exists():
+            rundir.create(spec.model_dump(mode="json"))
+        self.event("run_state", {"state": "starting"})
+        self.prepared = False
+        self.prepare_error: str | None = None
+        threading.Thread(target=self._prepare, name="prepare-run", daemon=True).start()
 
     # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """Load the data set, build the model (seeded) and resume from the checkpoint, off the PS's loop."""
+        try:
+            train, test, info = load_dataset(self.spec.dataset, self.ps.data_root, seed=self.spec.seed)
+            torch.manual_seed(self.spec.seed)
+            self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)
+            self.dense_gradient_bytes = self.replica.dense_bytes
+            self.evaluator = Evaluator(self.spec.model, info.num_classes, info.in_channels, test, self.device)
+            self._resume()
+            self.total_steps = self.spec.total_steps(len(train))
+        except Exception as exc:  # a bad spec or a missing data set fails the run, not the PS
+            log.exception("run %s could not be prepared", self.run_id)
+            self.prepare_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.waiting_since = time.monotonic()
+        self.prepared = True
 
     def _resume(self) -> None:
         checkpoint = self.rundir.load_checkpoint()
         if checkpoint is None:
-            self.rundir.create(self.spec.model_dump(mode="json"))
-            self.event("run_state", {"state": "starting"})
             return
         self.replica.model.load_state_dict(checkpoint["model"])
         self.replica.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -144,7 +161,6 @@ class Run:
             accuracies = [r["test_accuracy"] for r in self.records if "test_accuracy" in r]
             self.last_accuracy = accuracies[-1] if accuracies else None
         self.event("resumed", {"step": self.step})
-        self.event("run_state", {"state": "starting"})
 
     def event(self, kind: str, detail: dict) -> None:
         event = {"seq": len(self.events) + 1, "time": time.time(), "type": kind, "detail": detail}
@@ -173,6 +189,10 @@ class Run:
     def tick(self, now: float) -> None:
         """Called by the PS loop: start when workers are there, collect evaluations, end, time out."""
         if self.final:
+            return
+        if not self.prepared:
+            if self.prepare_error is not None:
+                self._end("failed", self.prepare_error)
             return
         self._collect_evaluations()
         if self.finishing:
@@ -205,7 +225,8 @@ class Run:
         self._flush(force=True)
         self._set_state(state, error)
         self._stop_workers(state)
-        self.evaluator.close()
+        if self.evaluator is not None:
+            self.evaluator.close()
         self.rundir.write_summary(self.summary())
 
     def _stop_workers(self, reason: str) -> None:
