@@ -14,10 +14,11 @@ an array of codes decodes in one vectorized pass per recursion level:
    level j: for each code with d >= j, its j-th group from the inside without its leading 1
    (N bits, N = the value of its group at level j - 1).
 
-Each code keeps its omega length exactly, so bit counts (and QSGD's bound) are unchanged. Values are
-limited to [1, 2**32): at most 4 levels, and a decoder rejects any group longer than 32 bits.
+Each code keeps its omega length exactly; the depth stream and the levels together are padded to whole
+bytes twice (at most 14 bits per message), so bit counts (and QSGD's bound) are otherwise unchanged.
+Values are limited to [1, 2**32): at most 4 levels, and a decoder rejects any group longer than 32 bits.
 
-Bit streams are built from (value, length) fields, most significant bit first, packed 64 bits at a time.
+The levels are built from (value, length) fields, most significant bit first, packed 64 bits at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from atomo_core.wire import WireFormatError
 MAX_VALUE = 1 << 32
 MAX_DEPTH = 4  # groups of a value < 2**32: 32 bits -> 5 bits -> 3 bits -> 2 bits
 _MAX_MANTISSA = 31
+PADDING_BITS = 21  # most padding in `encode_signed`: signs, depth stream and levels each end on a byte
 
 
 def _omega_groups(k: int) -> list[int]:
@@ -36,10 +38,12 @@ def _omega_groups(k: int) -> list[int]:
     return [k] + _omega_groups(k.bit_length() - 1) if k > 1 else []
 
 
-# For N = bitlen(k) - 1 <= 32: the groups of N, outermost first (0-padded), their number and their bits.
+# For N = bitlen(k) - 1 <= 32: the groups of N outermost first (0-padded), their number, their total bits,
+# and each group's mantissa bits (its bit length - 1).
 _INNER = np.array([(_omega_groups(n) + [0, 0, 0])[:3] for n in range(33)], dtype=np.int64)
 _INNER_DEPTH = np.array([len(_omega_groups(n)) for n in range(33)], dtype=np.int64)
 _INNER_BITS = np.array([sum(g.bit_length() for g in _omega_groups(n)) for n in range(33)], dtype=np.int64)
+_INNER_MANTISSA_BITS = np.maximum(np.frexp(_INNER.astype(np.float64))[1] - 1, 0)
 
 
 def bit_length(values: np.ndarray) -> np.ndarray:
@@ -60,19 +64,24 @@ def omega_lengths(values: np.ndarray) -> np.ndarray:
     return np.where(inner > 0, inner + 1 + _INNER_BITS[inner] + 1, 1)
 
 
-def omega_fields(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The depth-major omega stream of `values` as (field values, field lengths) for `pack_fields`."""
+def omega_encode(values: np.ndarray) -> np.ndarray:
+    """The depth-major omega code of `values` as bytes: the depth stream, then the levels, each byte-padded."""
     values = _check_values(values)
     inner = bit_length(values) - 1
     depth = np.where(inner > 0, 1 + _INNER_DEPTH[inner], 0)
-    fields = [((np.int64(1) << (depth + 1)) - 2, depth + 1)]  # unary depth: d ones, then 0
+    unary = np.ones(int(depth.sum()) + depth.size, dtype=np.uint8)  # d ones, then the terminating 0
+    unary[np.cumsum(depth + 1) - 1] = 0
+    mantissas, mantissa_bits = [], []
     for level in range(1, int(depth.max(initial=0)) + 1):
         (codes,) = np.nonzero(depth >= level)
-        outer = depth[codes] - level  # 0: the value itself; i >= 1: group i - 1 of its N_1
-        group = np.where(outer == 0, values[codes], _INNER[inner[codes], np.maximum(outer - 1, 0)])
-        mantissa_bits = bit_length(group) - 1
-        fields.append((group - (np.int64(1) << mantissa_bits), mantissa_bits))
-    return np.concatenate([f[0] for f in fields]), np.concatenate([f[1] for f in fields])
+        outer = depth[codes] - level  # 0: the value itself; i >= 1: group i - 1 of its N_1 = inner
+        table = (inner[codes], np.maximum(outer - 1, 0))
+        group = np.where(outer == 0, values[codes], _INNER[table])
+        bits = np.where(outer == 0, inner[codes], _INNER_MANTISSA_BITS[table])
+        mantissas.append(group - (np.int64(1) << bits))
+        mantissa_bits.append(bits)
+    levels = pack_fields(np.concatenate(mantissas), np.concatenate(mantissa_bits)) if mantissas else unary[:0]
+    return np.concatenate([np.packbits(unary), levels])
 
 
 def pack_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -110,26 +119,28 @@ def read_fields(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> n
     return (window >> (np.uint64(64) - lengths.astype(np.uint64))).astype(np.int64)
 
 
-def omega_decode(data: np.ndarray, start: int, count: int) -> tuple[np.ndarray, int]:
-    """Decode `count` depth-major omega codes from bit `start` of the bytes `data`; returns (values, end bit).
+def omega_decode(data: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """Decode `count` codes of `omega_encode` from the start of the bytes `data`; returns (values, bytes used).
 
     Every read is checked against the buffer, so a malformed stream raises WireFormatError and the work
     is bounded by the buffer size (one vectorized pass per level, at most MAX_DEPTH).
     """
-    nbits = 8 * data.size
     if count == 0:
-        return np.zeros(0, dtype=np.int64), start
-    if start + count > nbits:
-        raise WireFormatError(f"Elias stream: {count} codes need at least {count} bits, {nbits - start} left")
-    bits = np.unpackbits(data, count=min(nbits, start + count * (MAX_DEPTH + 1)))
-    (zeros,) = np.nonzero(bits[start:] == 0)
+        return np.zeros(0, dtype=np.int64), 0
+    if count > 8 * data.size:
+        raise WireFormatError(f"Elias stream: {count} codes need at least {count} bits, {8 * data.size} left")
+    bits = np.unpackbits(data, count=min(8 * data.size, count * (MAX_DEPTH + 1)))
+    (zeros,) = np.nonzero(bits == 0)
     if zeros.size < count:
         raise WireFormatError(f"Elias stream: fewer than {count} codes in the depth stream")
     ends = zeros[:count]
     depth = np.diff(ends, prepend=-1) - 1
     if depth.max() > MAX_DEPTH:
         raise WireFormatError(f"Elias stream: a code of {depth.max()} groups exceeds {MAX_DEPTH}")
-    position = start + int(ends[-1]) + 1
+    unary_bits = int(ends[-1]) + 1
+    check_padding(data, unary_bits)
+    levels = data[-(-unary_bits // 8) :]
+    position = 0
     values = np.ones(count, dtype=np.int64)
     for level in range(1, int(depth.max()) + 1):
         (codes,) = np.nonzero(depth >= level)
@@ -137,18 +148,19 @@ def omega_decode(data: np.ndarray, start: int, count: int) -> tuple[np.ndarray, 
         if lengths.max() > _MAX_MANTISSA:
             raise WireFormatError(f"Elias stream: a group of {lengths.max() + 1} bits exceeds 32")
         total = int(lengths.sum())
-        if position + total > nbits:
-            raise WireFormatError(f"Elias stream: level {level} needs {total} bits, {nbits - position} left")
+        if position + total > 8 * levels.size:
+            raise WireFormatError(f"Elias stream: level {level} needs {total} bits, {8 * levels.size - position} left")
         offsets = position + np.cumsum(lengths) - lengths
-        values[codes] = (np.int64(1) << lengths) | read_fields(data, offsets, lengths)
+        values[codes] = (np.int64(1) << lengths) | read_fields(levels, offsets, lengths)
         position += total
-    return values, position
+    check_padding(levels, position)
+    return values, -(-unary_bits // 8) + -(-position // 8)
 
 
-def check_stream_end(data: np.ndarray, end: int) -> None:
-    """A stream of `end` bits must fill `data` exactly: no trailing byte, zero padding bits."""
-    if data.size != -(-end // 8) or (end % 8 and data[-1] & (0xFF >> (end % 8))):
-        raise WireFormatError(f"bit stream of {end} bits in {data.size} bytes: trailing bytes or nonzero padding")
+def check_padding(data: np.ndarray, nbits: int) -> None:
+    """The bits after the first `nbits` of their last byte must be zero (one encoding per message)."""
+    if nbits % 8 and data[nbits // 8] & (0xFF >> (nbits % 8)):
+        raise WireFormatError(f"bit stream of {nbits} bits has nonzero padding")
 
 
 def pack_fixed(values: np.ndarray, width: int) -> np.ndarray:
@@ -166,3 +178,20 @@ def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
     for bit in range(width):
         values = (values << 1) | bits[:, bit]
     return values
+
+
+def encode_signed(negative: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """A sparse payload: one sign bit per nonzero (byte-padded), then the omega codes of `values`."""
+    return np.concatenate([np.packbits(negative), omega_encode(values)])
+
+
+def decode_signed(data: np.ndarray, signs: int, codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `encode_signed` with `signs` sign bits and `codes` values; the payload must end there."""
+    sign_bytes = -(-signs // 8)
+    if sign_bytes > data.size:
+        raise WireFormatError(f"sparse payload of {data.size} bytes is shorter than its {sign_bytes} sign bytes")
+    check_padding(data, signs)
+    values, used = omega_decode(data[sign_bytes:], codes)
+    if sign_bytes + used != data.size:
+        raise WireFormatError(f"sparse payload has {data.size - sign_bytes - used} trailing bytes")
+    return np.unpackbits(data, count=signs).astype(bool), values

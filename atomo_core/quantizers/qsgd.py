@@ -10,8 +10,9 @@ Coding (chosen per message, flagged in the meta section):
   each nonzero level, the Elias omega code of the gap to the previous nonzero index (the first one's
   index + 1), a sign bit and the Elias omega code of l_i. The gaps run across bucket boundaries (the
   bucket of an index is index // bucket_size), so no per-bucket counts are sent. The omega codes are
-  stored depth-major (`elias`): the same number of bits as QSGD's concatenated codes, but decodable with a
-  few vectorized passes. QSGD's Theorem 3.2 bounds the expected bits of one bucket of n entries by
+  stored depth-major (`elias`): the same number of bits as QSGD's concatenated codes (plus at most 21
+  bits of byte padding), but decodable with a few vectorized passes. QSGD's Theorem 3.2 bounds the
+  expected bits of one bucket of n entries by
   (3 + (3/2 + o(1)) log2(2(s^2 + n) / (s(s + sqrt n)))) s(s + sqrt n) + 32 (`elias_bits_bound`).
 - FIXED: b + 1 bits per entry (sign, then the level), whenever that is smaller (the dense regime).
 
@@ -27,11 +28,10 @@ import torch
 
 from atomo_core.codecs import Codec, register_codec
 from atomo_core.quantizers.elias import (
-    check_stream_end,
-    omega_decode,
-    omega_fields,
+    PADDING_BITS,
+    decode_signed,
+    encode_signed,
     omega_lengths,
-    pack_fields,
     pack_fixed,
     unpack_fixed,
 )
@@ -95,11 +95,9 @@ class QSGDCodec(Codec):
         coding = FIXED
         if 3 * indices.size < fixed_bits:  # every nonzero costs at least 3 bits in the Elias code
             codes = np.stack([np.diff(indices, prepend=-1), nonzero_levels], axis=1).reshape(-1)
-            if indices.size + int(omega_lengths(codes).sum()) < fixed_bits:
+            if indices.size + int(omega_lengths(codes).sum()) + PADDING_BITS < fixed_bits:
                 coding = ELIAS
-                values, lengths = omega_fields(codes)
-                ones = np.ones(indices.size, dtype=np.int64)
-                payload = pack_fields(np.concatenate([negative, values]), np.concatenate([ones, lengths]))
+                payload = encode_signed(negative, codes)
         if coding == FIXED:
             words = levels.to(torch.int32).cpu().numpy()
             words[indices[negative]] |= 1 << self.bits
@@ -142,9 +140,7 @@ class QSGDCodec(Codec):
             negative = (words[indices] >> self.bits).astype(bool)
             levels = levels[indices]
         elif coding == ELIAS:
-            codes, end = omega_decode(payload, nonzeros, 2 * nonzeros)
-            check_stream_end(payload, end)
-            negative = np.unpackbits(payload, count=nonzeros).astype(bool)
+            negative, codes = decode_signed(payload, nonzeros, 2 * nonzeros)
             indices = np.cumsum(codes[0::2]) - 1
             levels = codes[1::2]
             if indices.size and indices[-1] >= n:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from atomo_core.codecs import Codec
-from atomo_core.quantizers.elias import check_stream_end, omega_decode, omega_fields, omega_lengths, pack_fields
+from atomo_core.quantizers.elias import PADDING_BITS, decode_signed, encode_signed, omega_lengths
 from atomo_core.wire import WireFormatError, expect_sections
 
 PACKED, SPARSE = 0, 1
@@ -46,25 +46,17 @@ def unpack_ternary(payload: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def sparse_ternary_bits(indices: np.ndarray) -> int:
-    """Bits of the SPARSE coding: a sign bit and the omega code of the gap for each nonzero."""
-    return indices.size + int(omega_lengths(np.diff(indices, prepend=-1)).sum())
-
-
-def encode_sparse_ternary(indices: np.ndarray, negative: np.ndarray) -> torch.Tensor:
-    values, lengths = omega_fields(np.diff(indices, prepend=-1))
-    ones = np.ones(indices.size, dtype=np.int64)
-    return torch.from_numpy(pack_fields(np.concatenate([negative, values]), np.concatenate([ones, lengths])))
+    """Bits of the SPARSE coding: a sign bit and the omega code of the gap for each nonzero (+ padding)."""
+    return indices.size + int(omega_lengths(np.diff(indices, prepend=-1)).sum()) + PADDING_BITS
 
 
 def decode_sparse_ternary(payload: torch.Tensor, n: int, nonzeros: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, negative) of the nonzeros; checks the stream length, padding and index range."""
-    data = payload.numpy()
-    gaps, end = omega_decode(data, nonzeros, nonzeros)
-    check_stream_end(data, end)
+    negative, gaps = decode_signed(payload.numpy(), nonzeros, nonzeros)
     indices = np.cumsum(gaps) - 1
     if indices.size and indices[-1] >= n:
         raise WireFormatError(f"sparse index {indices[-1]} out of range for {n} entries")
-    return indices, np.unpackbits(data, count=nonzeros).astype(bool)
+    return indices, negative
 
 
 class TernaryCodec(Codec):
@@ -92,7 +84,8 @@ class TernaryCodec(Codec):
             indices_np = indices.cpu().numpy()
             if sparse_ternary_bits(indices_np) < 2 * flat.numel():
                 coding = SPARSE
-                payload = encode_sparse_ternary(indices_np, (ternary[indices] < 0).cpu().numpy())
+                negative = (ternary[indices] < 0).cpu().numpy()
+                payload = torch.from_numpy(encode_signed(negative, np.diff(indices_np, prepend=-1)))
         if payload is None:
             payload = pack_ternary(ternary).cpu()
         meta = torch.tensor([coding, indices.numel()], dtype=torch.int64)
