@@ -10,7 +10,9 @@ on the concave, piecewise-linear f(c) = sum_i min(1, c |lam_i|) - s, which is ex
 Started from Lemma 2's c = s / ||lam||_1 it only grows, so the clipped set only grows and the iteration
 stops at the fixed point after at most |C| + 1 < s + 1 passes of O(n) each. Inputs that need many passes
 (long geometric tails of large coefficients) are finished with Algorithm 1's scan over the few largest
-coefficients only (a top-k, not a full sort). All sums are accumulated in float64, by additions only.
+coefficients only (the candidates above a bound on 1/c, or a top-k; never a full sort). Sums are built by
+additions only, never as total - prefix: float32 partial sums over short blocks of non-negative terms,
+accumulated in float64.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def atomic_probabilities(lam: torch.Tensor, budget: float) -> torch.Tensor:
     work = lam.detach().abs()
     if work.dtype in (torch.float16, torch.bfloat16):
         work = work.float()
+    if not bool(torch.isfinite(work).all()):
+        raise ValueError("coefficients must be finite (the gradient has NaN or infinite entries)")
     nnz = int(torch.count_nonzero(work))
     if s >= nnz:  # every non-zero atom is kept with certainty
         return (work > 0).to(lam.dtype)

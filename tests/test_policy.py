@@ -98,7 +98,7 @@ def test_min_compression_rate_must_be_at_least_one():
 def test_atomo_codecs_command_prints_every_codec(capsys):
     from services.cli import main
 
-    assert main(["codecs", "--model", "mlp", "--batch", "16", "--samples", "2"]) == 0
+    assert main(["codecs", "--model", "lenet5", "--batch", "16", "--samples", "2"]) == 0
     out = capsys.readouterr().out
     for label in ["svd s=3", "entrywise s=64", "fourier s=64"]:
         assert label in out

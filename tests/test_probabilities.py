@@ -144,6 +144,12 @@ def test_invalid_budget(budget):
         atomic_probabilities(torch.ones(3), budget)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rejects_non_finite_coefficients(bad):
+    with pytest.raises(ValueError, match="finite"):
+        atomic_probabilities(torch.tensor([1.0, bad, 2.0]), 1)
+
+
 def test_rejects_non_vector():
     with pytest.raises(ValueError, match="1-D"):
         atomic_probabilities(torch.ones(2, 2), 1)
