@@ -184,6 +184,9 @@ def test_svd_decode_add_uses_the_device_and_dtype_of_out():
     out = torch.zeros(6, 9, dtype=torch.float64)
     make_codec("svd", budget=2).decode_add_(msg, out, alpha=2.0)
     torch.testing.assert_close(out, 2 * atomo_core.decode(msg).double(), rtol=1e-6, atol=1e-6)
+    transposed = torch.zeros(9, 6).T  # not contiguous: added through a materialized estimate
+    make_codec("svd", budget=2).decode_add_(msg, transposed)
+    torch.testing.assert_close(transposed, atomo_core.decode(msg), rtol=1e-6, atol=1e-6)
     with pytest.raises(WireFormatError, match="shape"):
         make_codec("svd", budget=2).decode_add_(msg, torch.zeros(9, 6))
 

@@ -119,13 +119,12 @@ class SpectralDecomposition(AtomicDecomposition):
         return estimate.reshape(shape)
 
     def unpack_add_(self, sections, out, alpha):
+        if not out.is_contiguous():
+            return super().unpack_add_(sections, out, alpha)
         weights, a, b, rows, columns = self._factors(sections, tuple(out.shape))
         device, dtype = out.device, out.dtype
         scaled = a.T.to(device=device, dtype=dtype) * weights.to(device=device, dtype=dtype)
-        target = out.view(rows, columns) if out.is_contiguous() else out.reshape(rows, columns)
-        target.addmm_(scaled, b.to(device=device, dtype=dtype), alpha=alpha)
-        if target.data_ptr() != out.data_ptr():
-            out.copy_(target.reshape(out.shape))
+        out.view(rows, columns).addmm_(scaled, b.to(device=device, dtype=dtype), alpha=alpha)  # one matmul
         return out
 
     def expected_sections(self, shape, atoms):
