@@ -2,8 +2,8 @@
 
 One backward pass (random CIFAR-shaped batch) of each model gives the gradients. Every codec encodes the
 >= 2-D gradients (1-D ones go dense, as the default per-layer policy does). Figures are medians over
---repeats; encode time is compared with the backward time measured in the same run. Relative variance is
-E||g^ - g||^2 / ||g||^2 over the whole model, estimated from --samples encodings.
+--repeats; encode time is compared with the backward time measured in the same run. Bytes (mean) and the
+relative variance E||g^ - g||^2 / ||g||^2 over the whole model are estimated from --samples encodings.
 
     python bench/codecs.py [--models resnet18,vgg11_bn] [--batch 128] [--threads 2] [--out FILE]
 """
@@ -93,17 +93,20 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
     outs = [torch.zeros_like(g) for g in grads]
     decode_add_s = median_time(lambda: atomo_core.decode_add_(wires, outs), repeats)
     norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
-    errors = []
+    errors, sizes = [], []
     for _ in range(samples):
-        estimates = [atomo_core.decode(bytes(m)) for m in encode()]
+        sample = [bytes(m) for m in encode()]
+        sizes.append(sum(len(w) for w in sample))
+        estimates = [atomo_core.decode(w) for w in sample]
         errors.append(sum(float((e.double() - g.double()).pow(2).sum()) for e, g in zip(estimates, grads, strict=True)))
-    nbytes = sum(len(w) for w in wires)
+    nbytes = statistics.mean(sizes)  # the number of atoms sent is random: its mean is the budget
     headers = sum(len(atomo_core.wire.decode_message(w).header()) for w in wires)
     return {
         "encode_ms": 1e3 * encode_s,
         "decode_ms": 1e3 * decode_s,
         "decode_add_ms": 1e3 * decode_add_s,
         "bytes": nbytes,
+        "bytes_min_max": [min(sizes), max(sizes)],
         "header_fraction": headers / nbytes,
         "compression": sum(dense_nbytes(tuple(g.shape)) for g in grads) / nbytes,
         "relative_variance": statistics.mean(errors) / norm2,
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=3, help="encodings per relative-variance estimate")
+    parser.add_argument("--samples", type=int, default=5, help="encodings per bytes and variance estimate")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
