@@ -60,11 +60,11 @@ def gradient_policy(spec: RunSpec) -> LayerPolicy:
     return LayerPolicy(codec, vector_codec, spec.codec.min_compression_rate)
 
 
-def encode_gradient(run: Assignment, step: int, generator: torch.Generator) -> list:
+def encode_gradient(run: Assignment, step: int, generator: torch.Generator, dense: bool = False) -> list:
     """One message per parameter gradient (the run's policy; dense during the first `dense_steps`), then the
     floating-point buffers dense (the PS averages BatchNorm statistics)."""
     replica = run.replica
-    policy = DENSE_POLICY if step < run.spec.dense_steps else run.policy
+    policy = DENSE_POLICY if dense or step < run.spec.dense_steps else run.policy
     messages = policy.encode([p.grad.detach() for p in replica.params], generator)
     return messages + DENSE_POLICY.encode([b.detach() for b in replica.buffers])
 
@@ -233,12 +233,12 @@ class Worker:
             else:
                 compute = self._on_update(header, received.frames, arrived)
                 self.received = received.nbytes
-            return self._compute(self.run, self.step) if compute else None
         except Exception as exc:  # nothing the PS sends may kill the worker: ask for the whole state again
             log.warning("could not apply %s from the PS (%s): asking for the state again", header.type.name, exc)
             self.step = -1
             self.out_of_sync = True
             return None
+        return self._compute(self.run, self.step) if compute else None
 
     def _on_run(self, header: Header, frames) -> bool:
         meta = header.meta
@@ -299,7 +299,11 @@ class Worker:
         loss.backward()
         loss_value = float(loss.detach())
         encode_start = time.perf_counter()
-        frames = encode_gradient(run, step, step_generator(run.spec.seed, run.shard, step))
+        try:
+            frames = encode_gradient(run, step, step_generator(run.spec.seed, run.shard, step))
+        except (RuntimeError, ValueError) as exc:  # e.g. a factorisation that did not converge
+            log.warning("step %d: encoding failed (%s): this gradient goes dense", step, exc)
+            frames = encode_gradient(run, step, None, dense=True)
         done = time.perf_counter()
         return Gradient(step, frames, loss_value, encode_start - start, done - encode_start)
 
