@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atomo_core.codecs import Codec, DenseCodec, codec_for
+from atomo_core.codecs import Codec, DenseCodec, codec_for, decode
 from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
 
 
@@ -57,7 +57,7 @@ class LayerPolicy:
         for tensor in tensors:
             msg = self.codec_for_shape(tuple(tensor.shape)).encode(tensor, generator)
             if len(msg) > dense_nbytes(tuple(tensor.shape)):
-                msg = self._dense.encode(codec_for(msg).decode_message(msg).to(tensor.dtype))
+                msg = self._dense.encode(decode(bytes(msg)).to(tensor.dtype))
             messages.append(msg)
         return messages
 

@@ -102,7 +102,7 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
         if float(scale[0]) < 0:
             raise WireFormatError("sparse coefficients: negative scale")
         check_finite(values, "sparse coefficients: values")
-        lam = torch.zeros(numel, dtype=torch.float32)
+        lam = torch.zeros(numel, dtype=torch.float32, device=values.device)
         negative = _unpack_bits(signs, n_unclipped)
         lam[unclipped_index.long()] = torch.where(negative, -1.0, 1.0) * float(scale[0])  # weight sign(lam_i)/c
         lam.index_add_(0, clipped_index.long(), values.to(torch.float32))
@@ -133,7 +133,7 @@ def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
-    bits = (packed.to(torch.int32).unsqueeze(1) // _BIT_WEIGHTS) % 2
+    bits = (packed.to(torch.int32).unsqueeze(1) // _BIT_WEIGHTS.to(packed.device)) % 2
     return bits.reshape(-1)[:count].bool()
 
 

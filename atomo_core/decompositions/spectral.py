@@ -114,7 +114,7 @@ class SpectralDecomposition(AtomicDecomposition):
 
     def unpack(self, sections, shape):
         weights, a, b, rows, columns = self._factors(sections, shape)
-        estimate = torch.zeros(rows, columns, dtype=torch.float32)
+        estimate = torch.zeros(rows, columns, dtype=torch.float32, device=b.device)
         estimate.addmm_(a.T.to(torch.float32) * weights, b.to(torch.float32))
         return estimate.reshape(shape)
 
