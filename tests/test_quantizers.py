@@ -318,3 +318,15 @@ def test_crafted_payloads_are_rejected_or_decoded(case, coding, nonzeros, data, 
         torch.tensor(list(payload), dtype=torch.uint8),
     ]
     _decode_or_reject(bytes(Message(CODEC_IDS[name], (n,), torch.float32, codec.wire_params(), sections)))
+
+
+@pytest.mark.parametrize(("name", "params"), CASES)
+def test_expected_nbytes_bounds_the_mean_message_length(name, params):
+    codec = make_codec(name, **params)
+    g = torch.Generator().manual_seed(1)
+    for shape in [(64, 3, 3, 3), (1000,), (1,), (0,)]:
+        lengths = [len(codec.encode(torch.randn(shape, generator=g), generator=g)) for _ in range(20)]
+        expected = codec.expected_nbytes(shape)
+        assert np.mean(lengths) <= expected
+        if name == "terngrad":
+            assert set(lengths) == {expected}

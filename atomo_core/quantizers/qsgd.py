@@ -35,6 +35,7 @@ from atomo_core.quantizers.elias import (
     pack_fixed,
     unpack_fixed,
 )
+from atomo_core.quantizers.ternary import payload_nbytes
 from atomo_core.wire import CODEC_IDS, WireFormatError, expect_sections
 
 FIXED, ELIAS = 0, 1
@@ -73,16 +74,21 @@ class QSGDCodec(Codec):
         """Bucket norms (float32) and the levels l_i (float32, 0..s) of the flattened float32 tensor."""
         n = flat.numel()
         size, count = self.buckets(n)
-        padded = torch.nn.functional.pad(flat, (0, size * count - n)).view(count, size)
-        norms = torch.linalg.vector_norm(padded, dim=1)
+        full = n - n % size
+        magnitudes = flat.abs()
+        buckets = [magnitudes[:full].view(-1, size)] + ([magnitudes[full:].view(1, -1)] if full < n else [])
+        norms = torch.cat([torch.linalg.vector_norm(b, dim=1) for b in buckets])
         if not bool(torch.isfinite(norms).all()):
             raise ValueError("qsgd: the tensor has non-finite entries or its bucket norms overflow float32")
         scale = torch.where(norms > 0, self.levels / norms, torch.zeros_like(norms))
-        ratio = padded.abs_().mul_(scale[:, None]).view(-1)[:n].clamp_(max=self.levels)  # r_i = s |v_i| / ||v||
+        buckets[0].mul_(scale[: buckets[0].shape[0], None])
+        if full < n:
+            buckets[1].mul_(scale[-1])
+        ratio = magnitudes.clamp_(max=self.levels)  # r_i = s |v_i| / ||v||
         levels = ratio.floor()
         fraction = ratio.sub_(levels)
         uniform = torch.rand(n, generator=generator, device=flat.device)
-        return norms, levels.add_(uniform < fraction)  # round up with probability frac(r_i): unbiased
+        return norms, levels.add_(uniform.lt_(fraction))  # round up with probability frac(r_i): unbiased
 
     def encode(self, tensor, generator=None):
         flat = tensor.detach().reshape(-1).to(torch.float32)
@@ -104,6 +110,17 @@ class QSGDCodec(Codec):
             payload = pack_fixed(words, self.bits + 1)
         meta = torch.tensor([coding, indices.size], dtype=torch.int64)
         return self._message(tensor, [norms.cpu(), meta, torch.from_numpy(payload)])
+
+    def expected_nbytes(self, shape):
+        """Wire length with the smaller of the fixed-width payload and Theorem 3.2's bound per bucket."""
+        n = math.prod(shape)
+        size, count = self.buckets(n)
+        payload_bits = n * (self.bits + 1)
+        if n:
+            last = n - (count - 1) * size
+            theorem = (count - 1) * elias_bits_bound(size, self.levels) + elias_bits_bound(last, self.levels)
+            payload_bits = min(payload_bits, math.ceil(theorem) - 32 * count + PADDING_BITS)
+        return payload_nbytes(self, shape, count, -(-payload_bits // 8))
 
     def wire_params(self):
         return (float(self.bits), float(self.bucket_size))

@@ -8,6 +8,7 @@ nonzero then the Elias omega codes of the gaps between nonzero indices (`elias`)
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 from atomo_core.codecs import Codec
 from atomo_core.quantizers.elias import PADDING_BITS, decode_signed, encode_signed, omega_lengths
-from atomo_core.wire import WireFormatError, expect_sections
+from atomo_core.wire import Message, WireFormatError, expect_sections
 
 PACKED, SPARSE = 0, 1
 _VALUES = torch.tensor([0.0, 1.0, 0.0, -1.0])  # code 2 is invalid and rejected before lookup
@@ -59,6 +60,12 @@ def decode_sparse_ternary(payload: torch.Tensor, n: int, nonzeros: int) -> tuple
     return indices, negative
 
 
+def payload_nbytes(codec: Codec, shape: tuple[int, ...], scales: int, payload_bytes: int) -> int:
+    """Wire length of a message with `scales` float32 scales, the meta section and a payload of that size."""
+    sections = [torch.empty(scales), torch.empty(2, dtype=torch.int64), torch.empty(payload_bytes, dtype=torch.uint8)]
+    return len(Message(codec.codec_id, tuple(shape), torch.float32, codec.wire_params(), sections))
+
+
 class TernaryCodec(Codec):
     """Encodes scale * sign(g) * zeta; subclasses choose the scale and whether SPARSE coding may be used."""
 
@@ -71,6 +78,10 @@ class TernaryCodec(Codec):
     def prepare(self, flat: torch.Tensor) -> torch.Tensor:
         """The tensor actually quantized (TernGrad clips it here)."""
         return flat
+
+    def expected_nbytes(self, shape):
+        """Wire length with the 2-bit payload: exact for TernGrad, an upper bound for l_q."""
+        return payload_nbytes(self, shape, 1, -(-math.prod(shape) // 4))
 
     def encode(self, tensor, generator=None):
         flat = self.prepare(tensor.detach().reshape(-1).to(torch.float32))
