@@ -5,6 +5,9 @@ restarted mid-run (the PS keeps the run; nothing in the store is lost)."""
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import time
 from itertools import pairwise
 
@@ -13,7 +16,7 @@ import torch
 
 from services.cli import main
 from services.control.client import ApiError, Client
-from services.control.launchers import ControlProcess, LocalLauncher
+from services.control.launchers import ControlProcess, LocalLauncher, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +126,39 @@ def test_restart_mid_run_loses_nothing_and_cancel_stops_a_running_run(db_path, c
         with pytest.raises(ApiError) as conflict:
             api.cancel(queued)
         assert conflict.value.status == 409
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_atomo_up_serves_a_cluster_and_stops_it(tmp_path):
+    port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services", "up", "--workers", "2", "--port", str(port), "--threads", "1"]
+        + ["--state-dir", str(tmp_path), "--poll-interval", "0.2", "--log-level", "warning"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("ATOMO_")},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = [up.stdout.readline() for _ in range(3)]
+        exports = dict(line.removeprefix("export ").strip().split("=", 1) for line in lines[1:])
+        assert exports["ATOMO_URL"] == f"http://127.0.0.1:{port}" and len(exports["ATOMO_API_TOKEN"]) >= 32
+        processes = children_of(up.pid)
+        assert len(processes) == 3  # the PS and two workers
+        with Client(exports["ATOMO_URL"], exports["ATOMO_API_TOKEN"]) as api:
+            deadline = time.monotonic() + 30
+            while not api.ready():
+                assert time.monotonic() < deadline, "atomo up never became ready"
+                time.sleep(0.2)
+            with pytest.raises(ApiError) as unauthorized:
+                Client(exports["ATOMO_URL"], "wrong").runs()
+            assert unauthorized.value.status == 401
+            run = wait_for(api, api.submit(TINY | {"steps": 10})["id"], lambda r: r["state"] in FINAL)
+            assert run["state"] == "succeeded" and run["step"] == 10
+    finally:
+        up.terminate()
+        assert up.wait(timeout=30) == 0
+    assert not [pid for pid in processes if os.path.exists(f"/proc/{pid}")]  # nothing left behind

@@ -78,4 +78,8 @@ class Client:
         return self._request("GET", "/v1/cluster").json()
 
     def ready(self) -> bool:
-        return self._http.get("/readyz").status_code == 200
+        """Whether /readyz says ready (False while the service is not even listening)."""
+        try:
+            return self._http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
