@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=5, help="encodings per bytes and variance estimate")
+    parser.add_argument("--codecs", default="", help="only the rows whose label starts with one of these (comma list)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -159,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ratio':>8} {'header':>7} {'rel var':>9}"
         )
         rows = {}
+        prefixes = tuple(p for p in args.codecs.split(",") if p)
         for label, make in codec_configs():
+            if prefixes and not label.startswith(prefixes):
+                continue
             r = measure(grads, make, args.repeats, args.samples)
             r["encode_over_backward"] = r["encode_ms"] / (1e3 * backward_s)
             r["decode_add_over_backward"] = r["decode_add_ms"] / (1e3 * backward_s)
