@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "codecs": ("services.codecs_demo", "each codec's bytes, compression ratio and variance on one real gradient"),
     "keys": ("services.common.keys", "write CURVE key pairs for the PS and its workers"),
+    "train": ("services.train", "train on a local PS and workers, show progress, write results and plots"),
     "serve": ("services.control.commands.serve", "the control service (REST API) for a PS control endpoint"),
     "up": ("services.control.commands.up", "a PS, N workers and the control service on this machine"),
     "submit": ("services.control.commands.submit", "submit a run (a RunSpec file and/or flags) to the control service"),

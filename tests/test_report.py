@@ -1,0 +1,113 @@
+"""services.report on the metrics of a real short run (a real PS and workers, started by `atomo train`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from matplotlib.image import imread
+
+from services import report
+
+pytestmark = pytest.mark.slow
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("report")
+    args = ["--steps", str(STEPS), "--eval-every", "2", "--batch-size", "32", "--lr", "0.1", "--out", "runs"]
+    result = subprocess.run(
+        [sys.executable, "-m", "services", "train", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (folder,) = (cwd / "runs").iterdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def records(run_folder):
+    return report.load_metrics(run_folder / "metrics.jsonl")
+
+
+def test_summary_totals_agree_with_the_records_and_the_ps_summary(run_folder, records):
+    summary = report.summarize(records)
+    assert summary["steps"] == STEPS == len(records)
+    assert summary["time_s"] == records[-1]["wall_s"] - records[0]["wall_s"] > 0
+    assert summary["bytes_up"] == sum(r["bytes_up"] for r in records) > 0
+    assert summary["bytes_down"] == sum(r["bytes_down"] for r in records) > 0
+    # The default codec (svd, budget 3) sends far less than dense fp32 would.
+    assert summary["compression_ratio"] == pytest.approx(summary["dense_bytes"] / summary["bytes_up"])
+    assert summary["compression_ratio"] > 2
+    evals = [r for r in records if r.get("test_accuracy") is not None]
+    assert summary["final_test_accuracy"] == evals[-1]["test_accuracy"]
+    assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in evals)
+    for key in ("compute_s", "encode_s", "communication_s"):
+        assert summary[f"mean_{key}"] == pytest.approx(sum(r[key] for r in records) / STEPS)
+        assert summary[f"mean_{key}"] >= 0
+    assert summary["mean_compute_s"] > 0
+    ps_summary = json.loads((run_folder / "summary.json").read_text())
+    assert ps_summary["state"] == "succeeded"
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_above_it(records):
+    evals = [r for r in records if r.get("test_accuracy") is not None]
+    target = max(r["test_accuracy"] for r in evals)
+    first = next(r for r in evals if r["test_accuracy"] >= target)
+    summary = report.summarize(records, target)
+    time_to_target = first["wall_s"] - records[0]["wall_s"]  # counted from the end of step 1
+    assert (summary["step_to_target"], summary["time_to_target_s"]) == (first["step"], time_to_target)
+    through = [r for r in records if r["step"] <= first["step"]]
+    assert summary["bytes_to_target"] == sum(r["bytes_up"] + r["bytes_down"] for r in through)
+    unreachable = report.summarize(records, 1.01)
+    assert unreachable["time_to_target_s"] is None and unreachable["bytes_to_target"] is None
+
+
+def test_the_default_target_is_a_fraction_of_the_best_final_accuracy(records):
+    early = [r for r in records if r["step"] <= STEPS // 2]
+    summaries = report.summarize_runs({"all": records, "first half": early})
+    best_final = max(report.summarize(rs)["final_test_accuracy"] for rs in (records, early))
+    assert summaries["all"]["target_accuracy"] == pytest.approx(report.RELATIVE_TARGET * best_final)
+    assert summaries["first half"]["target_accuracy"] == summaries["all"]["target_accuracy"]
+    assert summaries["all"]["steps"] == STEPS and summaries["first half"]["steps"] == STEPS // 2
+
+
+def test_plots_are_nonblank_pngs(tmp_path, records):
+    paths = report.plot({"svd": records, "svd, first half": records[: STEPS // 2]}, tmp_path)
+    assert [p.name for p in paths] == list(report.PLOT_FILES)
+    for path in paths:
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[0] >= 300 and image.shape[1] >= 400
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_train_wrote_the_plots_csv_and_report(run_folder, records):
+    for name in report.PLOT_FILES:
+        assert imread(run_folder / name).shape[0] >= 300
+    with open(run_folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["step"]) for row in rows] == [r["step"] for r in records]
+    assert [float(row["loss"]) for row in rows] == pytest.approx([r["loss"] for r in records])
+    saved = json.loads((run_folder / "report.json").read_text())
+    expected = report.summarize_runs({"svd": records})["svd"]
+    assert saved == pytest.approx(expected)
+
+
+def test_the_table_shows_each_run_in_its_column(records):
+    summaries = report.summarize_runs({"svd": records, "svd, first half": records[: STEPS // 2]})
+    lines = report.format_table(summaries).splitlines()
+    assert lines[0].split("  ")[-1].strip() == "svd, first half"
+    row = {line.split("  ")[0].strip(): line.split()[-2:] for line in lines[2:]}
+    assert row["steps"] == [str(STEPS), str(STEPS // 2)]
+    assert row["final test acc"][0] == f"{summaries['svd']['final_test_accuracy']:.4f}"
+    assert row["MB up"][0] == f"{summaries['svd']['bytes_up'] / 1e6:.2f}"
+
+
+def test_a_torn_last_line_is_skipped(tmp_path, run_folder, records):
+    text = (run_folder / "metrics.jsonl").read_text()
+    (tmp_path / "metrics.jsonl").write_text(text + text.splitlines()[-1][:20])
+    assert report.load_metrics(tmp_path / "metrics.jsonl") == records
