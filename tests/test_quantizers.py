@@ -255,7 +255,17 @@ def test_encode_rejects_non_finite_tensors():
 
 
 def test_bad_parameters_are_rejected():
-    for name, params in [("qsgd", {"bits": 0}), ("qsgd", {"bits": 2.5}), ("lq", {"q": 0}), ("terngrad", {"clip": -1})]:
+    for name, params in [
+        ("qsgd", {"bits": 0}),
+        ("qsgd", {"bits": 2.5}),
+        ("qsgd", {"bits": math.inf}),
+        ("qsgd", {"bucket_size": -1}),
+        ("qsgd", {"bucket_size": math.inf}),
+        ("lq", {"q": 0}),
+        ("lq", {"q": math.nan}),
+        ("terngrad", {"clip": -1}),
+        ("terngrad", {"clip": math.inf}),
+    ]:
         with pytest.raises(ValueError):
             make_codec(name, **params)
 

@@ -56,10 +56,10 @@ class QSGDCodec(Codec):
     codec_id = CODEC_IDS["qsgd"]
 
     def __init__(self, bits: int = 4, bucket_size: int | None = None):
-        if bits != int(bits) or not 1 <= bits <= MAX_BITS:
+        if not (1 <= bits <= MAX_BITS and bits == int(bits)):
             raise ValueError(f"qsgd: bits must be an integer in [1, {MAX_BITS}], got {bits}")
         bucket_size = bucket_size or 0
-        if bucket_size != int(bucket_size) or not 0 <= bucket_size < 2**32:
+        if not (0 <= bucket_size < 2**32 and bucket_size == int(bucket_size)):
             raise ValueError(f"qsgd: bucket_size must be a non-negative integer, got {bucket_size}")
         self.bits = int(bits)
         self.bucket_size = int(bucket_size)
