@@ -18,8 +18,6 @@ import statistics
 import tempfile
 import time
 
-import httpx
-
 from services.control.client import Client
 from services.control.launchers import ControlProcess, LocalLauncher
 
@@ -40,33 +38,58 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection. The load generator shares the two cores with the service and the
+    training it measures; httpx costs about as much CPU per request as the server, this about a tenth."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self.reader = self.writer = None
+
+    async def get(self, path: str) -> int:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.lower() == b"content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 async def poll(url: str, run_id: str, clients: int, interval: float, duration: float) -> dict:
-    """`clients` concurrent pollers on keep-alive connections; latencies per route, errors."""
+    """`clients` concurrent pollers, each on its own keep-alive connection; latencies per route, errors."""
+    host, port = url.removeprefix("http://").split(":")
     latencies: dict[str, list[float]] = {"GET /v1/runs/{id}": [], "GET /v1/runs": []}
     errors: list[str] = []
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=10.0) as http:
 
-        async def client(i: int) -> None:
-            await asyncio.sleep(interval * i / clients)  # spread the clients over one interval
-            end, n = time.monotonic() + duration, i
-            while time.monotonic() < end:
-                route, path = (
-                    ("GET /v1/runs/{id}", f"/v1/runs/{run_id}") if n % 2 == 0 else ("GET /v1/runs", "/v1/runs")
-                )
-                start = time.perf_counter()
-                try:
-                    response = await http.get(path)
-                    if response.status_code != 200:
-                        errors.append(f"{route}: {response.status_code}")
-                except httpx.HTTPError as exc:
-                    errors.append(f"{route}: {type(exc).__name__}")
-                latencies[route].append(time.perf_counter() - start)
-                n += 1
-                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
+    async def client(i: int) -> None:
+        await asyncio.sleep(interval * i / clients)  # spread the clients over one interval
+        connection, end, n = Connection(host, int(port)), time.monotonic() + duration, i
+        while time.monotonic() < end:
+            route, path = ("GET /v1/runs/{id}", f"/v1/runs/{run_id}") if n % 2 == 0 else ("GET /v1/runs", "/v1/runs")
+            start = time.perf_counter()
+            try:
+                status = await connection.get(path)
+                if status != 200:
+                    errors.append(f"{route}: {status}")
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+                errors.append(f"{route}: {type(exc).__name__}")
+                connection.close()
+                connection = Connection(host, int(port))
+            latencies[route].append(time.perf_counter() - start)
+            n += 1
+            await asyncio.sleep(max(0.0, interval - (time.perf_counter() - start)))
+        connection.close()
 
-        await asyncio.gather(*(client(i) for i in range(clients)))
+    await asyncio.gather(*(client(i) for i in range(clients)))
     return {"latencies": latencies, "errors": errors}
 
 

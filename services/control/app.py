@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -127,25 +128,30 @@ class Ready(BaseModel):
     ps: bool
 
 
-def _time(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc)
+def _time(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
 
 
-def _run_out(run: dict) -> Run:
-    progress = {k: run["progress"].get(k) for k in PROGRESS_FIELDS}
-    return Run(
-        id=run["id"],
-        name=run["spec"].get("name", ""),
-        state=run["state"],
-        reason=run["reason"],
-        created_at=_time(run["created_at"]),
-        started_at=_time(run["started_at"]),
-        finished_at=_time(run["finished_at"]),
-        error=run["error"],
-        cancel_requested=run["cancel_requested"],
-        spec=run["spec"],
-        **progress,
-    )
+def _json(content: dict, status_code: int = 200) -> Response:
+    """Serialize a read route's answer directly: the store's data was validated on the way in, and the
+    response models above document the shape (tests/test_control_schema.py checks every answer against them)."""
+    return Response(json.dumps(content, separators=(",", ":")), status_code, media_type="application/json")
+
+
+def _run_out(run: dict) -> dict:
+    return {
+        "id": run["id"],
+        "name": run["spec"].get("name", ""),
+        "state": run["state"],
+        "reason": run["reason"],
+        "created_at": _time(run["created_at"]),
+        "started_at": _time(run["started_at"]),
+        "finished_at": _time(run["finished_at"]),
+        "error": run["error"],
+        "cancel_requested": run["cancel_requested"],
+        "spec": run["spec"],
+        **{k: run["progress"].get(k) for k in PROGRESS_FIELDS},
+    }
 
 
 def _page_token(seq: int) -> str:
@@ -207,46 +213,46 @@ def create_app(settings: Settings) -> FastAPI:
         return run
 
     @v1.post("/runs", status_code=201, response_model=Run, summary="Submit a run (queued, FIFO)")
-    async def submit_run(spec: Annotated[RunSpec | None, Body()] = None) -> Run:
+    async def submit_run(spec: Annotated[RunSpec | None, Body()] = None) -> Response:
         spec = spec or RunSpec()
         run = store.create_run(spec.model_dump(mode="json"))
         scheduler.wake()
-        return _run_out(run)
+        return _json(_run_out(run), 201)
 
     @v1.get("/runs", response_model=RunList, summary="List runs, newest first")
     async def list_runs(
         state: Annotated[list[RunState] | None, Query(description="only runs in these states")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         page_token: Annotated[str | None, Query(max_length=200)] = None,
-    ) -> RunList:
+    ) -> Response:
         before = None if page_token is None else _page_seq(page_token)
         runs = store.list_runs(state, before, limit)
         token = _page_token(runs[-1]["seq"]) if len(runs) == limit else None
-        return RunList(runs=[_run_out(r) for r in runs], next_page_token=token)
+        return _json({"runs": [_run_out(r) for r in runs], "next_page_token": token})
 
     @v1.get("/runs/{run_id}", response_model=Run, summary="A run: state, progress and figures")
-    async def read_run(run_id: RunId) -> Run:
-        return _run_out(get_run(run_id))
+    async def read_run(run_id: RunId) -> Response:
+        return _json(_run_out(get_run(run_id)))
 
     @v1.get("/runs/{run_id}/metrics", response_model=Metrics, summary="Per-step records after step `since`")
     async def read_metrics(
         run_id: RunId,
         since: Annotated[int, Query(ge=-1, le=2**62)] = -1,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    ) -> Metrics:
+    ) -> Response:
         get_run(run_id)
         records = store.metrics(run_id, since, limit)
-        return Metrics(run_id=run_id, records=records, next_since=records[-1]["step"] if records else since)
+        return _json({"run_id": run_id, "records": records, "next_since": records[-1]["step"] if records else since})
 
     @v1.get("/runs/{run_id}/events", response_model=Events, summary="State changes, worker joins and losses")
     async def read_events(
         run_id: RunId,
         since: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-    ) -> Events:
+    ) -> Response:
         get_run(run_id)
-        events = [Event(**e | {"time": _time(e["time"])}) for e in store.events(run_id, since, limit)]
-        return Events(run_id=run_id, events=events, next_since=events[-1].seq if events else since)
+        events = [e | {"time": _time(e["time"])} for e in store.events(run_id, since, limit)]
+        return _json({"run_id": run_id, "events": events, "next_since": events[-1]["seq"] if events else since})
 
     @v1.post(
         "/runs/{run_id}/cancel",
@@ -254,7 +260,7 @@ def create_app(settings: Settings) -> FastAPI:
         summary="Cancel a run (idempotent)",
         responses={409: {"model": ErrorBody, "description": "the run already succeeded or failed"}},
     )
-    async def cancel_run(run_id: RunId) -> Run:
+    async def cancel_run(run_id: RunId) -> Response:
         run = get_run(run_id)
         if run["state"] in ("succeeded", "failed"):
             raise ApiError(409, f"run {run_id} already {run['state']}", {"state": run["state"]})
@@ -263,7 +269,7 @@ def create_app(settings: Settings) -> FastAPI:
         ):
             store.request_cancel(run_id)
             scheduler.wake()
-        return _run_out(get_run(run_id))
+        return _json(_run_out(get_run(run_id)))
 
     @v1.get(
         "/runs/{run_id}/checkpoint",
