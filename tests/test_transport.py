@@ -18,6 +18,7 @@ from atomo_core.wire import decode_message
 from services.common.keys import write_keys
 from services.common.protocol import Header, MsgType, pack_header
 from services.common.transport import (
+    MIN_BANDWIDTH,
     CurveKeys,
     MalformedMessage,
     SocketOptions,
@@ -217,6 +218,21 @@ def test_heartbeats_drop_a_frozen_peer(ctx, server):
         os.kill(proc.pid, signal.SIGCONT)
         proc.kill()
         proc.wait()
+
+
+def test_heartbeat_timeout_outlasts_the_largest_frame(ctx):
+    """libzmq resets its heartbeat timer only per whole frame: with TIMEOUT = 3 x 5 ms a 45 MB frame would be
+    cut off and resent forever; the default timeout covers max_message_bytes at MIN_BANDWIDTH."""
+    options = SocketOptions(max_message_bytes=64 << 20, heartbeat_ivl_ms=5, linger_ms=0)
+    assert options.heartbeat_timeout == -(-(64 << 20) * 1000 // MIN_BANDWIDTH)
+    assert SocketOptions(max_message_bytes=1 << 20, heartbeat_ivl_ms=1000).heartbeat_timeout == 3000
+    server = bind_server(ctx, "127.0.0.1", 0, options)
+    client = connect_client(ctx, server.endpoint, "w0", options)
+    client.send(Header(MsgType.GRADIENT), [np.ones(45_000_000, dtype=np.uint8)])
+    got = server.recv(WAIT_MS)
+    assert got is not None and len(got.frames[0]) == 45_000_000
+    client.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")

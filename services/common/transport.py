@@ -11,6 +11,9 @@ peer's identity until it reconnects, and the sender's DEALER reconnects by itsel
 multipart message only once all of it has arrived, so an authenticated (CURVE) peer is what bounds the
 frame count in memory on a network: hence `bind_server` refuses a non-loopback host without keys.
 
+ZeroMQ heartbeats (PING every `heartbeat_ivl_ms`) let a ROUTER forget a dead or frozen worker and a DEALER
+reconnect to a restarted PS; `SocketOptions.heartbeat_timeout` says why the timeout grows with the frame size.
+
 `Server.send` to a peer that is not connected returns 0 (ROUTER_MANDATORY turns the silent drop into an
 error that we report this way); a send that stays blocked by a full queue for `send_timeout_ms` raises
 `TimeoutError`. Sockets are not thread-safe: use each Server/Client from one thread.
@@ -32,6 +35,7 @@ from atomo_core.wire import Message
 from services.common.protocol import MAX_HEADER_BYTES, Header, ProtocolError, check_name, pack_header, unpack_header
 
 ZAP_DOMAIN = b"atomo"
+MIN_BANDWIDTH = 10_000_000  # bytes/s a link is assumed to sustain when sizing the heartbeat timeout
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,8 @@ class SocketOptions:
     send_hwm: int = 8  # messages, not bytes
     recv_hwm: int = 64
     linger_ms: int = 1000  # bounded LINGER on close; never -1 (which can hang)
-    heartbeat_ivl_ms: int = 1000  # ZMQ_HEARTBEAT_IVL; TIMEOUT and TTL are 3 x IVL
+    heartbeat_ivl_ms: int = 1000  # ZMQ_HEARTBEAT_IVL
+    heartbeat_timeout_ms: int | None = None  # ZMQ_HEARTBEAT_TIMEOUT and TTL; None: see `heartbeat_timeout`
     max_frames: int = 1024  # payload frames per multipart message accepted
     send_timeout_ms: int = 30000  # a send blocked this long by a full queue raises TimeoutError
     immediate: bool = False  # client: queue only on completed connections (sends block while disconnected)
@@ -56,8 +61,22 @@ class SocketOptions:
         for name in ("send_hwm", "recv_hwm", "heartbeat_ivl_ms", "max_frames", "send_timeout_ms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.heartbeat_timeout_ms is not None and self.heartbeat_timeout_ms < 1:
+            raise ValueError(f"heartbeat_timeout_ms must be positive, got {self.heartbeat_timeout_ms}")
         if self.linger_ms < 0:
             raise ValueError(f"linger_ms must be >= 0 (a bounded linger), got {self.linger_ms}")
+
+    @property
+    def heartbeat_timeout(self) -> int:
+        """Milliseconds without a complete frame from a peer before libzmq drops the connection.
+
+        libzmq resets this timer only when a whole frame has arrived, so a frame that takes longer to
+        arrive than the timeout is cut off and resent forever. The default is 3 x IVL, raised to the
+        time `max_message_bytes` takes at MIN_BANDWIDTH (10 MB/s); set it higher on slower links.
+        """
+        if self.heartbeat_timeout_ms is not None:
+            return self.heartbeat_timeout_ms
+        return max(3 * self.heartbeat_ivl_ms, -(-self.max_message_bytes * 1000 // MIN_BANDWIDTH))
 
 
 @dataclass
@@ -174,8 +193,8 @@ def _configure(sock: zmq.Socket, options: SocketOptions) -> None:
     sock.setsockopt(zmq.LINGER, options.linger_ms)
     sock.setsockopt(zmq.SNDTIMEO, options.send_timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * options.heartbeat_ivl_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, min(3 * options.heartbeat_ivl_ms, 6553500))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout, 6553500))  # TTL's upper bound
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
