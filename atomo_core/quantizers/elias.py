@@ -30,6 +30,7 @@ from atomo_core.wire import WireFormatError
 MAX_VALUE = 1 << 32
 MAX_DEPTH = 4  # groups of a value < 2**32: 32 bits -> 5 bits -> 3 bits -> 2 bits
 _MAX_MANTISSA = 31
+_CHUNK = 1 << 20
 PADDING_BITS = 21  # most padding in `encode_signed`: signs, depth stream and levels each end on a byte
 
 
@@ -86,26 +87,28 @@ def omega_encode(values: np.ndarray) -> np.ndarray:
 
 def pack_fields(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenate the fields (lengths 1..32, values < 2**length) into bytes, most significant bit first."""
-    values = values.astype(np.uint64)
-    lengths = lengths.astype(np.uint64)
-    ends = np.cumsum(lengths)
+    ends = np.cumsum(lengths, dtype=np.int64)
     total = int(ends[-1]) if ends.size else 0
-    offsets = ends - lengths
-    word, shift = offsets >> np.uint64(6), offsets & np.uint64(63)
-    end_in_word = shift + lengths
+    words = np.zeros(total // 64 + 1, dtype=np.uint64)
+    for start in range(0, values.size, _CHUNK):  # chunks keep the temporaries small and cached
+        chunk = slice(start, start + _CHUNK)
+        _or_fields(words, values[chunk], lengths[chunk], ends[chunk] - lengths[chunk])
+    return words.astype(">u8").view(np.uint8)[: -(-total // 8)]
+
+
+def _or_fields(words: np.ndarray, values: np.ndarray, lengths: np.ndarray, offsets: np.ndarray) -> None:
+    values, lengths, offsets = values.astype(np.uint64), lengths.astype(np.uint64), offsets.astype(np.uint64)
+    word, end_in_word = offsets >> np.uint64(6), (offsets & np.uint64(63)) + lengths
     fits = end_in_word <= 64
     head = np.where(
         fits,
         values << np.where(fits, np.uint64(64) - end_in_word, 0).astype(np.uint64),
         values >> np.where(fits, 0, end_in_word - np.uint64(64)).astype(np.uint64),
     )
-    words = np.zeros(total // 64 + 1, dtype=np.uint64)
-    if values.size:
-        starts = np.flatnonzero(np.diff(word, prepend=np.uint64(1 << 63)))
-        words[word[starts]] = np.bitwise_or.reduceat(head, starts)
+    starts = np.flatnonzero(np.diff(word, prepend=~word[0]))
+    words[word[starts]] |= np.bitwise_or.reduceat(head, starts)
     (split,) = np.nonzero(~fits)  # fields that run into the next word: at most one per word
     words[word[split] + np.uint64(1)] |= values[split] << (np.uint64(128) - end_in_word[split])
-    return words.astype(">u8").view(np.uint8)[: -(-total // 8)]
 
 
 def read_fields(data: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> np.ndarray:
