@@ -25,6 +25,7 @@ from services.common.protocol import Header, MsgType
 from services.common.transport import CurveKeys, SocketOptions, bind_server, connect_client
 
 MB = 1_000_000
+TIMEOUT_MS = 60_000  # no step of a repetition may wait longer: a stuck run fails instead of hanging
 # (label, bytes per frame, frames per message, messages per burst)
 CASES = [
     ("45MB x1 frame", 45 * MB, 1, 4),
@@ -47,6 +48,7 @@ def receiver(mode: str, burst: int, total: int, key_dir: str | None, port_queue)
     if mode == "raw":
         sock = _raw_socket(ctx, zmq.ROUTER)
         port_queue.put(sock.bind_to_random_port("tcp://127.0.0.1"))
+        sock.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
         for i in range(total):
             parts = sock.recv_multipart(copy=False)
             if (i + 1) % burst == 0:
@@ -58,7 +60,9 @@ def receiver(mode: str, burst: int, total: int, key_dir: str | None, port_queue)
         port_queue.put(server.port)
         ack = Header(MsgType.HEARTBEAT)
         for i in range(total):
-            got = server.recv(None)
+            got = server.recv(TIMEOUT_MS)
+            if got is None:
+                raise TimeoutError(f"message {i} of {total} did not arrive")
             if (i + 1) % burst == 0:
                 server.send(got.peer, ack)
         server.close()
@@ -74,6 +78,7 @@ def sender(mode: str, port: int, frame_bytes: int, frames: int, burst: int, reps
     if mode == "raw":
         sock = _raw_socket(ctx, zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, b"w0")
+        sock.setsockopt(zmq.RCVTIMEO, TIMEOUT_MS)
         sock.connect(endpoint)
         for _ in range(reps):
             start = time.perf_counter()
@@ -89,7 +94,8 @@ def sender(mode: str, port: int, frame_bytes: int, frames: int, burst: int, reps
             start = time.perf_counter()
             for step in range(burst):
                 client.send(Header(MsgType.GRADIENT, "bench", step, "w0", {"compute_s": 0.1}), payload)
-            client.recv(None)
+            if client.recv(TIMEOUT_MS) is None:
+                raise TimeoutError("no acknowledgement")
             times.append(time.perf_counter() - start)
         client.close()
     ctx.term()
@@ -101,14 +107,19 @@ def measure(mode: str, case: tuple, reps: int, key_dir: str | None) -> list[floa
     _, frame_bytes, frames, burst = case
     spawn = mp.get_context("spawn")
     ports, results = spawn.Queue(), spawn.Queue()
-    recv_proc = spawn.Process(target=receiver, args=(mode, burst, burst * (reps + 1), key_dir, ports))
-    recv_proc.start()
-    port = ports.get(timeout=60)
-    send_proc = spawn.Process(target=sender, args=(mode, port, frame_bytes, frames, burst, reps + 1, key_dir, results))
-    send_proc.start()
-    times = results.get(timeout=600)
-    send_proc.join()
-    recv_proc.join()
+    args = (mode, burst, burst * (reps + 1), key_dir, ports)
+    procs = [spawn.Process(target=receiver, args=args, daemon=True)]
+    procs[0].start()
+    try:
+        port = ports.get(timeout=60)
+        args = (mode, port, frame_bytes, frames, burst, reps + 1, key_dir, results)
+        procs.append(spawn.Process(target=sender, args=args, daemon=True))
+        procs[1].start()
+        times = results.get(timeout=2 * TIMEOUT_MS / 1000)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            proc.kill()
     return [burst * frames * frame_bytes / MB / t for t in times[1:]]
 
 
