@@ -222,7 +222,7 @@ def test_heartbeats_drop_a_frozen_peer(ctx, server):
 
 def test_heartbeat_timeout_outlasts_the_largest_frame(ctx):
     """libzmq resets its heartbeat timer only per whole frame: with TIMEOUT = 3 x 5 ms a 45 MB frame would be
-    cut off and resent forever; the default timeout covers max_message_bytes at MIN_BANDWIDTH."""
+    cut off and lost; the default timeout covers max_message_bytes at MIN_BANDWIDTH."""
     options = SocketOptions(max_message_bytes=64 << 20, heartbeat_ivl_ms=5, linger_ms=0)
     assert options.heartbeat_timeout == -(-(64 << 20) * 1000 // MIN_BANDWIDTH)
     assert SocketOptions(max_message_bytes=1 << 20, heartbeat_ivl_ms=1000).heartbeat_timeout == 3000

@@ -70,8 +70,9 @@ class SocketOptions:
     def heartbeat_timeout(self) -> int:
         """Milliseconds without a complete frame from a peer before libzmq drops the connection.
 
-        libzmq resets this timer only when a whole frame has arrived, so a frame that takes longer to
-        arrive than the timeout is cut off and resent forever. The default is 3 x IVL, raised to the
+        libzmq resets this timer only when a whole frame has arrived (its PONG queues behind our frames),
+        so a frame that takes longer than the timeout to arrive is cut off: the connection drops and the
+        message is lost. The default is 3 x IVL, raised to the
         time `max_message_bytes` takes at MIN_BANDWIDTH (10 MB/s); set it higher on slower links.
         """
         if self.heartbeat_timeout_ms is not None:
