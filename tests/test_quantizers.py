@@ -130,7 +130,7 @@ def test_terngrad_is_unbiased_without_clipping_and_biased_with_it():
 @pytest.mark.parametrize("q", [0.5, 1.0, 2.0, 3.0, math.inf])
 def test_lq_is_unbiased_and_satisfies_theorem_5(q):
     x = mixed_vector(16, seed=4)
-    reps = 2000
+    reps = 1500
     samples = looped_samples(make_codec("lq", q=q), x, reps, seed=5)
     v = x.double().numpy()
     assert_unbiased(samples, v)
