@@ -16,9 +16,9 @@ import math
 
 import torch
 
-import atomo_core
-from atomo_core import WireFormatError, make_codec
+from atomo_core import Message, WireFormatError, codec_for, decode_add_, make_codec
 from atomo_core.models import build_model
+from atomo_core.wire import decode_message
 from services.common.spec import MODELS, RunSpec
 
 DENSE = make_codec("dense")
@@ -93,35 +93,65 @@ class Replica:
         """Bytes of one gradient sent dense in fp32 (what a compressed one is compared with)."""
         return sum(len(DENSE.encode(t)) for t in self.params + self.buffers)
 
-    def decode_gradient(self, frames) -> list[torch.Tensor]:
-        """Decode and validate one worker's gradient frames: estimates of the gradients, then its buffers."""
+    def parse_gradient(self, frames) -> list[Message]:
+        """Validate one worker's gradient frames before anything is added: the frame count, every wire
+        header, the codec and its parameters, each tensor's shape, and finite floating-point payloads."""
         if len(frames) != self.num_frames:
             raise GradientError("bad_frames", f"{len(frames)} frames, expected {self.num_frames}")
-        estimates = []
+        messages = []
         for i, (frame, ref) in enumerate(zip(frames, self.params + self.buffers, strict=True)):
             try:
-                estimate = atomo_core.decode(frame) if i < len(self.params) else DENSE.decode(frame)
+                msg = decode_message(frame)
+                codec = codec_for(msg)
             except WireFormatError as exc:
                 raise GradientError("bad_payload", f"frame {i}: {exc}") from exc
-            if estimate.shape != ref.shape:
-                raise GradientError(
-                    "bad_shape", f"frame {i}: shape {tuple(estimate.shape)}, expected {tuple(ref.shape)}"
-                )
-            if not torch.isfinite(estimate.sum()):
+            if i >= len(self.params) and codec.name != "dense":
+                raise GradientError("bad_payload", f"frame {i}: buffers are sent dense, got {codec.name}")
+            if tuple(msg.shape) != tuple(ref.shape):
+                raise GradientError("bad_shape", f"frame {i}: shape {tuple(msg.shape)}, expected {tuple(ref.shape)}")
+            if not all(torch.isfinite(s.sum()) for s in msg.sections if s.is_floating_point()):
                 raise GradientError("non_finite", f"frame {i}: non-finite values")
-            estimates.append(estimate)
-        return estimates
+            messages.append(msg)
+        return messages
 
     def begin_step(self) -> None:
         for t in self.grad_sum + self.buffer_sum:
             t.zero_()
         self.summed = 0
 
-    def accumulate(self, estimates: list[torch.Tensor]) -> None:
-        """Add one validated gradient and its buffers to the step's sums."""
-        for total, estimate in zip(self.grad_sum + self.buffer_sum, estimates, strict=True):
-            total.add_(estimate.to(total.device, non_blocking=True))
+    def accumulate(self, messages: list[Message]) -> None:
+        """Decode one parsed gradient and its buffers straight into the step's sums (no temporaries).
+
+        A payload that the codec rejects half-way raises GradientError and leaves the sums partial:
+        rebuild them from the gradients accepted before (`rebuild`)."""
+        try:
+            decode_add_(messages, self.grad_sum + self.buffer_sum)
+        except WireFormatError as exc:
+            raise GradientError("bad_payload", str(exc)) from exc
         self.summed += 1
+
+    def sums_finite(self) -> bool:
+        """One pass over the sums: a finite payload can still decode to inf (huge coefficients)."""
+        return bool(torch.isfinite(torch.stack([t.sum() for t in self.grad_sum + self.buffer_sum])).all())
+
+    def rebuild(self, gradients: list[list[Message]]) -> list[int]:
+        """Sum `gradients` again, each checked alone; return the indices of those that decode to non-finite
+        values or fail to decode (left out of the sums)."""
+        bad = []
+        for i, messages in enumerate(gradients):
+            self.begin_step()
+            try:
+                self.accumulate(messages)
+            except GradientError:
+                bad.append(i)
+                continue
+            if not self.sums_finite():
+                bad.append(i)
+        self.begin_step()
+        for i, messages in enumerate(gradients):
+            if i not in bad:
+                self.accumulate(messages)
+        return bad
 
     def finish_step(self, lr: float) -> None:
         """w <- SGD(w, mean of the summed gradients) with step size `lr` (momentum, Nesterov, weight decay);
@@ -140,7 +170,9 @@ class Replica:
         as the gradients arrive, so both run begin_step, accumulate x k, finish_step."""
         self.begin_step()
         for frames in gradients:
-            self.accumulate(self.decode_gradient(frames))
+            self.accumulate(self.parse_gradient(frames))
+        if not self.sums_finite():
+            raise GradientError("non_finite", "the aggregated gradient is not finite")
         self.finish_step(lr)
 
     def digest(self) -> str:

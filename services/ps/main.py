@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         ps.submit(args.run_id, spec)
     if args.exit_after_run and ps.run is not None:
         ps.exit_after = ps.run.run_id
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     signal.signal(signal.SIGTERM, lambda *_: setattr(ps, "stopping", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(ps, "stopping", True))
     ready = {"ready": True, **ps.public(), "run_id": ps.run.run_id if ps.run else None}

@@ -64,6 +64,7 @@ class WorkerInfo:
 class Accepted:
     worker: str
     frames: list
+    messages: list
     nbytes: int
     arrived: float
     loss: float
@@ -339,17 +340,21 @@ class Run:
             return
         start = time.perf_counter()
         try:
-            estimates = self.replica.decode_gradient(received.frames)
+            messages = self.replica.parse_gradient(received.frames)
+            self.replica.accumulate(messages)
         except GradientError as exc:
             self.ps.drop(exc.reason, w.id, str(exc))
+            if exc.reason == "bad_payload" and self.replica.summed:  # the sums may be partial: redo them
+                self.replica.rebuild([a.messages for a in self.current.accepted])
             return
-        self.replica.accumulate(estimates)
         decode_s = time.perf_counter() - start
         self.current.decode_s += decode_s
         self.ps.observe("atomo_ps_decode_seconds", self.labels, decode_s)
         self.ps.observe("atomo_ps_received_bytes_total", self.labels, received.nbytes, counter=True)
         self.current.accepted.append(
-            Accepted(w.id, received.frames, received.nbytes, time.monotonic(), header.meta["loss"], header.timings)
+            Accepted(
+                w.id, received.frames, messages, received.nbytes, time.monotonic(), header.meta["loss"], header.timings
+            )
         )
         self._check_digest(w, header.meta)
         self._maybe_finish_step()
@@ -389,6 +394,15 @@ class Run:
         step = self.current
         if step.k < 1 or len(step.accepted) < step.k:
             return
+        if not self.replica.sums_finite():  # a finite payload that decodes to inf: find it, leave it out
+            bad = self.replica.rebuild([a.messages for a in step.accepted])
+            for i in bad:
+                self.ps.drop("non_finite", step.accepted[i].worker, "gradient decodes to non-finite values")
+                step.participants.discard(step.accepted[i].worker)
+            step.accepted = [a for i, a in enumerate(step.accepted) if i not in bad]
+            step.k = self._k()
+            if step.k < 1 or len(step.accepted) < step.k:
+                return
         kth = step.accepted[step.k - 1].arrived
         update_start = time.perf_counter()
         lr = learning_rate(self.spec, self.step, self.total_steps)

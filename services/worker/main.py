@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import socket
 
 from services.common.transport import CurveKeys
@@ -56,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_port=metrics_port,
         data_root=args.data_root,
     )
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     install_signal_handlers(worker)
     print(json.dumps({"ready": True, "id": args.id, "metrics_port": metrics_port}), flush=True)
     worker.serve()
