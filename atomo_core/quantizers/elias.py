@@ -14,8 +14,8 @@ an array of codes decodes in one vectorized pass per recursion level:
    level j: for each code with d >= j, its j-th group from the inside without its leading 1
    (N bits, N = the value of its group at level j - 1).
 
-Each code keeps its omega length exactly; the depth stream and the levels together are padded to whole
-bytes twice (at most 14 bits per message), so bit counts (and QSGD's bound) are otherwise unchanged.
+Each code keeps its omega length exactly; the depth stream and the levels are each padded to a whole
+byte (at most 14 bits per array of codes), so bit counts (and QSGD's bound) are otherwise unchanged.
 Values are limited to [1, 2**32): at most 4 levels, and a decoder rejects any group longer than 32 bits.
 
 The levels are built from (value, length) fields, most significant bit first, packed 64 bits at a time.

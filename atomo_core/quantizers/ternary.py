@@ -89,9 +89,9 @@ class TernaryCodec(Codec):
         if not bool(torch.isfinite(scale)):
             raise ValueError(f"{self.name}: the scale of this tensor is not finite (non-finite entries or overflow)")
         ternary = sample_ternary(flat, scale, generator)
-        (indices,) = torch.nonzero(ternary, as_tuple=True)
-        coding, payload = PACKED, None
+        coding, payload, nonzeros = PACKED, None, int(torch.count_nonzero(ternary))
         if self.allow_sparse:
+            (indices,) = torch.nonzero(ternary, as_tuple=True)
             indices_np = indices.cpu().numpy()
             if sparse_ternary_bits(indices_np) < 2 * flat.numel():
                 coding = SPARSE
@@ -99,7 +99,7 @@ class TernaryCodec(Codec):
                 payload = torch.from_numpy(encode_signed(negative, np.diff(indices_np, prepend=-1)))
         if payload is None:
             payload = pack_ternary(ternary).cpu()
-        meta = torch.tensor([coding, indices.numel()], dtype=torch.int64)
+        meta = torch.tensor([coding, nonzeros], dtype=torch.int64)
         return self._message(tensor, [scale.reshape(1).cpu(), meta, payload])
 
     def decode_message(self, msg):
