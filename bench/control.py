@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from services.control.client import Client
 from services.control.launchers import ControlProcess, LocalLauncher
@@ -93,6 +95,11 @@ async def poll(url: str, run_id: str, clients: int, interval: float, duration: f
     return {"latencies": latencies, "errors": errors}
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def step_figures(records: list[dict], start: float, end: float) -> dict:
     """Median step time and steps per second over the records whose step ended in [start, end)."""
     window = [r for r in records if start <= r["time"] < end]
@@ -125,9 +132,11 @@ def main() -> None:
                     api.cancel(api.submit(SPEC | {"name": f"history-{i}"})["id"])
                 t0 = time.time()
                 time.sleep(args.phase_s)
+                cpu0, own0 = cpu_seconds(control.proc.pid), time.process_time()
                 t1 = time.time()
                 load = asyncio.run(poll(control.url, run_id, args.clients, args.interval, args.phase_s))
                 t2 = time.time()
+                service_cpu, bench_cpu = cpu_seconds(control.proc.pid) - cpu0, time.process_time() - own0
                 time.sleep(args.phase_s)
                 t3 = time.time()
                 api.cancel(run_id)
@@ -150,6 +159,9 @@ def main() -> None:
         "requests": requests,
         "requests_per_s": requests / (t2 - t1),
         "errors": len(load["errors"]),
+        "service_cpu_ms_per_request": 1e3 * service_cpu / requests,
+        "service_cores_used": service_cpu / (t2 - t1),
+        "load_generator_cores_used": bench_cpu / (t2 - t1),
         "error_kinds": sorted(set(load["errors"]))[:10],
         "latency_ms": {
             route: {"p50": 1e3 * percentile(v, 0.50), "p99": 1e3 * percentile(v, 0.99), "n": len(v)}
@@ -163,6 +175,10 @@ def main() -> None:
     everything = [x for v in load["latencies"].values() for x in v]
     print(f"control service: {args.clients} clients, one request each per {args.interval} s, {args.phase_s:.0f} s")
     print(f"  requests {requests} ({results['requests_per_s']:.0f}/s), errors {results['errors']}")
+    print(
+        f"  service CPU {results['service_cpu_ms_per_request']:.2f} ms per request "
+        f"({results['service_cores_used']:.2f} cores); load generator {results['load_generator_cores_used']:.2f} cores"
+    )
     for route, figures in results["latency_ms"].items():
         print(f"  {route:<20} p50 {figures['p50']:7.1f} ms   p99 {figures['p99']:7.1f} ms   (n={figures['n']})")
     p50, p99 = 1e3 * percentile(everything, 0.5), 1e3 * percentile(everything, 0.99)

@@ -172,7 +172,9 @@ def test_pagination_walks_every_run_once_newest_first(api):
 
 def test_cancel_queued_run_is_immediate_and_idempotent(api):
     run = api.submit({"name": "to-cancel"})
+    assert api.run(run["id"])["state"] == "queued"  # read, and cached until the next write
     first = api.cancel(run["id"])
+    assert api.run(run["id"])["state"] == "cancelled"
     second = api.cancel(run["id"])
     assert first["state"] == second["state"] == "cancelled"
     assert first["finished_at"] == second["finished_at"]

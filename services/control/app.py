@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
+from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -133,9 +134,28 @@ def _time(t: float | None) -> str | None:
 
 
 def _json(content: dict, status_code: int = 200) -> Response:
-    """Serialize a read route's answer directly: the store's data was validated on the way in, and the
-    response models above document the shape (tests/test_control_schema.py checks every answer against them)."""
+    """Serialize an answer directly: the store's data was validated on the way in, and the response models
+    above document the shape (tests/test_control_schema.py checks every answer against them)."""
     return Response(json.dumps(content, separators=(",", ":")), status_code, media_type="application/json")
+
+
+class ReadCache:
+    """Serialized answers of the read routes, each valid until the store's next write. The control service
+    is its store's only writer, so an answer built at store version v is current while the version is v:
+    many clients polling the same run cost one query and one serialization per scheduler poll."""
+
+    def __init__(self, store: Store, max_entries: int = 1024):
+        self.store, self.max_entries = store, max_entries
+        self._answers: dict[tuple, tuple[int, str]] = {}
+
+    def answer(self, request: Request, build: Callable[[], dict]) -> Response:
+        key, version = (request.scope["path"], request.scope["query_string"]), self.store.version
+        hit = self._answers.get(key)
+        if hit is None or hit[0] != version:
+            if len(self._answers) >= self.max_entries:
+                self._answers.clear()
+            hit = self._answers[key] = (version, json.dumps(build(), separators=(",", ":")))
+        return Response(hit[1], media_type="application/json")
 
 
 def _run_out(run: dict) -> dict:
@@ -199,6 +219,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Submit and follow ATOMO training runs on a parameter-server cluster.",
         lifespan=lifespan,
     )
+    cache = ReadCache(store)
     app.state.store, app.state.scheduler, app.state.settings = store, scheduler, settings
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -221,38 +242,50 @@ def create_app(settings: Settings) -> FastAPI:
 
     @v1.get("/runs", response_model=RunList, summary="List runs, newest first")
     async def list_runs(
+        request: Request,
         state: Annotated[list[RunState] | None, Query(description="only runs in these states")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         page_token: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Response:
-        before = None if page_token is None else _page_seq(page_token)
-        runs = store.list_runs(state, before, limit)
-        token = _page_token(runs[-1]["seq"]) if len(runs) == limit else None
-        return _json({"runs": [_run_out(r) for r in runs], "next_page_token": token})
+        def build() -> dict:
+            before = None if page_token is None else _page_seq(page_token)
+            runs = store.list_runs(state, before, limit)
+            token = _page_token(runs[-1]["seq"]) if len(runs) == limit else None
+            return {"runs": [_run_out(r) for r in runs], "next_page_token": token}
+
+        return cache.answer(request, build)
 
     @v1.get("/runs/{run_id}", response_model=Run, summary="A run: state, progress and figures")
-    async def read_run(run_id: RunId) -> Response:
-        return _json(_run_out(get_run(run_id)))
+    async def read_run(request: Request, run_id: RunId) -> Response:
+        return cache.answer(request, lambda: _run_out(get_run(run_id)))
 
     @v1.get("/runs/{run_id}/metrics", response_model=Metrics, summary="Per-step records after step `since`")
     async def read_metrics(
+        request: Request,
         run_id: RunId,
         since: Annotated[int, Query(ge=-1, le=2**62)] = -1,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> Response:
-        get_run(run_id)
-        records = store.metrics(run_id, since, limit)
-        return _json({"run_id": run_id, "records": records, "next_since": records[-1]["step"] if records else since})
+        def build() -> dict:
+            get_run(run_id)
+            records = store.metrics(run_id, since, limit)
+            return {"run_id": run_id, "records": records, "next_since": records[-1]["step"] if records else since}
+
+        return cache.answer(request, build)
 
     @v1.get("/runs/{run_id}/events", response_model=Events, summary="State changes, worker joins and losses")
     async def read_events(
+        request: Request,
         run_id: RunId,
         since: Annotated[int, Query(ge=0, le=2**62)] = 0,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> Response:
-        get_run(run_id)
-        events = [e | {"time": _time(e["time"])} for e in store.events(run_id, since, limit)]
-        return _json({"run_id": run_id, "events": events, "next_since": events[-1]["seq"] if events else since})
+        def build() -> dict:
+            get_run(run_id)
+            events = [e | {"time": _time(e["time"])} for e in store.events(run_id, since, limit)]
+            return {"run_id": run_id, "events": events, "next_since": events[-1]["seq"] if events else since}
+
+        return cache.answer(request, build)
 
     @v1.post(
         "/runs/{run_id}/cancel",

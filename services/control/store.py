@@ -6,11 +6,13 @@ Runs are served in FIFO order of `seq`; a run's state only moves forward (see `F
 
 from __future__ import annotations
 
+import itertools
 import json
 import sqlite3
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 STATES = ("queued", "starting", "running", "succeeded", "failed", "cancelled")
@@ -77,6 +79,9 @@ class Store:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # Moves on after every committed write: a read made at version v is current while version == v.
+        self._versions = itertools.count(1)
+        self.version = 0
         with self._conn() as conn:
             conn.executescript(_SCHEMA)
 
@@ -97,6 +102,15 @@ class Store:
         except sqlite3.Error:
             return False
 
+    @contextmanager
+    def _writing(self):
+        """A write transaction; `version` moves on once it has committed."""
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            yield conn
+        self.version = next(self._versions)
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
@@ -107,9 +121,7 @@ class Store:
 
     def create_run(self, spec: dict, reason: str = "submitted") -> dict:
         run_id, now = new_run_id(), time.time()
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writing() as conn:
             conn.execute(
                 "INSERT INTO runs (id, state, reason, spec, created_at) VALUES (?, 'queued', ?, ?, ?)",
                 (run_id, reason, json.dumps(spec), now),
@@ -160,9 +172,7 @@ class Store:
         if state in FINAL:
             sets += ", finished_at = ?, error = COALESCE(?, error)"
             args += [now, error]
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writing() as conn:
             cur = conn.execute(
                 f"UPDATE runs SET {sets} WHERE id = ? AND state IN ({', '.join('?' * len(from_states))})",
                 [*args, run_id, *from_states],
@@ -173,41 +183,30 @@ class Store:
         return bool(cur.rowcount)
 
     def request_cancel(self, run_id: str) -> None:
-        self._conn().execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
+        with self._writing() as conn:
+            conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
 
     def set_progress(self, run_id: str, progress: dict) -> None:
         """Merge the PS's latest figures for a run into what the store has."""
         kept = {k: progress[k] for k in PROGRESS_FIELDS if progress.get(k) is not None}
-        self._conn().execute(
-            "UPDATE runs SET progress = json_patch(progress, ?) WHERE id = ?", (json.dumps(kept), run_id)
-        )
+        with self._writing() as conn:
+            conn.execute("UPDATE runs SET progress = json_patch(progress, ?) WHERE id = ?", (json.dumps(kept), run_id))
 
     def progress_from_metrics(self, run_id: str) -> dict:
         """A run's figures rebuilt from its stored per-step records (when the PS no longer reports it live)."""
-        row = (
-            self._conn()
-            .execute(
-                """SELECT MAX(step), SUM(json_extract(record, '$.bytes_up')), SUM(json_extract(record, '$.bytes_down')),
-                      SUM(json_extract(record, '$.dense_bytes')), AVG(json_extract(record, '$.encode_s')),
-                      AVG(json_extract(record, '$.compute_s')), AVG(json_extract(record, '$.communication_s'))
-               FROM metrics WHERE run_id = ?""",
-                (run_id,),
-            )
-            .fetchone()
-        )
+        totals = """SELECT MAX(step), SUM(json_extract(record, '$.bytes_up')),
+                           SUM(json_extract(record, '$.bytes_down')), SUM(json_extract(record, '$.dense_bytes')),
+                           AVG(json_extract(record, '$.encode_s')),
+                           AVG(json_extract(record, '$.compute_s')), AVG(json_extract(record, '$.communication_s'))
+                    FROM metrics WHERE run_id = ?"""
+        row = self._conn().execute(totals, (run_id,)).fetchone()
         if row[0] is None:
             return {}
         step, up, down, dense, enc, comp, comm = row
         last = self.metrics_at(run_id, step)
-        evaluated = (
-            self._conn()
-            .execute(
-                """SELECT json_extract(record, '$.test_accuracy') FROM metrics WHERE run_id = ?
-               AND json_extract(record, '$.test_accuracy') IS NOT NULL ORDER BY step DESC LIMIT 1""",
-                (run_id,),
-            )
-            .fetchone()
-        )
+        latest_accuracy = """SELECT json_extract(record, '$.test_accuracy') FROM metrics WHERE run_id = ?
+                             AND json_extract(record, '$.test_accuracy') IS NOT NULL ORDER BY step DESC LIMIT 1"""
+        evaluated = self._conn().execute(latest_accuracy, (run_id,)).fetchone()
         return {
             "step": step,
             "loss": last.get("loss"),
@@ -221,9 +220,8 @@ class Store:
         }
 
     def metrics_at(self, run_id: str, step: int) -> dict:
-        row = (
-            self._conn().execute("SELECT record FROM metrics WHERE run_id = ? AND step = ?", (run_id, step)).fetchone()
-        )
+        sql = "SELECT record FROM metrics WHERE run_id = ? AND step = ?"
+        row = self._conn().execute(sql, (run_id, step)).fetchone()
         return {} if row is None else json.loads(row[0])
 
     # Metrics and events ---------------------------------------------------------------------------------
@@ -234,9 +232,7 @@ class Store:
 
     def add_metrics(self, run_id: str, records: list[dict]) -> None:
         rows = [(run_id, int(r["step"]), json.dumps(r)) for r in records]
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writing() as conn:
             conn.executemany("INSERT OR IGNORE INTO metrics (run_id, step, record) VALUES (?, ?, ?)", rows)
 
     def metrics(self, run_id: str, since: int, limit: int) -> list[dict]:
@@ -249,16 +245,15 @@ class Store:
         """Copy the PS's events (worker joins and losses, ...) and remember the last PS sequence number."""
         if not events:
             return
-        conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._writing() as conn:
             for e in events:
                 self._event(conn, run_id, float(e.get("time", time.time())), str(e["type"]), e.get("detail") or {})
             last = max(int(e["seq"]) for e in events)
             conn.execute("UPDATE runs SET ps_event_seq = MAX(ps_event_seq, ?) WHERE id = ?", (last, run_id))
 
     def add_event(self, run_id: str, type_: str, detail: dict) -> None:
-        self._event(self._conn(), run_id, time.time(), type_, detail)
+        with self._writing() as conn:
+            self._event(conn, run_id, time.time(), type_, detail)
 
     def events(self, run_id: str, since: int, limit: int) -> list[dict]:
         rows = self._conn().execute(
