@@ -114,7 +114,12 @@ def plot(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
         curves, "time_s", "training time (s), from the end of step 1", "Test accuracy against time", paths[0]
     )
     _accuracy_plot(
-        curves, "mb_sent", "MB sent (workers to PS plus PS to workers)", "Test accuracy against bytes sent", paths[1]
+        curves,
+        "mb_sent",
+        "MB sent, workers to PS plus PS to workers (log scale)",
+        "Test accuracy against bytes sent",
+        paths[1],
+        log_x=True,
     )
     _split_plot(runs, paths[2])
     return paths
@@ -140,11 +145,15 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _accuracy_plot(curves: dict[str, dict], x_key: str, x_label: str, title: str, path: Path) -> None:
+def _accuracy_plot(
+    curves: dict[str, dict], x_key: str, x_label: str, title: str, path: Path, log_x: bool = False
+) -> None:
     fig = _figure(6, 4)
     ax = fig.add_subplot()
     for label, curve in curves.items():
         ax.plot(curve[x_key], curve["test_accuracy"], marker="o", markersize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")  # codecs differ by orders of magnitude in bytes
     ax.set_xlabel(x_label)
     ax.set_ylabel("test accuracy")
     ax.set_title(title)

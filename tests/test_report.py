@@ -47,7 +47,9 @@ def test_summary_totals_agree_with_the_records_and_the_ps_summary(run_folder, re
     assert summary["final_test_accuracy"] == evals[-1]["test_accuracy"]
     assert summary["best_test_accuracy"] == max(r["test_accuracy"] for r in evals)
     for key in ("compute_s", "encode_s", "communication_s"):
-        assert summary[f"mean_{key}"] == pytest.approx(sum(r[key] for r in records) / STEPS)
+        measured = [r[key] for r in records if r[key] is not None]  # step 1 has no communication time
+        assert len(measured) >= STEPS - 1
+        assert summary[f"mean_{key}"] == pytest.approx(sum(measured) / len(measured))
         assert summary[f"mean_{key}"] >= 0
     assert summary["mean_compute_s"] > 0
     ps_summary = json.loads((run_folder / "summary.json").read_text())

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.cli import main
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("accuracy_vs_time.png", "accuracy_vs_bytes.png", "step_time_split.png")
 # Small and quick: LeNet-5 on the offline digits data, 2 workers, a handful of steps.
@@ -57,19 +59,22 @@ def assert_png(path: Path) -> None:
         (["--compare", "svd:budget=3", "qsgd:levels=4"], "--compare qsgd:levels=4: levels"),
     ],
 )
-def test_invalid_flags_exit_2_naming_the_field(tmp_path, args, field):
-    result = atomo_train(*args, "--out", "runs", cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert field in result.stderr
+def test_invalid_flags_exit_2_naming_the_field(tmp_path, capsys, args, field):
+    assert main(["train", *args, "--out", str(tmp_path / "runs")]) == 2
+    assert field in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
-def test_invalid_spec_file_exits_2_naming_the_field(tmp_path):
-    (tmp_path / "spec.yaml").write_text("model: lenet5\nworkrs: 2\ncodec:\n  name: svd\n  budget: 0\n")
-    result = atomo_train("spec.yaml", cwd=tmp_path)
-    assert result.returncode == 2
-    assert "workrs: Extra inputs are not permitted" in result.stderr
-    assert "codec.budget (--budget): Input should be greater than 0" in result.stderr
+def test_invalid_spec_file_exits_2_naming_the_field(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("model: lenet5\nworkrs: 2\ncodec:\n  name: svd\n  budget: 0\n")
+    assert main(["train", str(spec), "--out", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "workrs: Extra inputs are not permitted" in err
+    assert "codec.budget (--budget): Input should be greater than 0" in err
+    spec.write_text("- a list\n")
+    assert main(["train", str(spec)]) == 2
+    assert "must hold a mapping of RunSpec fields" in capsys.readouterr().err
 
 
 @pytest.mark.slow
