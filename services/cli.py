@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "codecs": ("services.codecs_demo", "each codec's bytes, compression ratio and variance on one real gradient"),
     "keys": ("services.common.keys", "write CURVE key pairs for the PS and its workers"),
+    "ps": ("services.ps.main", "the parameter server: workers' ROUTER port, control port, run directories"),
+    "worker": ("services.worker.main", "a worker: connects to the PS, trains on its shard, sends encoded gradients"),
     "train": ("services.train", "train on a local PS and workers, show progress, write results and plots"),
     "serve": ("services.control.commands.serve", "the control service (REST API) for a PS control endpoint"),
     "up": ("services.control.commands.up", "a PS, N workers and the control service on this machine"),
