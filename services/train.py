@@ -273,14 +273,17 @@ class RunFailed(RuntimeError):
     """A PS or worker process failed; the message holds the tail of its log."""
 
 
-def new_run_id(out: Path, suffix: str) -> str:
-    """`YYYYmmdd-HHMMSS-<suffix>`, with `-2`, `-3`, ... if that folder already exists under `out`."""
+def make_results_folder(out: Path, suffix: str) -> Path:
+    """A new folder `out/YYYYmmdd-HHMMSS-<suffix>` (then `-2`, `-3`, ... if taken); its name is the run id."""
     base = f"{time.strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    run_id, n = base, 1
-    while (out / run_id).exists():
-        n += 1
-        run_id = f"{base}-{n}"
-    return run_id
+    n = 1
+    while True:
+        folder = out / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def slug(text: str) -> str:
@@ -392,29 +395,41 @@ def _interrupt(*_args) -> None:
     raise KeyboardInterrupt
 
 
+def plan_runs(args: argparse.Namespace) -> list[tuple[str, RunSpec]]:
+    """(label, spec) of each run: the spec of the file and flags, once per `--compare` codec if given."""
+    spec = build_spec(args)
+    if not args.compare:
+        return [(spec.codec.name, spec)]
+    if any(vars(args)[f"codec.{name}"] is not None for name, _, _ in CODEC_FLAGS):
+        raise SpecError("--compare: give each codec's parameters in its entry (svd:budget=3), not as codec flags")
+    plans = []
+    for label, codec in map(parse_codec, args.compare):
+        plans.append((label, validate(RunSpec, {**spec.model_dump(), "codec": codec.model_dump()})))
+    slugs = [slug(label) for label, _ in plans]
+    if len(set(slugs)) != len(slugs):
+        raise SpecError(f"--compare: the same codec is given twice ({', '.join(args.compare)})")
+    return plans
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        spec = build_spec(args)
-        codecs = [parse_codec(entry) for entry in args.compare] if args.compare else [(spec.codec.name, spec.codec)]
-        labels = [label for label, _ in codecs]
-        if len(set(labels)) != len(labels):
-            raise SpecError("--compare: the same codec is given twice")
+        plans = plan_runs(args)
     except SpecError as e:
         print(f"atomo train: invalid spec:\n{e}", file=sys.stderr)
         return EXIT_INVALID
-    group = new_run_id(args.out, "compare" if args.compare else slug(spec.codec.name))
-    results = args.out / group
-    folders = {label: results / slug(label) if args.compare else results for label in labels}
+    results = make_results_folder(args.out, "compare" if args.compare else slug(plans[0][0]))
+    folders = {label: results / slug(label) if args.compare else results for label, _ in plans}
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job inherits it ignored
         signal.signal(signum, _interrupt)
-    runner = Runner(results, spec.workers)
-    print(f"atomo train: a PS and {spec.workers} workers on loopback; results in {results}", flush=True)
+    workers = plans[0][1].workers
+    runner = Runner(results, workers)
+    print(f"atomo train: a PS and {workers} workers on loopback; results in {results}", flush=True)
     status = 0
     try:
         runner.start()
-        for label, codec in codecs:
-            run_id = f"{group}-{slug(label)}" if args.compare else group
-            runner.execute(spec.model_copy(update={"codec": codec}), run_id, folders[label], label)
+        for i, (label, spec) in enumerate(plans):
+            run_id = f"{results.name}-{i + 1}-{slug(label)}"[:64] if args.compare else results.name
+            runner.execute(spec, run_id, folders[label], label)
     except (RunFailed, ClusterError) as e:
         print(f"atomo train: {e}", file=sys.stderr)
         status = 1
@@ -423,7 +438,7 @@ def run(args: argparse.Namespace) -> int:
         status = EXIT_INTERRUPTED
     finally:
         runner.close()
-    runs = {label: load_records(folders[label]) for label in labels if (folders[label] / "spec.json").exists()}
+    runs = {label: load_records(folder) for label, folder in folders.items() if (folder / "spec.json").exists()}
     summaries = report.summarize_runs(runs, args.target_accuracy)
     for label, records in runs.items():
         write_results(folders[label], records, summaries[label])

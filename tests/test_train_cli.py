@@ -57,6 +57,9 @@ def assert_png(path: Path) -> None:
         (["--steps", "1.5"], "steps (--steps)"),
         (["--batch-size", "2", "--workers", "4"], "batch_size (--batch-size)"),
         (["--compare", "svd:budget=3", "qsgd:levels=4"], "--compare qsgd:levels=4: levels"),
+        (["--compare", "svd:budget=3", "svd: budget=3"], "--compare: the same codec is given twice"),
+        (["--compare", "svd", "dense", "--budget", "2"], "give each codec's parameters in its entry"),
+        (["--compare", "entrywise", "--vector-codec", "entrywise"], "--compare: give each codec's parameters"),
     ],
 )
 def test_invalid_flags_exit_2_naming_the_field(tmp_path, capsys, args, field):
