@@ -19,7 +19,9 @@ from atomo_core.quantizers.elias import PADDING_BITS, decode_signed, encode_sign
 from atomo_core.wire import Message, WireFormatError, expect_sections
 
 PACKED, SPARSE = 0, 1
-_VALUES = torch.tensor([0.0, 1.0, 0.0, -1.0])  # code 2 is invalid and rejected before lookup
+_CODES = (torch.arange(256)[:, None] >> torch.tensor([6, 4, 2, 0])) & 3  # the four 2-bit codes of each byte
+_BYTE_VALUES = torch.tensor([0.0, 1.0, 0.0, -1.0])[_CODES]
+_BYTE_INVALID = (_CODES == 2).any(dim=1)
 
 
 def sample_ternary(flat: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -38,12 +40,16 @@ def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_ternary(payload: torch.Tensor, n: int) -> torch.Tensor:
+    """The float32 entries in {-1, 0, 1} of a 2-bit payload, through a 256-entry table of byte values."""
     if payload.numel() != -(-n // 4):
         raise WireFormatError(f"ternary: {payload.numel()} payload bytes, {n} entries need {-(-n // 4)}")
-    codes = torch.stack([(payload >> shift) & 3 for shift in (6, 4, 2, 0)], dim=1).view(-1)
-    if bool((codes == 2).any()) or bool(codes[n:].any()):
-        raise WireFormatError("ternary: invalid 2-bit code or nonzero padding")
-    return _VALUES[codes[:n].long()]
+    payload = payload.long()
+    if bool(_BYTE_INVALID[payload].any()):
+        raise WireFormatError("ternary: invalid 2-bit code 2")
+    values = _BYTE_VALUES[payload].view(-1)
+    if bool(values[n:].any()):
+        raise WireFormatError("ternary: nonzero padding")
+    return values[:n]
 
 
 def sparse_ternary_bits(indices: np.ndarray) -> int:
