@@ -112,7 +112,7 @@ def test_redrawing_empty_samples_is_detected_as_biased(name):
     generator = torch.Generator().manual_seed(7)
     empty = sum(not bool(atomo_core.decode(codec.encode(x, generator)).any()) for _ in range(200))
     assert empty > 0  # the biased variant differs from the estimator only if empty samples occur
-    samples = draw(codec, x, redraw_empty=True)
+    samples = draw(codec, x, reps=1000, redraw_empty=True)
     assert bias_detected(samples, x.reshape(-1).double().numpy())
 
 
