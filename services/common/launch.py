@@ -169,9 +169,17 @@ class LocalCluster:
         raise ClusterError(f"fewer than {count} workers registered within {timeout_s:.0f} s")
 
     def wait_for_run(self, run_id: str, timeout_s: float) -> dict:
-        """Wait until run `run_id` ends at the PS; return its run object."""
+        """Wait until run `run_id` ends at the PS; return its run object (from summary.json if the PS has
+        exited, as with --exit-after-run)."""
+        summary = self.state_dir / "runs" / run_id / "summary.json"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if self.ps is not None and self.ps.poll() is not None:
+                if summary.exists():
+                    return json.loads(summary.read_text())
+                raise ClusterError(
+                    f"the PS exited with status {self.ps.returncode}:\n{_log_tail(self.log_dir / 'ps.log')}"
+                )
             try:
                 status = self.client().status()
             except PSUnavailable:
@@ -179,8 +187,6 @@ class LocalCluster:
             run = status.get("run") or {}
             if run.get("run_id") == run_id and run.get("state") in ("succeeded", "failed", "cancelled"):
                 return run
-            if self.ps is not None and self.ps.poll() is not None:
-                raise ClusterError(f"the PS exited with status {self.ps.returncode}")
             time.sleep(0.2)
         raise ClusterError(f"run {run_id} did not end within {timeout_s:.0f} s")
 

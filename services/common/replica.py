@@ -109,7 +109,7 @@ class Replica:
                 raise GradientError("bad_payload", f"frame {i}: buffers are sent dense, got {codec.name}")
             if tuple(msg.shape) != tuple(ref.shape):
                 raise GradientError("bad_shape", f"frame {i}: shape {tuple(msg.shape)}, expected {tuple(ref.shape)}")
-            if not all(torch.isfinite(s.sum()) for s in msg.sections if s.is_floating_point()):
+            if not all(torch.isfinite(s.sum(dtype=torch.float64)) for s in msg.sections if s.is_floating_point()):
                 raise GradientError("non_finite", f"frame {i}: non-finite values")
             messages.append(msg)
         return messages
@@ -132,25 +132,29 @@ class Replica:
 
     def sums_finite(self) -> bool:
         """One pass over the sums: a finite payload can still decode to inf (huge coefficients)."""
-        return bool(torch.isfinite(torch.stack([t.sum() for t in self.grad_sum + self.buffer_sum])).all())
+        return bool(
+            torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in self.grad_sum + self.buffer_sum])).all()
+        )
 
     def rebuild(self, gradients: list[list[Message]]) -> list[int]:
-        """Sum `gradients` again, each checked alone; return the indices of those that decode to non-finite
-        values or fail to decode (left out of the sums)."""
+        """Sum `gradients` again in order, checking the sums after each; return the indices of those that fail
+        to decode or make the sums non-finite (left out: the sums are redone from the good ones)."""
+        good: list[list[Message]] = []
         bad = []
-        for i, messages in enumerate(gradients):
-            self.begin_step()
-            try:
-                self.accumulate(messages)
-            except GradientError:
-                bad.append(i)
-                continue
-            if not self.sums_finite():
-                bad.append(i)
         self.begin_step()
         for i, messages in enumerate(gradients):
-            if i not in bad:
+            try:
                 self.accumulate(messages)
+                ok = self.sums_finite()
+            except GradientError:
+                ok = False
+            if ok:
+                good.append(messages)
+                continue
+            bad.append(i)
+            self.begin_step()
+            for kept in good:
+                self.accumulate(kept)
         return bad
 
     def finish_step(self, lr: float) -> None:

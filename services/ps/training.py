@@ -204,6 +204,7 @@ class Run:
             live = self.live_workers()
             waited = now - self.waiting_since
             if len(live) >= self.spec.workers or (len(live) >= self.spec.min_workers and waited > START_GRACE_S):
+                self.started = time.time()  # wall_s counts training time, not the wait for workers
                 self._set_state("running")
                 for w in live:
                     self._join(w)
