@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from services.cli import main
+from services.common.keys import write_keys
+from services.common.launch import LocalCluster
 from services.control.client import ApiError, Client
 from services.control.launchers import ControlProcess, LocalLauncher, free_port
 
@@ -126,6 +128,55 @@ def test_restart_mid_run_loses_nothing_and_cancel_stops_a_running_run(db_path, c
         with pytest.raises(ApiError) as conflict:
             api.cancel(queued)
         assert conflict.value.status == 409
+
+
+def test_ps_lost_fails_the_run_and_a_resumed_run_is_stopped(tmp_path, cluster):
+    control = ControlProcess(
+        tmp_path / "control.db",
+        cluster.control_endpoint,
+        TOKEN,
+        extra_args=("--poll-interval", "0.2", "--lost-after", "2"),
+    ).start()
+    try:
+        with Client(control.url, TOKEN) as api:
+            lost = api.submit(TINY | {"name": "lost", "steps": 100_000})["id"]
+            queued = api.submit(TINY | {"name": "after-lost", "steps": 10})["id"]
+            wait_for(api, lost, lambda r: (r["step"] or 0) >= 12)  # past a checkpoint, so the PS can resume it
+            cluster.cluster.kill(cluster.cluster.ps)  # the PS dies without a word
+            failed = wait_for(api, lost, lambda r: r["state"] == "failed", timeout_s=30)
+            assert "the PS has been unreachable" in failed["reason"] and api.run(queued)["state"] == "queued"
+            cluster.cluster.start_ps()  # resumes the unfinished run from its checkpoint
+            done = wait_for(api, queued, lambda r: r["state"] in FINAL, timeout_s=120)
+            assert done["state"] == "succeeded" and done["step"] == 10
+            assert api.run(lost)["state"] == "failed"  # the store's word stood: the PS was told to cancel it
+            assert cluster.cluster.client().status()["runs"][lost] == "cancelled"
+    finally:
+        control.stop()
+
+
+def test_control_service_speaks_curve_to_the_ps(tmp_path):
+    keys = tmp_path / "keys"
+    write_keys(keys, clients=2)
+    ps = LocalCluster(tmp_path / "state", workers=0, ps_args=("--keys", str(keys)), metrics=False)
+    ps.start_ps()
+    endpoint, fast = f"tcp://127.0.0.1:{ps.control_port}", ("--poll-interval", "0.2")
+    curve = ("--curve-keys", str(keys), "--curve-client", "client-1")
+    with_keys = ControlProcess(tmp_path / "a.db", endpoint, TOKEN, extra_args=(*fast, *curve))
+    without_keys = ControlProcess(tmp_path / "b.db", endpoint, TOKEN, extra_args=fast)
+    try:
+        with Client(with_keys.start().url, TOKEN) as api:
+            deadline = time.monotonic() + 20
+            while not api.ready():
+                assert time.monotonic() < deadline, "the control service never reached the PS over CURVE"
+                time.sleep(0.2)
+            assert api.cluster()["ps"]["state"] == "idle"
+        with Client(without_keys.start().url, TOKEN) as api:
+            time.sleep(3.0)  # several polls, each unanswered: the PS only talks CURVE to known keys
+            assert not api.ready() and not api.cluster()["reachable"]
+    finally:
+        with_keys.stop()
+        without_keys.stop()
+        ps.stop()
 
 
 def children_of(pid: int) -> list[int]:

@@ -1,7 +1,9 @@
 """The run queue: FIFO, one run at a time per cluster, driven by polling the PS's control port.
 
 Each poll (every `poll_interval_s`, or at once after `wake()`):
-  1. ask the PS for its status; keep it as the cluster snapshot (GET /v1/cluster, /readyz);
+  1. ask the PS for its status; keep it as the cluster snapshot (GET /v1/cluster, /readyz); a PS that has
+     been unreachable for `lost_after_s` fails the active run, and if it comes back resuming that run, the
+     run is cancelled there (the store's word stands);
   2. for each starting/running run in the store: copy the PS's new per-step records and events into the
      store, update its progress, follow its state at the PS (a run the PS does not know is resubmitted
      while `starting`, failed once `running`), forward a pending cancel;
@@ -73,6 +75,8 @@ class Scheduler:
         while not self._stop.is_set():
             try:
                 self.poll_once()
+            except (PSUnavailable, PSError) as exc:  # a PS that went away mid-poll: the next poll sees it
+                log.warning("scheduler poll cut short: %s", exc)
             except Exception:  # the loop must outlive any one bad poll; the cause is logged
                 log.exception("scheduler poll failed")
             self._wake.wait(self.poll_interval_s)
@@ -94,13 +98,19 @@ class Scheduler:
             known[live["run_id"]] = live["state"]
         busy = bool(live) and live["state"] not in FINAL
         for run in self.store.active_runs():
-            try:
-                self._follow(run, live if live and live["run_id"] == run["id"] else None, known.get(run["id"]), busy)
-            except (PSUnavailable, PSError) as exc:
-                log.warning("following run %s: %s", run["id"], exc)
-                return
+            self._follow(run, live if live and live["run_id"] == run["id"] else None, known.get(run["id"]), busy)
+        if busy:
+            self._stop_if_ended_here(live["run_id"])
         if not busy and not self.store.active_runs():
             self._submit_next()
+
+    def _stop_if_ended_here(self, run_id: str) -> None:
+        """A run the store already ended (e.g. failed while the PS was unreachable) but that a restarted PS
+        resumed: the store's word stands, so the PS is told to cancel it."""
+        run = self.store.get_run(run_id)
+        if run is not None and run["state"] in FINAL:
+            log.warning("the PS resumed run %s, which is %s here: cancelling it at the PS", run_id, run["state"])
+            self.ps.cancel(run_id)
 
     def _ps_lost(self, why: str) -> None:
         now = time.time()

@@ -21,6 +21,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> N
     )
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
     parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between PS polls (default 0.5)")
+    parser.add_argument(
+        "--lost-after", type=float, default=120.0, help="fail the active run after the PS is unreachable this long"
+    )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
 
@@ -48,6 +51,7 @@ def serve(args: argparse.Namespace, db_path: str, ps_endpoint: str, token: str |
         token=token,
         max_body_bytes=args.max_body_bytes,
         poll_interval_s=args.poll_interval,
+        lost_after_s=args.lost_after,
         curve=curve,
     )
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
