@@ -8,13 +8,11 @@ import json
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel
 
 from services.common.metrics import CONTROL_METRICS, create
 from services.common.spec import RunSpec
@@ -24,17 +22,31 @@ from services.control.errors import ApiError, ErrorBody
 from services.control.middleware import BodyLimit, RequestTimer
 from services.control.ps_client import PSClient, PSError, PSUnavailable
 from services.control.scheduler import Scheduler
-from services.control.store import FINAL, PROGRESS_FIELDS, STATES, Store
+from services.control.schemas import (
+    Cluster,
+    Events,
+    Health,
+    Metrics,
+    Ready,
+    Run,
+    RunList,
+    RunState,
+    iso_time,
+    run_resource,
+)
+from services.control.store import FINAL, Store
 
 if TYPE_CHECKING:  # the transport module pulls in torch; the control service only needs the keys' fields
     from services.common.transport import CurveKeys
 
-RunState = Literal[STATES]
 RunId = Annotated[str, Path(min_length=1, max_length=64)]
 
 
 @dataclass
 class Settings:
+    """What `atomo serve` configures: the store, the PS control endpoint (and its CURVE keys), the API token
+    (None: open, loopback only), the body limit, and how the PS is polled and when it counts as lost."""
+
     db_path: str = "atomo-control.db"
     ps_endpoint: str = "tcp://127.0.0.1:5556"
     token: str | None = None
@@ -45,97 +57,9 @@ class Settings:
     curve: CurveKeys | None = None
 
 
-# Response models ----------------------------------------------------------------------------------------
-
-
-class Run(BaseModel):
-    id: str
-    name: str
-    state: RunState
-    reason: str
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: str | None = None
-    cancel_requested: bool = False
-    spec: RunSpec
-    step: int | None = None
-    total_steps: int | None = None
-    loss: float | None = None
-    test_accuracy: float | None = None
-    bytes_up: int | None = None
-    bytes_down: int | None = None
-    compression_ratio: float | None = None
-    mean_encode_s: float | None = None
-    mean_compute_s: float | None = None
-    mean_communication_s: float | None = None
-
-
-class RunList(BaseModel):
-    runs: list[Run]
-    next_page_token: str | None = None
-
-
-class Metrics(BaseModel):
-    run_id: str
-    records: list[dict[str, Any]]
-    next_since: int
-
-
-class Event(BaseModel):
-    seq: int
-    time: datetime
-    type: str
-    detail: Any = None
-
-
-class Events(BaseModel):
-    run_id: str
-    events: list[Event]
-    next_since: int
-
-
-class PSInfo(BaseModel):
-    address: str | None = None
-    device: str | None = None
-    state: str | None = None
-
-
-class Worker(BaseModel):
-    id: str
-    address: str | None = None
-    device: str | None = None
-    state: str | None = None
-    last_heartbeat: float | None = None
-    run: str | None = None
-
-
-class Cluster(BaseModel):
-    reachable: bool
-    endpoint: str
-    observed_at: datetime | None = None
-    ps: PSInfo | None = None
-    workers: list[Worker] = []
-    run_id: str | None = None
-
-
-class Health(BaseModel):
-    status: str
-
-
-class Ready(BaseModel):
-    ready: bool
-    store: bool
-    ps: bool
-
-
-def _time(t: float | None) -> str | None:
-    return None if t is None else datetime.fromtimestamp(t, tz=timezone.utc).isoformat()
-
-
 def _json(content: dict, status_code: int = 200) -> Response:
-    """Serialize an answer directly: the store's data was validated on the way in, and the response models
-    above document the shape (tests/test_control_schema.py checks every answer against them)."""
+    """Serialize an answer directly: the store's data was validated on the way in, and the models in
+    schemas.py document the shape (tests/test_control_schema.py checks every answer against them)."""
     return Response(json.dumps(content, separators=(",", ":")), status_code, media_type="application/json")
 
 
@@ -156,22 +80,6 @@ class ReadCache:
                 self._answers.clear()
             hit = self._answers[key] = (version, json.dumps(build(), separators=(",", ":")))
         return Response(hit[1], media_type="application/json")
-
-
-def _run_out(run: dict) -> dict:
-    return {
-        "id": run["id"],
-        "name": run["spec"].get("name", ""),
-        "state": run["state"],
-        "reason": run["reason"],
-        "created_at": _time(run["created_at"]),
-        "started_at": _time(run["started_at"]),
-        "finished_at": _time(run["finished_at"]),
-        "error": run["error"],
-        "cancel_requested": run["cancel_requested"],
-        "spec": run["spec"],
-        **{k: run["progress"].get(k) for k in PROGRESS_FIELDS},
-    }
 
 
 def _page_token(seq: int) -> str:
@@ -238,7 +146,7 @@ def create_app(settings: Settings) -> FastAPI:
         spec = spec or RunSpec()
         run = store.create_run(spec.model_dump(mode="json"))
         scheduler.wake()
-        return _json(_run_out(run), 201)
+        return _json(run_resource(run), 201)
 
     @v1.get("/runs", response_model=RunList, summary="List runs, newest first")
     async def list_runs(
@@ -251,13 +159,13 @@ def create_app(settings: Settings) -> FastAPI:
             before = None if page_token is None else _page_seq(page_token)
             runs = store.list_runs(state, before, limit)
             token = _page_token(runs[-1]["seq"]) if len(runs) == limit else None
-            return {"runs": [_run_out(r) for r in runs], "next_page_token": token}
+            return {"runs": [run_resource(r) for r in runs], "next_page_token": token}
 
         return cache.answer(request, build)
 
     @v1.get("/runs/{run_id}", response_model=Run, summary="A run: state, progress and figures")
     async def read_run(request: Request, run_id: RunId) -> Response:
-        return cache.answer(request, lambda: _run_out(get_run(run_id)))
+        return cache.answer(request, lambda: run_resource(get_run(run_id)))
 
     @v1.get("/runs/{run_id}/metrics", response_model=Metrics, summary="Per-step records after step `since`")
     async def read_metrics(
@@ -282,7 +190,7 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> Response:
         def build() -> dict:
             get_run(run_id)
-            events = [e | {"time": _time(e["time"])} for e in store.events(run_id, since, limit)]
+            events = [e | {"time": iso_time(e["time"])} for e in store.events(run_id, since, limit)]
             return {"run_id": run_id, "events": events, "next_since": events[-1]["seq"] if events else since}
 
         return cache.answer(request, build)
@@ -302,7 +210,7 @@ def create_app(settings: Settings) -> FastAPI:
         ):
             store.request_cancel(run_id)
             scheduler.wake()
-        return _json(_run_out(get_run(run_id)))
+        return _json(run_resource(get_run(run_id)))
 
     @v1.get(
         "/runs/{run_id}/checkpoint",
@@ -331,7 +239,7 @@ def create_app(settings: Settings) -> FastAPI:
         return Cluster(
             reachable=scheduler.ps_reachable(),
             endpoint=settings.ps_endpoint,
-            observed_at=_time(scheduler.last_contact),
+            observed_at=iso_time(scheduler.last_contact),
             ps=status.get("ps"),
             workers=status.get("workers") or [],
             run_id=live.get("run_id") if live.get("state") not in FINAL else None,
