@@ -7,6 +7,7 @@ import httpx
 import pytest
 
 from services.cli import main
+from services.control.auth import load_token
 from services.control.client import ApiError, Client
 from services.control.launchers import ControlProcess, free_port
 
@@ -21,9 +22,10 @@ def dead_ps() -> str:
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, dead_ps):
-    db = tmp_path_factory.mktemp("control") / "control.db"
-    control = ControlProcess(db, dead_ps, TOKEN, extra_args=("--poll-interval", "0.2")).start()
-    yield control
+    where = tmp_path_factory.mktemp("control")
+    extra = ("--poll-interval", "0.2", "--log-level", "info")  # info: uvicorn logs every request
+    control = ControlProcess(where / "control.db", dead_ps, TOKEN, extra_args=extra, log_path=where / "c.log")
+    yield control.start()
     control.stop()
 
 
@@ -264,3 +266,25 @@ def test_api_error_carries_the_fields(api):
     with pytest.raises(ApiError) as info:
         api.submit({"codec": {"name": "qsgd", "bits": 99}})
     assert info.value.status == 422 and info.value.details[0]["field"] == "codec.bits"
+
+
+def test_token_comes_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATOMO_API_TOKEN", raising=False)
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert load_token(None) is None
+    assert load_token(str(token_file)) == "from-file"
+    monkeypatch.setenv("ATOMO_API_TOKEN", "from-env")
+    assert load_token(str(token_file)) == "from-env"
+    monkeypatch.delenv("ATOMO_API_TOKEN")
+    token_file.write_text("  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_token(str(token_file))
+
+
+def test_the_token_is_never_logged(service):
+    httpx.get(service.url + "/v1/runs", headers={"Authorization": f"Bearer {TOKEN}"})
+    httpx.get(service.url + "/v1/runs", headers={"Authorization": "Bearer wrong-token-xyz"})
+    log = service.log_path.read_text()
+    assert '"GET /v1/runs HTTP/1.1" 200' in log and '"GET /v1/runs HTTP/1.1" 401' in log  # requests are logged
+    assert TOKEN not in log and "wrong-token-xyz" not in log
