@@ -43,6 +43,14 @@ _PREFIX = struct.Struct("<4sBB")
 _NAME = re.compile(r"[A-Za-z0-9_.:@/+=-]*")
 _FIELDS = frozenset({"run_id", "step", "worker_id", "timings", "meta"})
 
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in a header")
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
 # Every reason a ProtocolError may carry (bounded metric label values).
 REASONS = (
     "bad_header",  # not a header: too short, wrong magic, not a JSON object, a field of the wrong type
@@ -96,7 +104,7 @@ def pack_header(header: Header) -> bytes:
     }
     _check_fields(body)
     try:
-        text = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+        text = _ENCODER.encode(body).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         raise ProtocolError("bad_field", f"header is not JSON-serialisable: {exc}") from exc
     raw = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(header.type)) + text
@@ -122,7 +130,7 @@ def unpack_header(buf, max_bytes: int = MAX_HEADER_BYTES) -> Header:
         raise ProtocolError("bad_version", f"protocol version {version}, this build speaks {PROTOCOL_VERSION}")
     msg_type = _check_type(type_code)
     try:
-        body = json.loads(bytes(view[_PREFIX.size :]).decode("utf-8"), parse_constant=_reject_constant)
+        body = _DECODER.decode(bytes(view[_PREFIX.size :]).decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ProtocolError("bad_header", f"header body is not valid JSON: {str(exc)[:80]}") from exc
     if not isinstance(body, dict) or set(body) != _FIELDS:
@@ -173,7 +181,3 @@ def _check_fields(body: dict) -> None:
             raise ProtocolError("bad_field", f"timing {key!r} must be a finite number")
     if not isinstance(body["meta"], dict):
         raise ProtocolError("bad_header", f"meta must be an object, got {type(body['meta']).__name__}")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed in a header")
