@@ -348,14 +348,14 @@ class Runner:
         (folder / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
         self.folders[run_id] = folder
         print(f"[{label}] {describe(spec)}", flush=True)
-        self._call("submit", run_id=run_id, spec=spec.model_dump(mode="json"))
+        self._submit(run_id, spec)
         progress = Progress(spec.steps or (None if spec.epochs else spec.total_steps(0)), label)
         tail = MetricsTail(self.state_dir / "runs" / run_id / "metrics.jsonl")
         run: dict = {}
         while run.get("run_id") != run_id or run.get("state") not in FINAL_STATES:
             time.sleep(0.25)
             self._check_processes()
-            run = self._call("status").get("run") or {}
+            run = self._status() or run
             progress.total_steps = run.get("total_steps") or progress.total_steps
             progress.update(tail.read())
         progress.update(tail.read())
@@ -363,12 +363,21 @@ class Runner:
         if run["state"] != "succeeded":
             raise RunFailed(f"run {run_id} {run['state']}: {run.get('error')}\n{quote_log(self._log('ps'))}")
 
-    def _call(self, op: str, **fields) -> dict:
+    def _status(self) -> dict:
+        """The PS's current run object; {} while a busy PS is slow to answer (its exit is caught elsewhere)."""
         try:
-            return self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).call(op, **fields)
+            return self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).status().get("run") or {}
+        except PSUnavailable:
+            return {}
+        except PSError as e:
+            raise RunFailed(f"the parameter server refused 'status': {e}") from e
+
+    def _submit(self, run_id: str, spec: RunSpec) -> None:
+        try:
+            self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).submit(run_id, spec.model_dump(mode="json"))
         except (PSUnavailable, PSError) as e:
             self._check_processes()
-            raise RunFailed(f"the parameter server did not answer {op!r}: {e}\n{quote_log(self._log('ps'))}") from e
+            raise RunFailed(f"the parameter server did not take run {run_id}: {e}\n{quote_log(self._log('ps'))}") from e
 
     def _check_processes(self) -> None:
         processes = {"ps": self.cluster.ps, **self.cluster.workers}
