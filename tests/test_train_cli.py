@@ -133,6 +133,47 @@ def test_a_failing_process_is_reported_with_its_log(tmp_path):
     assert list((folder / "logs").glob("*.log"))
 
 
+def children(pid: int) -> dict[int, str]:
+    """pid -> command line of the processes whose parent is `pid` (Linux /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_fails_the_run_with_its_log(tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services", "train", "--steps", "5000", "--out", "runs"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in process.stdout:
+            if re.search(r"step \d+/5000", line):
+                break
+        worker = next(pid for pid, cmd in children(process.pid).items() if "--id worker-1" in cmd)
+        os.kill(worker, signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 1, stderr
+    assert "worker worker-1 exited with status -9" in stderr
+    assert f"--- the end of {Path('runs')}" in stderr and "worker-1.log ---" in stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # the PS and the other worker were stopped
+    assert metrics(only_child(tmp_path / "runs"))  # what was written is kept
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_keeps_the_results(tmp_path):
     process = subprocess.Popen(
