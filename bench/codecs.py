@@ -104,6 +104,10 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
         errors.append(sum(float((e.double() - g.double()).pow(2).sum()) for e, g in zip(estimates, grads, strict=True)))
     nbytes = statistics.mean(sizes)  # the number of atoms sent is random: its mean is the budget
     headers = sum(len(atomo_core.wire.decode_message(w).header()) for w in wires)
+    expected = [
+        dense_nbytes(tuple(g.shape)) if c.name == "dense" else c.expected_nbytes(tuple(g.shape))
+        for c, g in zip(codecs, grads, strict=True)
+    ]
     return {
         "encode_ms": 1e3 * encode_s,
         "encode_cpu_ms": 1e3 * encode_cpu_s,
@@ -111,6 +115,7 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
         "decode_add_ms": 1e3 * decode_add_s,
         "bytes": nbytes,
         "bytes_min_max": [min(sizes), max(sizes)],
+        "expected_bytes": None if None in expected else sum(expected),  # budget atoms per layer
         "header_fraction": headers / nbytes,
         "compression": sum(dense_nbytes(tuple(g.shape)) for g in grads) / nbytes,
         "relative_variance": statistics.mean(errors) / norm2,
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"{'codec':<20} {'encode ms':>10} {'enc/bwd':>8} {'cpu e/b':>8} {'decode ms':>10} {'dec+add/bwd':>12} "
-            f"{'KB':>9} "
+            f"{'KB':>9} {'E[KB]':>8} "
             f"{'ratio':>8} {'header':>7} {'rel var':>9}"
         )
         rows = {}
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{label:<20} {r['encode_ms']:>10.1f} {r['encode_over_backward']:>8.3f} "
                 f"{r['encode_over_backward_cpu']:>8.3f} {r['decode_ms']:>10.1f} "
-                f"{r['decode_add_over_backward']:>12.3f} {r['bytes'] / 1e3:>9.1f} {r['compression']:>8.1f} "
+                f"{r['decode_add_over_backward']:>12.3f} {r['bytes'] / 1e3:>9.1f} "
+                f"{(r['expected_bytes'] or float('nan')) / 1e3:>8.1f} {r['compression']:>8.1f} "
                 f"{100 * r['header_fraction']:>6.2f}% {r['relative_variance']:>9.3g}"
             )
         extra = {**fp16_rounding(grads), **{"probabilities": probabilities_timing(grads, args.repeats)}}
