@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +30,13 @@ from services.ps.rundir import RunDirectory
 
 log = logging.getLogger("atomo.ps")
 
-START_GRACE_S = 10.0  # after this long, a run starts with min_workers instead of waiting for all workers
+START_GRACE_S = 10.0
+RECORDS_IN_MEMORY = 10_000
+MEAN_TIMINGS = (
+    "encode_s",
+    "compute_s",
+    "communication_s",
+)  # after this long, a run starts with min_workers instead of waiting for all workers
 
 
 @dataclass
@@ -100,7 +107,8 @@ class Run:
         self.evaluator: Evaluator | None = None
         self.shards: dict[int, str] = {}
         self.current = StepState()
-        self.records: list[dict] = []
+        self.records: deque[dict] = deque(maxlen=RECORDS_IN_MEMORY)  # older ones are read from metrics.jsonl
+        self.timing_sums: dict[str, list[float]] = {k: [0.0, 0] for k in MEAN_TIMINGS}
         self.unflushed: list[dict] = []
         self.pending_evals: set[int] = set()
         self.totals = {"bytes_up": 0, "bytes_down": 0, "dense_bytes": 0}
@@ -154,12 +162,15 @@ class Run:
         self.totals = dict(checkpoint["totals"])
         self.wall_before = float(checkpoint["wall_s"])
         self.started_at = float(checkpoint["started_at"])
-        self.records = [r for r in self.rundir.metrics() if r["step"] <= self.step]
+        records = [r for r in self.rundir.metrics() if r["step"] <= self.step]
         (self.rundir.path / "metrics.jsonl").unlink(missing_ok=True)
-        self.rundir.append_metrics(self.records)
-        if self.records:
-            self.last_loss = self.records[-1]["loss"]
-            accuracies = [r["test_accuracy"] for r in self.records if "test_accuracy" in r]
+        self.rundir.append_metrics(records)
+        for record in records:
+            self._add_timings(record)
+        self.records.extend(records)
+        if records:
+            self.last_loss = records[-1]["loss"]
+            accuracies = [r["test_accuracy"] for r in records if "test_accuracy" in r]
             self.last_accuracy = accuracies[-1] if accuracies else None
         self.event("resumed", {"step": self.step})
 
@@ -500,6 +511,7 @@ class Run:
             self.pending_evals.add(s)
             self.evaluator.submit(s, {k: v.detach().clone() for k, v in self.replica.model.state_dict().items()})
         self.records.append(record)
+        self._add_timings(record)
         self.unflushed.append(record)
         self._flush()
         if s % self.spec.checkpoint_every == 0 or s >= self.total_steps:
@@ -545,11 +557,10 @@ class Run:
 
     def public(self) -> dict:
         """The control protocol's run object."""
-        timed = [r for r in self.records if r.get("compute_s") is not None]
 
         def mean(key: str) -> float | None:
-            values = [r[key] for r in timed if r.get(key) is not None]
-            return sum(values) / len(values) if values else None
+            total, count = self.timing_sums[key]
+            return total / count if count else None
 
         up = self.totals["bytes_up"]
         return {
@@ -580,5 +591,16 @@ class Run:
             "spec": self.spec.model_dump(mode="json"),
         }
 
+    def _add_timings(self, record: dict) -> None:
+        for key in MEAN_TIMINGS:
+            if record.get(key) is not None:
+                self.timing_sums[key][0] += record[key]
+                self.timing_sums[key][1] += 1
+
     def metrics_since(self, since: int) -> list[dict]:
-        return [r for r in self.records if r["step"] > since]
+        """Records with step > since: from memory, or from metrics.jsonl for steps no longer held."""
+        if not self.records or since >= self.records[0]["step"] - 1:
+            return [r for r in self.records if r["step"] > since]
+        flushed = [r for r in self.rundir.metrics() if r["step"] > since]
+        last = flushed[-1]["step"] if flushed else since
+        return flushed + [r for r in self.records if r["step"] > last]

@@ -41,6 +41,7 @@ from services.common.transport import Client, CurveKeys, MalformedMessage, Socke
 log = logging.getLogger("atomo.worker")
 
 POLL_WHILE_BUSY_MS = 2
+MAX_DEFERRED = 32
 DENSE_POLICY = LayerPolicy(make_codec("dense"))
 
 
@@ -203,8 +204,12 @@ class Worker:
         elif kind in (MsgType.RUN, MsgType.UPDATE, MsgType.STOP):
             if self.pending is None:
                 self.pending = self.pool.submit(self._job, received, arrived)
-            else:
+            elif len(self.deferred) < MAX_DEFERRED:
                 self.deferred.append((received, arrived))
+            else:  # far behind the PS: skip the backlog and take the whole state again
+                log.warning("%d messages from the PS waiting: asking for the state again", len(self.deferred))
+                self.deferred.clear()
+                self.out_of_sync = True
 
     def _job_done(self, gradient: Gradient | None) -> None:
         self.pending = None
