@@ -52,8 +52,14 @@ def test_summary_totals_agree_with_the_records_and_the_ps_summary(run_folder, re
         assert summary[f"mean_{key}"] == pytest.approx(sum(measured) / len(measured))
         assert summary[f"mean_{key}"] >= 0
     assert summary["mean_compute_s"] > 0
+    # The PS keeps its own totals while the run goes on: they must agree with the sums over the records.
     ps_summary = json.loads((run_folder / "summary.json").read_text())
     assert ps_summary["state"] == "succeeded"
+    for key in ("bytes_up", "bytes_down", "dense_bytes"):
+        assert summary[key] == ps_summary[key]
+    for key in ("compression_ratio", "mean_compute_s", "mean_encode_s", "mean_communication_s"):
+        assert summary[key] == pytest.approx(ps_summary[key], rel=1e-9)
+    assert summary["final_test_accuracy"] == ps_summary["test_accuracy"]
 
 
 def test_time_to_target_is_the_first_evaluation_at_or_above_it(records):
