@@ -64,7 +64,7 @@ def atomic_probabilities(lam: torch.Tensor, budget: float) -> torch.Tensor:
 def _scale(a: torch.Tensor, s: float) -> float:
     """The c of p_i = min(1, c a_i) with sum_i p_i = s, for a >= 0 with more than s non-zeros."""
     c = s / _sum64(a)  # Lemma 2: optimal when nothing is clipped
-    clipped = 0
+    clipped, unclipped_sum, threshold = 0, 0.0, 0.0
     unclipped_part = torch.empty_like(a)
     for _ in range(_MAX_NEWTON_PASSES):
         threshold = 1.0 / c
@@ -72,6 +72,9 @@ def _scale(a: torch.Tensor, s: float) -> float:
         count = a.numel() - int(torch.count_nonzero(unclipped))
         if count == clipped:
             return c
+        if count >= s:  # fewer than s atoms are clipped at the optimum: only rounding gets here; scan instead
+            unclipped_sum = 0.0
+            break
         clipped = count
         unclipped_sum = _sum64(torch.mul(a, unclipped, out=unclipped_part))
         c = (s - clipped) / unclipped_sum
