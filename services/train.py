@@ -426,7 +426,11 @@ def run(args: argparse.Namespace) -> int:
     except SpecError as e:
         print(f"atomo train: invalid spec:\n{e}", file=sys.stderr)
         return EXIT_INVALID
-    results = make_results_folder(args.out, "compare" if args.compare else slug(plans[0][0]))
+    try:
+        results = make_results_folder(args.out, "compare" if args.compare else slug(plans[0][0]))
+    except OSError as e:
+        print(f"atomo train: cannot create a results folder under {args.out}: {e.strerror}", file=sys.stderr)
+        return 1
     folders = {label: results / slug(label) if args.compare else results for label, _ in plans}
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job inherits it ignored
         signal.signal(signum, _interrupt)
