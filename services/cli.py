@@ -26,18 +26,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `selected`, only that command's module is imported (torch loads only if it needs it)."""
     parser = argparse.ArgumentParser(prog="atomo", description="ATOMO: communication-efficient distributed training")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(command)
+        if selected in (None, name):
+            importlib.import_module(module).add_arguments(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    selected = argv[0] if argv and argv[0] in COMMANDS else ""
+    args = build_parser(selected).parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
     except KeyboardInterrupt:
