@@ -3,10 +3,14 @@ validation, authentication, the error shape, pagination, cancel of queued runs, 
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+
 import httpx
 import pytest
 
 from services.cli import main
+from services.control.app import Settings, create_app
 from services.control.auth import load_token
 from services.control.client import ApiError, Client
 from services.control.launchers import ControlProcess, free_port
@@ -288,3 +292,19 @@ def test_the_token_is_never_logged(service):
     log = service.log_path.read_text()
     assert '"GET /v1/runs HTTP/1.1" 200' in log and '"GET /v1/runs HTTP/1.1" 401' in log  # requests are logged
     assert TOKEN not in log and "wrong-token-xyz" not in log
+
+
+def test_internal_errors_have_the_error_shape(tmp_path, dead_ps):
+    """A store broken under the running app (its runs table dropped) gives 500 in the one error shape."""
+    app = create_app(Settings(db_path=str(tmp_path / "c.db"), ps_endpoint=dead_ps, token=TOKEN))
+    with sqlite3.connect(tmp_path / "c.db") as conn:
+        conn.execute("DROP TABLE runs")
+
+    async def get_runs() -> httpx.Response:
+        transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://control") as client:
+            return await client.get("/v1/runs", headers={"Authorization": f"Bearer {TOKEN}"})
+
+    response = asyncio.run(get_runs())
+    assert response.status_code == 500
+    assert error_of(response) == {"code": "internal_error", "message": "internal error", "details": None}
