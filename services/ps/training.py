@@ -404,8 +404,8 @@ class Run:
 
     def _maybe_finish_step(self) -> None:
         step = self.current
-        if step.k < 1 or len(step.accepted) < step.k:
-            return
+        if step.k < 1 or len(step.accepted) < step.k or len(step.participants) < self.spec.min_workers:
+            return  # below min_workers the run waits for workers to join (tick() fails it after a timeout)
         if not self.replica.sums_finite():  # a finite payload that decodes to inf: find it, leave it out
             bad = self.replica.rebuild([a.messages for a in step.accepted])
             for i in bad:
