@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import sys
 
 import yaml
 
@@ -82,7 +83,12 @@ def run(args: argparse.Namespace) -> int:
         allow_remote_without_keys=args.allow_remote_without_keys,
     )
     if ps.run is None and spec is not None:
-        ps.submit(args.run_id, spec)
+        try:
+            ps.submit(args.run_id, spec)
+        except ValueError as exc:
+            print(f"atomo ps: {exc}", file=sys.stderr)
+            ps.close()
+            return 2
     if args.exit_after_run and ps.run is not None:
         ps.exit_after = ps.run.run_id
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
