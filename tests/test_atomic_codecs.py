@@ -165,6 +165,15 @@ def test_svd_is_exact_for_ill_conditioned_matrices():
     torch.testing.assert_close(estimate, x.T, rtol=0, atol=1e-6)
 
 
+def test_svd_of_a_rank_deficient_gradient_with_dead_units_is_finite_and_exact():
+    """A real LeNet-5 fc2 gradient (84 x 120, 39 zero rows, rank 22) on which fp32 eigh of X X^T gave NaN."""
+    x = torch.from_numpy(np.load(Path(__file__).parent / "data" / "lenet5_fc2_gradient.npy"))
+    estimate = atomo_core.decode(bytes(make_codec("svd", budget=84).encode(x)))
+    torch.testing.assert_close(estimate, x, rtol=0, atol=1e-6)
+    sampled = atomo_core.decode(bytes(make_codec("svd", budget=3).encode(x, torch.Generator().manual_seed(0))))
+    assert bool(torch.isfinite(sampled).all())
+
+
 def test_svd_vector_is_one_row_and_sent_whole():
     x = torch.randn(10, generator=torch.Generator().manual_seed(0))
     estimate = atomo_core.decode(bytes(make_codec("svd", budget=1).encode(x)))

@@ -53,6 +53,23 @@ def matrix_shape(shape: tuple[int, ...], reshape: str) -> tuple[int, int]:
     return out, columns
 
 
+def _gram_eigenvectors(y: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of Y Y^T, computed on Y / max|Y| (the same vectors, better scaled).
+
+    LAPACK's fp32 eigensolver can return NaN for rank-deficient Gram matrices with many zero rows (dead
+    ReLU units; seen on LeNet-5's 84 x 120 layer): retry in float64 then. Any orthonormal basis keeps the
+    decomposition exact, so the retry changes only which basis, never unbiasedness.
+    """
+    peak = y.abs().max()
+    scaled = y / peak if bool(peak > 0) else y
+    _, u = torch.linalg.eigh(scaled @ scaled.T)
+    if not bool(torch.isfinite(u).all()):
+        scaled = scaled.to(torch.float64)
+        _, u = torch.linalg.eigh(scaled @ scaled.T)
+        u = u.to(y.dtype)
+    return u
+
+
 class SpectralDecomposition(AtomicDecomposition):
     """Atoms u_i v_i^T of the reshaped tensor from the Gram matrix's eigenvectors; see the module docstring."""
 
@@ -82,7 +99,7 @@ class SpectralDecomposition(AtomicDecomposition):
             x = x.to(torch.float32)
         transposed = rows > columns
         y = x.T if transposed else x  # n x m with n <= m
-        _, u = torch.linalg.eigh(y @ y.T)  # orthonormal u_i (columns), the left singular vectors
+        u = _gram_eigenvectors(y)  # orthonormal u_i (columns), the left singular vectors
         right = y.T @ u  # m x n: column i is Y^T u_i = lam_i v_i, from Y itself
         lam = torch.linalg.vector_norm(right, dim=0)
         return lam, (u, right, lam, transposed)
