@@ -204,8 +204,8 @@ def test_atomo_up_serves_a_cluster_and_stops_it(tmp_path):
             while not api.ready():
                 assert time.monotonic() < deadline, "atomo up never became ready"
                 time.sleep(0.2)
-            with pytest.raises(ApiError) as unauthorized:
-                Client(exports["ATOMO_URL"], "wrong").runs()
+            with Client(exports["ATOMO_URL"], "wrong") as stranger, pytest.raises(ApiError) as unauthorized:
+                stranger.runs()
             assert unauthorized.value.status == 401
             run = wait_for(api, api.submit(TINY | {"steps": 10})["id"], lambda r: r["state"] in FINAL)
             assert run["state"] == "succeeded" and run["step"] == 10
