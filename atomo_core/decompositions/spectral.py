@@ -54,19 +54,29 @@ def matrix_shape(shape: tuple[int, ...], reshape: str) -> tuple[int, int]:
 
 
 def _gram_eigenvectors(y: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors of Y Y^T, computed on Y / max|Y| (the same vectors, better scaled).
+    """Orthonormal eigenvectors (columns, n x r) of Y Y^T spanning Y's non-zero rows (r of them).
 
-    LAPACK's fp32 eigensolver can return NaN for rank-deficient Gram matrices with many zero rows (dead
-    ReLU units; seen on LeNet-5's 84 x 120 layer): retry in float64 then. Any orthonormal basis keeps the
-    decomposition exact, so the retry changes only which basis, never unbiasedness.
+    Zero rows (dead ReLU units) carry no atom: dropping them is exact, shrinks the problem, and avoids
+    LAPACK's fp32 eigensolver failing (no convergence, or NaN) on such rank-deficient Gram matrices, as it
+    did on LeNet-5 and MLP gradients late in training. The Gram matrix is formed from Y / max|Y| (same
+    eigenvectors, better scaled). Should fp32 still fail, it is retried in float64: any orthonormal basis
+    keeps the decomposition exact, so this changes which basis, never unbiasedness.
     """
-    peak = y.abs().max()
-    scaled = y / peak if bool(peak > 0) else y
-    _, u = torch.linalg.eigh(scaled @ scaled.T)
-    if not bool(torch.isfinite(u).all()):
-        scaled = scaled.to(torch.float64)
-        _, u = torch.linalg.eigh(scaled @ scaled.T)
-        u = u.to(y.dtype)
+    rows = torch.nonzero(y.abs().amax(dim=1) > 0).squeeze(1)
+    u = torch.zeros(y.shape[0], rows.numel(), dtype=y.dtype, device=y.device)
+    if rows.numel() == 0:
+        return u
+    nonzero = y[rows]
+    nonzero = nonzero / nonzero.abs().max()
+    try:
+        _, basis = torch.linalg.eigh(nonzero @ nonzero.T)
+        solved = bool(torch.isfinite(basis).all())
+    except torch.linalg.LinAlgError:
+        solved = False
+    if not solved:
+        wide = nonzero.to(torch.float64)
+        basis = torch.linalg.eigh(wide @ wide.T).eigenvectors.to(y.dtype)
+    u[rows] = basis
     return u
 
 
