@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import median_time
 
 import atomo_core
 from atomo_core import atomic_probabilities, dense_nbytes, make_codec
@@ -68,17 +69,6 @@ def gradients(model_name: str, batch: int) -> tuple[list[torch.Tensor], float, f
         loss.backward()
         backward_s, backward_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     return [p.grad.detach().clone() for p in model.parameters()], backward_s, backward_cpu_s
-
-
-def median_time(fn: Callable[[], object], repeats: int, cpu: bool = False) -> float:
-    """Median wall time of `fn`, or its CPU time (all threads) with cpu=True: steadier on a shared machine."""
-    clock = time.process_time if cpu else time.perf_counter
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return statistics.median(times)
 
 
 def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, samples: int) -> dict:

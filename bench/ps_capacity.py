@@ -18,20 +18,12 @@ import statistics
 import time
 
 import torch
+from timing import median_time
 from torch.nn import functional as F
 
 from services.common.replica import Replica
 from services.common.spec import CodecSpec, RunSpec
 from services.worker.worker import DENSE_POLICY, gradient_policy
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
-import time
 
 import torch
+from timing import median_time
 
 import atomo_core
 from atomo_core import make_codec
@@ -34,15 +33,6 @@ CONFIGS = [
     ("lq", {"q": math.inf}),
 ]
 CODINGS = {"qsgd": ("fixed", "elias"), "terngrad": ("2-bit", "elias"), "lq": ("2-bit", "elias")}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def resnet18_gradient(batch: int) -> list[torch.Tensor]:
@@ -66,10 +56,10 @@ def main() -> None:
     n = real.numel()
     gaussian = torch.randn(n, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
-    rand_s = median_seconds(lambda: torch.rand(n, generator=generator), args.repeats)
+    rand_s = median_time(lambda: torch.rand(n, generator=generator), args.repeats)
     dense = make_codec("dense")
     dense_msg = dense.encode(gaussian)
-    dense_s = median_seconds(lambda: dense.decode(bytes(dense.encode(gaussian))), args.repeats)
+    dense_s = median_time(lambda: dense.decode(bytes(dense.encode(gaussian))), args.repeats)
     print(
         f"{n:,} entries, {args.threads} threads; torch.rand {rand_s * 1e3:.0f} ms; dense encode+bytes+decode "
         f"{dense_s * 1e3:.0f} ms, {len(dense_msg) / 1e6:.2f} MB"
@@ -82,8 +72,8 @@ def main() -> None:
         for input_name, vector in [("gaussian", gaussian), ("resnet18", real)]:
             msg = codec.encode(vector, generator=generator)
             wire = bytes(msg)
-            encode_s = median_seconds(lambda c=codec, v=vector: c.encode(v, generator=generator), args.repeats)
-            decode_s = median_seconds(lambda w=wire: atomo_core.decode(w), args.repeats)
+            encode_s = median_time(lambda c=codec, v=vector: c.encode(v, generator=generator), args.repeats)
+            decode_s = median_time(lambda w=wire: atomo_core.decode(w), args.repeats)
             per_layer = ""
             if input_name == "resnet18":
                 per_layer = f"{sum(len(codec.encode(g, generator=generator)) for g in layers) / 1e6:>12.3f}"
