@@ -204,7 +204,8 @@ def _configure(sock: zmq.Socket, options: SocketOptions) -> None:
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """True for "localhost" and loopback addresses: the only hosts served without keys or a token."""
     if host == "localhost":
         return True
     try:
@@ -226,7 +227,7 @@ def bind_server(
     allow_remote_without_keys: bool = False,
 ) -> Server:
     """A ROUTER bound to tcp://host:port (port 0 picks a free port); a CURVE server when `keys` are given."""
-    if keys is None and not _is_loopback(host) and not allow_remote_without_keys:
+    if keys is None and not is_loopback(host) and not allow_remote_without_keys:
         raise ValueError(
             f"refusing to serve unauthenticated on non-loopback host {host!r}: give CURVE keys "
             "(`atomo keys DIR`) or allow_remote_without_keys=True on a trusted network"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated
@@ -11,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from services.common.transport import is_loopback
 from services.control.errors import ApiError
 
 TOKEN_ENV = "ATOMO_API_TOKEN"
@@ -26,15 +26,6 @@ def load_token(token_file: str | None = None) -> str | None:
         if not token:
             raise ValueError(f"token file {token_file} is empty")
     return token or None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str | None, allow_open: bool) -> None:
