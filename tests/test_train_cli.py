@@ -133,6 +133,13 @@ def test_a_failing_process_is_reported_with_its_log(tmp_path):
     assert list((folder / "logs").glob("*.log"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
+def test_a_cuda_run_without_cuda_fails_with_a_clear_error(tmp_path):
+    result = atomo_train("--device", "cuda", "--steps", "2", "--out", "runs", cwd=tmp_path)
+    assert result.returncode not in (0, 2), result.stdout + result.stderr
+    assert "CUDA is not available" in result.stdout + result.stderr
+
+
 def children(pid: int) -> dict[int, str]:
     """pid -> command line of the processes whose parent is `pid` (Linux /proc)."""
     found = {}

@@ -130,8 +130,6 @@ class LocalCluster:
             f"tcp://127.0.0.1:{self.port}",
             "--id",
             worker_id,
-            "--device",
-            "cpu",
             "--heartbeat-s",
             str(self.heartbeat_s),
             "--threads",

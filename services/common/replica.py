@@ -64,6 +64,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def run_device(requested: str, process_device: torch.device) -> torch.device:
+    """A run's device: the spec's `device`, or this process's own (its --device flag) when the spec says auto."""
+    return process_device if requested == "auto" else resolve_device(requested)
+
+
 class Replica:
     """The model, its SGD optimizer and a gradient accumulator; identical code on the PS and the workers."""
 

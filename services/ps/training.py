@@ -23,7 +23,7 @@ import torch
 
 from atomo_core.data import load_dataset
 from services.common.protocol import Header, MsgType
-from services.common.replica import GradientError, Replica, learning_rate
+from services.common.replica import GradientError, Replica, learning_rate, run_device
 from services.common.spec import RunSpec
 from services.ps.evaluate import Evaluator
 from services.ps.rundir import RunDirectory
@@ -137,6 +137,7 @@ class Run:
     def _prepare(self) -> None:
         """Load the data set, build the model (seeded) and resume from the checkpoint, off the PS's loop."""
         try:
+            self.device = run_device(self.spec.device, self.device)
             train, test, info = load_dataset(self.spec.dataset, self.ps.data_root, seed=self.spec.seed)
             torch.manual_seed(self.spec.seed)
             self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)

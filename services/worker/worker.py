@@ -34,7 +34,7 @@ from atomo_core import LayerPolicy, make_codec
 from atomo_core.data import BatchStream, load_dataset
 from services.common import metrics
 from services.common.protocol import Header, MsgType
-from services.common.replica import GradientError, Replica, max_frame_bytes, resolve_device
+from services.common.replica import GradientError, Replica, max_frame_bytes, resolve_device, run_device
 from services.common.spec import RunSpec
 from services.common.transport import Client, CurveKeys, MalformedMessage, SocketOptions, connect_client
 
@@ -264,9 +264,14 @@ class Worker:
         if spec.dataset not in self.datasets:
             self.datasets = {spec.dataset: load_dataset(spec.dataset, self.data_root, seed=spec.seed)}
         train, _test, info = self.datasets[spec.dataset]
-        replica = Replica(spec, info.num_classes, info.in_channels, self.device)
+        try:
+            device = run_device(spec.device, self.device)
+        except RuntimeError as exc:  # the PS has the device this worker lacks: train here all the same
+            log.warning("run %s: %s; this worker trains on %s", run_id, exc, self.device)
+            device = self.device
+        replica = Replica(spec, info.num_classes, info.in_channels, device)
         stream = BatchStream(
-            train.to(self.device), shard, num_shards, spec.batch_size // spec.workers, spec.seed, augment=info.augment
+            train.to(device), shard, num_shards, spec.batch_size // spec.workers, spec.seed, augment=info.augment
         )
         return Assignment(run_id, spec, shard, num_shards, replica, stream, gradient_policy(spec))
 
