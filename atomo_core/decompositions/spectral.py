@@ -3,9 +3,10 @@
 The tensor is viewed as a matrix X (R x C). Let n = min(R, C) and work with Y = X or X^T (n x m, n <= m).
 For any orthonormal basis u_1..u_n of R^n, Y = sum_i u_i (Y^T u_i)^T exactly, an orthogonal decomposition
 with atoms u_i v_i^T, v_i = Y^T u_i / lam_i, lam_i = ||Y^T u_i||. Taking u from the eigenvectors of the
-small Gram matrix Y Y^T makes it the SVD (lam = singular values) up to the eigensolver's accuracy; lam and
-v are computed from Y itself, never as Y^T u / sigma, so the estimate is unbiased and its second moment is
-sum_i lam_i^2 / p_i (Lemma 1) whatever that accuracy.
+small Gram matrix Y Y^T makes it the SVD (lam = singular values) up to the eigensolver's accuracy. The
+probabilities use lam_i = sqrt(eigenvalue_i) (floored so that every p_i > 0); each sent atom's right factor
+Y^T u_i is computed from Y itself, never as Y^T u / sigma, so the estimate is exactly unbiased and its second
+moment is sum_i ||Y^T u_i||^2 / p_i (Lemma 1) whatever the eigensolver's accuracy.
 
 Reshapes: "rows" views a weight [out, in, *k] as [out, in * prod(k)]; "paper" follows the paper's
 experiments, [out * in / 2, 2 * prod(k)] for convolutions with a kernel larger than 1x1 and an even
@@ -53,31 +54,33 @@ def matrix_shape(shape: tuple[int, ...], reshape: str) -> tuple[int, int]:
     return out, columns
 
 
-def _gram_eigenvectors(y: torch.Tensor) -> torch.Tensor:
-    """Orthonormal eigenvectors (columns, n x r) of Y Y^T spanning Y's non-zero rows (r of them).
+def _gram_eigen(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (r) and orthonormal eigenvectors (columns, n x r) of Y Y^T over Y's r non-zero rows.
 
     Zero rows (dead ReLU units) carry no atom: dropping them is exact, shrinks the problem, and avoids
     LAPACK's fp32 eigensolver failing (no convergence, or NaN) on such rank-deficient Gram matrices, as it
     did on LeNet-5 and MLP gradients late in training. The Gram matrix is formed from Y / max|Y| (same
-    eigenvectors, better scaled). Should fp32 still fail, it is retried in float64: any orthonormal basis
-    keeps the decomposition exact, so this changes which basis, never unbiasedness.
+    eigenvectors, better scaled; the eigenvalues are scaled back). Should fp32 still fail, it is retried in
+    float64: any orthonormal basis keeps the decomposition exact, so this changes which basis, never
+    unbiasedness.
     """
     rows = torch.nonzero(y.abs().amax(dim=1) > 0).squeeze(1)
     u = torch.zeros(y.shape[0], rows.numel(), dtype=y.dtype, device=y.device)
     if rows.numel() == 0:
-        return u
+        return torch.zeros(0, dtype=y.dtype, device=y.device), u
     nonzero = y[rows]
-    nonzero = nonzero / nonzero.abs().max()
+    peak = nonzero.abs().max()
+    nonzero = nonzero / peak
     try:
-        _, basis = torch.linalg.eigh(nonzero @ nonzero.T)
-        solved = bool(torch.isfinite(basis).all())
+        eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
+        solved = bool(torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all())
     except torch.linalg.LinAlgError:
         solved = False
     if not solved:
         wide = nonzero.to(torch.float64)
-        basis = torch.linalg.eigh(wide @ wide.T).eigenvectors.to(y.dtype)
+        eigenvalues, basis = (t.to(y.dtype) for t in torch.linalg.eigh(wide @ wide.T))
     u[rows] = basis
-    return u
+    return eigenvalues * peak**2, u
 
 
 class SpectralDecomposition(AtomicDecomposition):
@@ -109,18 +112,24 @@ class SpectralDecomposition(AtomicDecomposition):
             x = x.to(torch.float32)
         transposed = rows > columns
         y = x.T if transposed else x  # n x m with n <= m
-        u = _gram_eigenvectors(y)  # orthonormal u_i (columns), the left singular vectors
-        right = y.T @ u  # m x n: column i is Y^T u_i = lam_i v_i, from Y itself
-        lam = torch.linalg.vector_norm(right, dim=0)
-        return lam, (u, right, lam, transposed)
+        eigenvalues, u = _gram_eigen(y)  # orthonormal u_i (columns), the left singular vectors
+        # lam_i = ||Y^T u_i|| = sqrt(u_i^T Y Y^T u_i), the square root of u_i's eigenvalue: no m x n product
+        # for the probabilities. Eigenvalues within rounding of zero are floored at eps * the largest, so
+        # that every atom whose coefficient may be non-zero keeps p_i > 0 and the estimate stays exactly
+        # unbiased; the atoms sent are rebuilt from Y itself in `pack`.
+        floor = torch.finfo(eigenvalues.dtype).eps * eigenvalues.max() if eigenvalues.numel() else 0.0
+        lam = eigenvalues.clamp(min=floor).sqrt()
+        return lam, (y, u, transposed)
 
     def pack(self, state, index, lam, p):
-        u, right, all_lam, transposed = state
+        y, u, transposed = state
         left = u[:, index].T  # k x n, unit rows
-        v = right[:, index].T / all_lam[index].unsqueeze(1)  # k x m, unit rows (selected lam_i > 0)
+        right = (y.T @ u[:, index]).T  # k x m: row k is Y^T u_k = lam_k v_k, from Y itself (never Y^T u / sigma)
+        norms = torch.linalg.vector_norm(right, dim=1)
+        v = right / norms.clamp(min=torch.finfo(right.dtype).tiny).unsqueeze(1)  # unit rows (0 for a null atom)
         row_factors, column_factors = (v, left) if transposed else (left, v)
         dtype = ATOM_DTYPES[self.atom_dtype]
-        return [(lam / p).to(torch.float32), row_factors.to(dtype), column_factors.to(dtype)]
+        return [(norms / p).to(torch.float32), row_factors.to(dtype), column_factors.to(dtype)]
 
     def _factors(self, sections, shape):
         rows, columns = matrix_shape(shape, self.reshape)
