@@ -133,6 +133,15 @@ def test_a_failing_process_is_reported_with_its_log(tmp_path):
     assert list((folder / "logs").glob("*.log"))
 
 
+def test_a_diverging_run_fails_with_a_clear_error(tmp_path):
+    # lr 10 makes the MLP's loss overflow within a few steps: the worker reports it, the PS fails the run.
+    result = atomo_train("--model", "mlp", "--lr", "10", "--steps", "60", "--out", "runs", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged at step" in result.stdout + result.stderr
+    events = (only_child(tmp_path / "runs") / "events.jsonl").read_text()
+    assert '"state": "failed"' in events and "diverged" in events
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where CUDA is missing")
 def test_a_cuda_run_without_cuda_fails_with_a_clear_error(tmp_path):
     result = atomo_train("--device", "cuda", "--steps", "2", "--out", "runs", cwd=tmp_path)

@@ -350,6 +350,12 @@ class Run:
         reason = self._reject_reason(w, header)
         if reason is not None:
             self.ps.drop(reason, w.id, f"gradient of step {header.step}")
+            if reason == "diverged":
+                self._end(
+                    "failed",
+                    f"training diverged at step {header.step}: worker {w.id}'s loss is not finite "
+                    "(lower lr, or use a codec with less variance)",
+                )
             return
         start = time.perf_counter()
         try:
@@ -386,6 +392,8 @@ class Run:
         if len(self.current.accepted) >= self.current.k:
             return "late"
         loss = header.meta.get("loss")
+        if loss is None and "loss" in header.meta:  # the worker's loss was NaN or infinite
+            return "diverged"
         if type(loss) not in (int, float) or not math.isfinite(loss):
             return "bad_meta"
         digest = header.meta.get("digest")

@@ -18,6 +18,7 @@ other gradients of the step, decoding, the optimizer step), which the PS reports
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -326,7 +327,7 @@ class Worker:
             timings["communication_s"] = self.communication_s
             self._observe("atomo_worker_communication_seconds", self.communication_s)
             self.communication_s = None
-        meta = {"loss": gradient.loss}
+        meta = {"loss": gradient.loss if math.isfinite(gradient.loss) else None}  # None: diverged, the PS fails the run
         if self.digest is not None:
             meta["digest_step"], meta["digest"] = self.digest
             self.digest = None
