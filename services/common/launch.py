@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.transport import CurveKeys
 from services.control.ps_client import PSClient, PSUnavailable
 
 READY_TIMEOUT_S = 60.0
@@ -36,6 +37,8 @@ class LocalCluster:
     """Start a PS (`ps_args` appended to its command) and `workers` workers; `stop()` ends them all.
 
     `threads`: torch threads per process (default: the cores shared out, at least one each).
+    `keys`: a CURVE key directory (`atomo keys`): the PS serves with it, and every worker and this launcher's
+    control client use its client key `key_name`.
     """
 
     def __init__(
@@ -49,6 +52,8 @@ class LocalCluster:
         heartbeat_s: float = 1.0,
         metrics: bool = True,
         env: dict[str, str] | None = None,
+        keys: str | Path | None = None,
+        key_name: str = "client-0",
     ):
         self.state_dir = Path(state_dir)
         self.log_dir = Path(log_dir) if log_dir is not None else self.state_dir / "logs"
@@ -59,6 +64,8 @@ class LocalCluster:
         self.heartbeat_s = heartbeat_s
         self.metrics = metrics
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.keys = Path(keys) if keys is not None else None
+        self.key_name = key_name
         self.ps: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.ready: dict = {}
@@ -94,6 +101,7 @@ class LocalCluster:
             "--threads",
             str(self.threads),
             *(["--metrics-port", str(self.ready.get("metrics_port") or 0)] if self.metrics else []),
+            *(["--keys", str(self.keys)] if self.keys else []),
             *self.ps_args,
         ]
         log = self.log_dir / "ps.log"
@@ -134,6 +142,7 @@ class LocalCluster:
             str(self.heartbeat_s),
             "--threads",
             str(self.threads),
+            *(["--keys", str(self.keys), "--key-name", self.key_name] if self.keys else []),
             *self.worker_args,
         ]
         self.workers[worker_id] = self._spawn(worker_id, args)
@@ -148,7 +157,8 @@ class LocalCluster:
         return self
 
     def client(self, timeout_s: float = 5.0) -> PSClient:
-        return PSClient(f"tcp://127.0.0.1:{self.control_port}", timeout_s=timeout_s)
+        curve = CurveKeys.load(self.keys, "client", self.key_name) if self.keys else None
+        return PSClient(f"tcp://127.0.0.1:{self.control_port}", timeout_s=timeout_s, curve=curve)
 
     def wait_for_workers(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
