@@ -162,20 +162,26 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
-@pytest.mark.slow
-def test_a_worker_killed_mid_run_fails_the_run_with_its_log(tmp_path):
+def start_long_training(cwd: Path, *args: str) -> subprocess.Popen:
+    """`atomo train` of 5000 steps in its own process group, returned once its first progress line is out."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "services", "train", "--steps", "5000", "--out", "runs"],
-        cwd=tmp_path,
+        [sys.executable, "-m", "services", "train", "--steps", "5000", *args, "--out", "runs"],
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
     )
+    for line in process.stdout:  # the first progress line comes with the first steps' metrics
+        if re.search(r"step \d+/5000", line):
+            break
+    return process
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_fails_the_run_with_its_log(tmp_path):
+    process = start_long_training(tmp_path)
     try:
-        for line in process.stdout:
-            if re.search(r"step \d+/5000", line):
-                break
         worker = next(pid for pid, cmd in children(process.pid).items() if "--id worker-1" in cmd)
         os.kill(worker, signal.SIGKILL)
         _, stderr = process.communicate(timeout=60)
@@ -192,18 +198,8 @@ def test_a_worker_killed_mid_run_fails_the_run_with_its_log(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_keeps_the_results(tmp_path):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services", "train", "--steps", "5000", "--eval-every", "2", "--out", "runs"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_long_training(tmp_path, "--eval-every", "2")
     try:
-        for line in process.stdout:  # the first progress line comes with the first steps' metrics
-            if re.search(r"step \d+/5000", line):
-                break
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         stdout, stderr = process.communicate(timeout=60)
     finally:
