@@ -16,10 +16,9 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = error_response(413, f"request body exceeds {self.max_bytes} bytes", {"limit": self.max_bytes})
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await too_large(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         body, more = b"", True
         while more:
             message = await receive()
@@ -28,7 +27,7 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.max_bytes:
-                return await too_large(scope, receive, send)
+                return await self._too_large(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -39,6 +38,10 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        limit = self.max_bytes
+        await error_response(413, f"request body exceeds {limit} bytes", {"limit": limit})(scope, receive, send)
 
 
 class RequestTimer:

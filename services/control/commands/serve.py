@@ -25,6 +25,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> N
         "--lost-after", type=float, default=120.0, help="fail the active run after the PS is unreachable this long"
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--access-log", action="store_true", help="log every request (off: the latency histogram counts them)"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +57,9 @@ def serve(args: argparse.Namespace, db_path: str, ps_endpoint: str, token: str |
         lost_after_s=args.lost_after,
         curve=curve,
     )
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
+    )
     return 0
 
 
