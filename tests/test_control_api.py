@@ -27,7 +27,7 @@ def dead_ps() -> str:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, dead_ps):
     where = tmp_path_factory.mktemp("control")
-    extra = ("--poll-interval", "0.2", "--log-level", "info")  # info: uvicorn logs every request
+    extra = ("--poll-interval", "0.2", "--log-level", "info", "--access-log")  # every request logged
     control = ControlProcess(where / "control.db", dead_ps, TOKEN, extra_args=extra, log_path=where / "c.log")
     yield control.start()
     control.stop()
