@@ -54,8 +54,8 @@ def test_a_killed_worker_is_detected_the_run_goes_on_and_a_restarted_one_rejoins
         lambda: [e for e in events(cluster, run_id) if e["type"] == "worker_lost"], 10 * HEARTBEAT_S, "the loss"
     )
     assert lost[0]["detail"]["worker"] == "worker-2"
-    # Detected within three heartbeat intervals (plus one interval of the PS's check period and slack).
-    assert lost[0]["time"] - killed_at <= 4 * HEARTBEAT_S + 1.0
+    # Detected within three heartbeat intervals of the worker's last message (plus slack for a loaded machine).
+    assert lost[0]["time"] - killed_at <= 3 * HEARTBEAT_S + 1.0
     step_at_loss = run_step(cluster)
     wait_until(lambda: run_step(cluster) >= step_at_loss + 20, 30, "progress with two workers")
     cluster.start_worker("worker-2")

@@ -161,9 +161,10 @@ class ParameterServer:
                 self._on_message(received)
             self._serve_control()
             now = time.monotonic()
+            self._detect_lost_workers(now)  # every pass: a dead worker is declared lost 3 intervals after its last word
             if now >= next_heartbeat:
                 next_heartbeat = now + self.heartbeat_s
-                self._heartbeats(now)
+                self._heartbeats()
             if self.run is not None:
                 self.run.tick(now)
                 if self.exit_after == self.run.run_id and self.run.final:
@@ -178,19 +179,20 @@ class ParameterServer:
         self.control.close(linger=0)
         self.ctx.term()
 
-    def _heartbeats(self, now: float) -> None:
-        """Heartbeat every worker; one silent for three intervals is lost."""
+    def _detect_lost_workers(self, now: float) -> None:
+        """A worker silent for three heartbeat intervals is lost."""
         for w in self.workers.values():
-            if w.state == "lost":
-                continue
-            if now - w.last_seen > 3 * self.heartbeat_s:
+            if w.state != "lost" and now - w.last_seen > 3 * self.heartbeat_s:
                 w.state = "lost"
                 log.warning("worker %s lost (silent for %.1f s)", w.id, now - w.last_seen)
                 if self.run is not None and not self.run.final:
                     self.run.on_worker_lost(w)
-            else:
-                self.send(w, Header(MsgType.HEARTBEAT, worker_id=w.id))
         self.metrics["atomo_ps_workers"].set(sum(w.state != "lost" for w in self.workers.values()))
+
+    def _heartbeats(self) -> None:
+        for w in self.workers.values():
+            if w.state != "lost":
+                self.send(w, Header(MsgType.HEARTBEAT, worker_id=w.id))
 
     def _on_message(self, received) -> None:
         header = received.header
