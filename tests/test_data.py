@@ -18,13 +18,7 @@ from atomo_core.data import (
 from atomo_core.models import build_model
 from services.common.spec import DATASETS as SPEC_DATASETS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,13 +4,7 @@ import torch
 from atomo_core.models import MODEL_NAMES, build_model
 from services.common.spec import MODELS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):
