@@ -187,12 +187,13 @@ class ParameterServer:
                 log.warning("worker %s lost (silent for %.1f s)", w.id, now - w.last_seen)
                 if self.run is not None and not self.run.final:
                     self.run.on_worker_lost(w)
-        self.metrics["atomo_ps_workers"].set(sum(w.state != "lost" for w in self.workers.values()))
 
     def _heartbeats(self) -> None:
+        """Once per interval: a heartbeat to every live worker, and the live-worker gauge."""
         for w in self.workers.values():
             if w.state != "lost":
                 self.send(w, Header(MsgType.HEARTBEAT, worker_id=w.id))
+        self.metrics["atomo_ps_workers"].set(sum(w.state != "lost" for w in self.workers.values()))
 
     def _on_message(self, received) -> None:
         header = received.header
