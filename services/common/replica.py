@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from atomo_core import Message, WireFormatError, codec_for, decode_add_, make_codec
+from atomo_core import Message, WireFormatError, codec_for, decode_add_, dense_nbytes, make_codec
 from atomo_core.models import build_model
 from atomo_core.wire import decode_message
 from services.common.spec import MODELS, RunSpec
@@ -96,7 +96,7 @@ class Replica:
     @property
     def dense_bytes(self) -> int:
         """Bytes of one gradient sent dense in fp32 (what a compressed one is compared with)."""
-        return sum(len(DENSE.encode(t)) for t in self.params + self.buffers)
+        return sum(dense_nbytes(tuple(t.shape)) for t in self.params + self.buffers)
 
     def parse_gradient(self, frames) -> list[Message]:
         """Validate one worker's gradient frames before anything is added: the frame count, every wire
