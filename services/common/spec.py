@@ -13,6 +13,7 @@ MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq")
 BUDGETED = ("entrywise", "svd", "fourier")
+DEFAULT_BUDGET = 3  # the paper's best spectral-ATOMO budget on CIFAR-10 (Section 6)
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
     "budget": BUDGETED,
@@ -50,11 +51,15 @@ class CodecSpec(BaseModel):
             raise ValueError(f"codec {name!r} takes no {info.field_name}")
         return value
 
+    @property
+    def budget_or_default(self) -> float | int:
+        return self.budget if self.budget is not None else DEFAULT_BUDGET
+
     def codec_params(self) -> dict:
         """Keyword arguments for `atomo_core.make_codec(self.name, **params)`."""
         params: dict = {}
         if self.name in BUDGETED:
-            params["budget"] = self.budget if self.budget is not None else 3
+            params["budget"] = self.budget_or_default
         if self.name in ("svd", "entrywise", "fourier"):
             params["atom_dtype"] = self.atom_dtype
         if self.name == "svd":

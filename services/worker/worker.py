@@ -57,7 +57,7 @@ def gradient_policy(spec: RunSpec) -> LayerPolicy:
     codec = make_codec(spec.codec.name, **spec.codec.codec_params())
     vector_params = {}
     if spec.codec.vector_codec == "entrywise":
-        vector_params = {"budget": spec.codec.budget or 3, "atom_dtype": spec.codec.atom_dtype}
+        vector_params = {"budget": spec.codec.budget_or_default, "atom_dtype": spec.codec.atom_dtype}
     vector_codec = make_codec(spec.codec.vector_codec, **vector_params)
     return LayerPolicy(codec, vector_codec, spec.codec.min_compression_rate)
 
