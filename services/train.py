@@ -33,8 +33,8 @@ from pydantic import BaseModel, ValidationError
 
 from services import report
 from services.common.launch import ClusterError, LocalCluster
+from services.common.ps_client import PSError, PSUnavailable
 from services.common.spec import CodecSpec, RunSpec
-from services.control.ps_client import PSError, PSUnavailable
 
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
@@ -317,7 +317,7 @@ def load_records(folder: Path) -> list[dict]:
 def describe(spec: RunSpec) -> str:
     """'lenet5 on digits, codec svd (budget=3, ...), 300 steps, batch 64, lr 0.05, seed 0'."""
     params = ", ".join(f"{k}={v}" for k, v in spec.codec.codec_params().items())
-    length = f"{spec.steps} steps" if spec.steps else f"{spec.epochs} epochs" if spec.epochs else "300 steps"
+    length = f"{spec.steps} steps" if spec.steps is not None else f"{spec.epochs} epochs"
     return (
         f"{spec.model} on {spec.dataset}, codec {spec.codec.name}{f' ({params})' if params else ''}, "
         f"{length}, batch {spec.batch_size}, lr {spec.lr}, seed {spec.seed}"
@@ -349,7 +349,7 @@ class Runner:
         self.folders[run_id] = folder
         print(f"[{label}] {describe(spec)}", flush=True)
         self._submit(run_id, spec)
-        progress = Progress(spec.steps or (None if spec.epochs else spec.total_steps(0)), label)
+        progress = Progress(spec.steps, label)
         tail = MetricsTail(self.state_dir / "runs" / run_id / "metrics.jsonl")
         run: dict = {}
         while run.get("run_id") != run_id or run.get("state") not in FINAL_STATES:

@@ -40,6 +40,7 @@ from atomo_core.wire import CODEC_IDS, WireFormatError, expect_sections
 
 FIXED, ELIAS = 0, 1
 MAX_BITS = 16
+DEFAULT_BUCKET = 512  # QSGD's experiments bucket by 512; one bucket per tensor diverges at 2 bits (LeNet-5)
 
 
 def elias_bits_bound(n: int, s: int) -> float:
@@ -50,12 +51,13 @@ def elias_bits_bound(n: int, s: int) -> float:
 
 @register_codec
 class QSGDCodec(Codec):
-    """`bits` b in [1, 16] (s = 2**b - 1 levels); `bucket_size` d entries per norm (0 or None: one bucket)."""
+    """`bits` b in [1, 16] (s = 2**b - 1 levels); `bucket_size` d entries per norm (default 512, QSGD's; 0 or
+    None: one bucket per tensor)."""
 
     name = "qsgd"
     codec_id = CODEC_IDS["qsgd"]
 
-    def __init__(self, bits: int = 4, bucket_size: int | None = None):
+    def __init__(self, bits: int = 4, bucket_size: int | None = DEFAULT_BUCKET):
         if not (1 <= bits <= MAX_BITS and bits == int(bits)):
             raise ValueError(f"qsgd: bits must be an integer in [1, {MAX_BITS}], got {bits}")
         bucket_size = bucket_size or 0

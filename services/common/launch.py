@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from services.common.ps_client import PSClient, PSUnavailable
 from services.common.transport import CurveKeys
-from services.control.ps_client import PSClient, PSUnavailable
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0  # interpreter shutdown with torch loaded takes seconds on a busy machine

@@ -5,15 +5,20 @@ Every field has a default, so `RunSpec()` (or `{}` over REST) is the embedded de
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq")
 BUDGETED = ("entrywise", "svd", "fourier")
 DEFAULT_BUDGET = 3  # the paper's best spectral-ATOMO budget on CIFAR-10 (Section 6)
+DEFAULT_STEPS = 300
+# The value each codec parameter takes when a spec leaves it out: a validated spec holds them filled in, so
+# what is recorded (spec.json, summary.json, the REST run) is what ran. `clip` stays None: no clipping.
+CODEC_DEFAULTS = {"budget": float(DEFAULT_BUDGET), "bits": 4, "bucket_size": 512, "q": 2.0}
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
     "budget": BUDGETED,
@@ -30,12 +35,18 @@ class CodecSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Literal[CODECS] = "svd"
-    budget: float | None = Field(None, gt=0, description="sparsity budget s (svd, entrywise, fourier); default 3")
+    budget: float | None = Field(
+        None, gt=0, le=1e9, description="sparsity budget s (svd, entrywise, fourier); default 3"
+    )
     reshape: Literal["rows", "paper"] = Field("rows", description="svd: [out, in*k*k] or the paper's [out*in/2, 2k^2]")
     bits: int | None = Field(None, ge=1, le=16, description="qsgd: bits b, levels s = 2^b - 1; default 4")
-    bucket_size: int | None = Field(None, ge=1, description="qsgd: bucket size (default: whole tensor)")
-    q: float | None = Field(None, gt=0, description="lq: the l_q norm (float('inf') is TernGrad's)")
-    clip: float | None = Field(None, gt=0, description="terngrad: clip at clip*sigma (biased)")
+    bucket_size: int | None = Field(
+        None, ge=1, lt=2**32, description="qsgd: entries per bucket norm; default 512 (QSGD's)"
+    )
+    q: float | Literal["inf"] | None = Field(
+        None, description='lq: the l_q norm, q > 0; "inf" is TernGrad\'s l_inf; default 2 (1-bit QSGD)'
+    )
+    clip: float | None = Field(None, gt=0, le=1e6, description="terngrad: clip at clip*sigma (biased); default none")
     atom_dtype: Literal["float32", "float16"] = "float32"
     vector_codec: Literal["dense", "entrywise"] = Field("dense", description="codec for 1-D tensors (biases, BN)")
     min_compression_rate: float = Field(
@@ -51,6 +62,28 @@ class CodecSpec(BaseModel):
             raise ValueError(f"codec {name!r} takes no {info.field_name}")
         return value
 
+    @field_validator("q")
+    @classmethod
+    def _positive_q(cls, q):
+        """q > 0, finite or infinite; JSON has no infinity, so it travels as the string "inf"."""
+        if q == "inf":
+            return math.inf
+        if q is not None and not q > 0:  # also refuses NaN
+            raise ValueError(f"q must be > 0 (or \"inf\"), got {q}")
+        return q
+
+    @field_serializer("q")
+    def _q_as_json(self, q):
+        return "inf" if q == math.inf else q
+
+    @model_validator(mode="after")
+    def _fill_defaults(self):
+        """Every parameter of this codec that was left out takes its default (CODEC_DEFAULTS)."""
+        for parameter, default in CODEC_DEFAULTS.items():
+            if self.name in _PARAMETER_OWNERS[parameter] and getattr(self, parameter) is None:
+                setattr(self, parameter, default)
+        return self
+
     @property
     def budget_or_default(self) -> float | int:
         return self.budget if self.budget is not None else DEFAULT_BUDGET
@@ -59,17 +92,15 @@ class CodecSpec(BaseModel):
         """Keyword arguments for `atomo_core.make_codec(self.name, **params)`."""
         params: dict = {}
         if self.name in BUDGETED:
-            params["budget"] = self.budget_or_default
+            params["budget"] = self.budget
         if self.name in ("svd", "entrywise", "fourier"):
             params["atom_dtype"] = self.atom_dtype
         if self.name == "svd":
             params["reshape"] = self.reshape
         if self.name == "qsgd":
-            params["bits"] = self.bits if self.bits is not None else 4
-            if self.bucket_size is not None:
-                params["bucket_size"] = self.bucket_size
+            params["bits"], params["bucket_size"] = self.bits, self.bucket_size
         if self.name == "lq":
-            params["q"] = self.q if self.q is not None else 2.0
+            params["q"] = self.q
         if self.name == "terngrad" and self.clip is not None:
             params["clip"] = self.clip
         return params
@@ -95,7 +126,9 @@ class RunSpec(BaseModel):
     lr_schedule: Literal["constant", "step", "cosine"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     step_milestones: list[int] = Field(default_factory=list, description="step schedule: steps where lr *= 0.1")
-    steps: int | None = Field(None, ge=1, le=10_000_000, description="total steps (default 300 unless epochs)")
+    steps: int | None = Field(
+        None, ge=1, le=10_000_000, description=f"total steps (default {DEFAULT_STEPS} unless epochs)"
+    )
     epochs: float | None = Field(None, gt=0, le=10_000)
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(100, ge=1)
@@ -131,10 +164,15 @@ class RunSpec(BaseModel):
             raise ValueError(f"batch_size ({batch_size}) is smaller than workers ({workers})")
         return batch_size
 
+    @model_validator(mode="after")
+    def _default_steps(self):
+        """Without steps or epochs, a run has DEFAULT_STEPS steps (recorded as such)."""
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+        return self
+
     def total_steps(self, train_size: int) -> int:
         """Steps to run: `steps`, or `epochs` passes over a training set of `train_size` examples."""
         if self.steps is not None:
             return self.steps
-        if self.epochs is not None:
-            return max(1, round(self.epochs * train_size / self.batch_size))
-        return 300
+        return max(1, round(self.epochs * train_size / self.batch_size))

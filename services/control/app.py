@@ -15,12 +15,12 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from services.common.metrics import CONTROL_METRICS, create
+from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.common.spec import RunSpec
 from services.control import errors
 from services.control.auth import bearer_dependency
 from services.control.errors import ApiError, ErrorBody
 from services.control.middleware import BodyLimit, RequestTimer
-from services.control.ps_client import PSClient, PSError, PSUnavailable
 from services.control.scheduler import Scheduler
 from services.control.schemas import (
     Cluster,

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 
-from services.control.ps_client import PSClient, PSError, PSUnavailable
+from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.control.store import FINAL, Store
 
 log = logging.getLogger("atomo.control")
