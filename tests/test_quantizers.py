@@ -150,7 +150,8 @@ def test_terngrad_is_l_infinity_quantization():
 
 def test_one_bit_qsgd_is_l2_quantization():
     x = torch.randn(5000)
-    a = atomo_core.decode(bytes(make_codec("qsgd", bits=1).encode(x, generator=torch.Generator().manual_seed(3))))
+    one_bucket = make_codec("qsgd", bits=1, bucket_size=0)  # lq normalizes by the whole tensor's norm
+    a = atomo_core.decode(bytes(one_bucket.encode(x, generator=torch.Generator().manual_seed(3))))
     b = atomo_core.decode(bytes(make_codec("lq", q=2).encode(x, generator=torch.Generator().manual_seed(3))))
     assert torch.equal(a != 0, b != 0) and int((a != 0).sum()) > 0
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
@@ -166,7 +167,7 @@ def test_qsgd_bits_within_theorem_3_2(kind, n, bits):
     bound by more than 3 standard errors.
     """
     g = torch.Generator().manual_seed(n + bits)
-    codec = make_codec("qsgd", bits=bits)
+    codec = make_codec("qsgd", bits=bits, bucket_size=0)  # one bucket of n entries: the theorem's setting
     sizes = []
     for _ in range(30):
         x = torch.randn(n, generator=g)
