@@ -109,7 +109,12 @@ def test_readyz_is_false_without_ps_and_healthz_is_open(service):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     ready = httpx.get(service.url + "/readyz")
     assert ready.status_code == 503
-    assert ready.json() == {"ready": False, "store": True, "ps": False}
+    assert ready.json() == {
+        "ready": False,
+        "store": True,
+        "ps": False,
+        "reason": f"the PS at {service.ps_endpoint} does not answer",
+    }
 
 
 def test_cluster_reports_unreachable_ps(api, dead_ps):

@@ -2,7 +2,14 @@
 
 Each process is `python -m services ps|worker ...` with its output in `<log_dir>/<name>.log`. The PS picks
 free ports itself and prints them on a ready line, which `start()` reads; it then waits until every worker
-has registered (through the PS's control port).
+has registered (through the PS's control port). Metrics ports are chosen before anything starts (a base
+port and the next ones, or free ports), so they are known and printable in advance (`metrics_ports`).
+
+Children die with their launcher: each child gets the read end of a pipe whose write end only the launching
+process holds (`ATOMO_PARENT_FD`); `watch_parent()`, called first thing by `atomo ps` and `atomo worker`,
+stops the child gracefully when that pipe reports end of file (its parent is gone, however it died) and
+exits it hard after a grace period. Unlike a parent-death signal this does not depend on which thread
+spawned the child.
 """
 
 from __future__ import annotations
@@ -10,23 +17,56 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from services.common.ps_client import PSClient, PSUnavailable
-from services.common.transport import CurveKeys
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0  # interpreter shutdown with torch loaded takes seconds on a busy machine
+PARENT_FD_ENV = "ATOMO_PARENT_FD"
+PARENT_GRACE_S = 5.0  # after the parent is gone: this long to stop gracefully (checkpoint), then a hard exit
+
+
+def watch_parent(grace_s: float = PARENT_GRACE_S) -> None:
+    """If started by a LocalCluster: stop this process (SIGTERM to itself) when the launcher is gone, and
+    exit it hard `grace_s` later if it has not ended by then. A no-op for processes started otherwise."""
+    value = os.environ.pop(PARENT_FD_ENV, None)  # popped: a grandchild must not watch an fd it lacks
+    if not value or not value.isdigit():
+        return
+    fd = int(value)
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 64):  # the parent never writes: this returns b"" once its end is closed
+                pass
+        except OSError:
+            return  # not the pipe we were given: watch nothing rather than stop a healthy process
+        print("the launching process is gone: stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host`."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 class ClusterError(RuntimeError):
     """A process of the local cluster did not start or exited early; the message quotes its log."""
 
 
-def _log_tail(path: Path, lines: int = 20) -> str:
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file (empty if it cannot be read)."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -39,6 +79,8 @@ class LocalCluster:
     `threads`: torch threads per process (default: the cores shared out, at least one each).
     `keys`: a CURVE key directory (`atomo keys`): the PS serves with it, and every worker and this launcher's
     control client use its client key `key_name`.
+    `metrics`: serve Prometheus metrics from every process, on `metrics_base` (the PS) and the ports after it
+    (worker i on `metrics_base + 1 + i`), or on free ports chosen now when `metrics_base` is 0.
     """
 
     def __init__(
@@ -54,6 +96,7 @@ class LocalCluster:
         env: dict[str, str] | None = None,
         keys: str | Path | None = None,
         key_name: str = "client-0",
+        metrics_base: int = 0,
     ):
         self.state_dir = Path(state_dir)
         self.log_dir = Path(log_dir) if log_dir is not None else self.state_dir / "logs"
@@ -71,15 +114,26 @@ class LocalCluster:
         self.ready: dict = {}
         self.port = 0
         self.control_port = 0
+        names = ["ps", *(f"worker-{i}" for i in range(workers))]
+        self.metrics_ports: dict[str, int] = {}
+        if metrics:
+            ports = [metrics_base + i for i in range(len(names))] if metrics_base else [free_port() for _ in names]
+            self.metrics_ports = dict(zip(names, ports, strict=True))
+        self._parent_read, self._parent_write = os.pipe()  # children watch the read end (watch_parent)
 
     # -- processes -------------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it from here)
+        env = {**self.env, PARENT_FD_ENV: str(self._parent_read)}
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "services", *args], stdout=log, stderr=subprocess.STDOUT, env=self.env
+                [sys.executable, "-m", "services", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(self._parent_read,),
             )
         finally:
             log.close()
@@ -100,7 +154,7 @@ class LocalCluster:
             str(self.heartbeat_s),
             "--threads",
             str(self.threads),
-            *(["--metrics-port", str(self.ready.get("metrics_port") or 0)] if self.metrics else []),
+            *(["--metrics-port", str(self.metrics_ports["ps"])] if self.metrics else []),
             *(["--keys", str(self.keys)] if self.keys else []),
             *self.ps_args,
         ]
@@ -115,9 +169,9 @@ class LocalCluster:
                 self.port, self.control_port = ready["port"], ready["control_port"]
                 return ready
             if self.ps.poll() is not None:
-                raise ClusterError(f"the PS exited with status {self.ps.returncode}:\n{_log_tail(log)}")
+                raise ClusterError(f"the PS exited with status {self.ps.returncode}:\n{log_tail(log)}")
             time.sleep(0.05)
-        raise ClusterError(f"the PS was not ready within {timeout_s:.0f} s:\n{_log_tail(log)}")
+        raise ClusterError(f"the PS was not ready within {timeout_s:.0f} s:\n{log_tail(log)}")
 
     @staticmethod
     def _ready_line(log: Path, offset: int) -> dict | None:
@@ -142,6 +196,7 @@ class LocalCluster:
             str(self.heartbeat_s),
             "--threads",
             str(self.threads),
+            *(["--metrics-port", str(self.metrics_ports[worker_id])] if worker_id in self.metrics_ports else []),
             *(["--keys", str(self.keys), "--key-name", self.key_name] if self.keys else []),
             *self.worker_args,
         ]
@@ -157,6 +212,8 @@ class LocalCluster:
         return self
 
     def client(self, timeout_s: float = 5.0) -> PSClient:
+        from services.common.transport import CurveKeys  # torch comes with it: only where keys are used
+
         curve = CurveKeys.load(self.keys, "client", self.key_name) if self.keys else None
         return PSClient(f"tcp://127.0.0.1:{self.control_port}", timeout_s=timeout_s, curve=curve)
 
@@ -165,7 +222,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             for worker_id, proc in self.workers.items():
                 if proc.poll() is not None:
-                    log = _log_tail(self.log_dir / f"{worker_id}.log")
+                    log = log_tail(self.log_dir / f"{worker_id}.log")
                     raise ClusterError(f"worker {worker_id} exited with status {proc.returncode}:\n{log}")
             try:
                 workers = self.client().status()["workers"]
@@ -186,7 +243,7 @@ class LocalCluster:
                 if summary.exists():
                     return json.loads(summary.read_text())
                 raise ClusterError(
-                    f"the PS exited with status {self.ps.returncode}:\n{_log_tail(self.log_dir / 'ps.log')}"
+                    f"the PS exited with status {self.ps.returncode}:\n{log_tail(self.log_dir / 'ps.log')}"
                 )
             try:
                 status = self.client().status()

@@ -38,6 +38,7 @@ from services.control.store import FINAL, Store
 
 if TYPE_CHECKING:  # the transport module pulls in torch; the control service only needs the keys' fields
     from services.common.transport import CurveKeys
+    from services.control.launchers import Launcher
 
 RunId = Annotated[str, Path(min_length=1, max_length=64)]
 
@@ -102,7 +103,9 @@ def _page_seq(token: str) -> int:
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 500)}
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
+    """The app for `settings`; `launcher`, when it supervises the PS process (`atomo up`), tells the
+    scheduler, /readyz and GET /v1/cluster when that process is down."""
     store = Store(settings.db_path)
     registry = CollectorRegistry()
     metrics = create(CONTROL_METRICS, registry)
@@ -113,6 +116,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics["atomo_control_run_duration_seconds"],
         settings.poll_interval_s,
         settings.lost_after_s,
+        launcher,
     )
 
     @asynccontextmanager
@@ -236,11 +240,17 @@ def create_app(settings: Settings) -> FastAPI:
     async def read_cluster() -> Cluster:
         status = scheduler.cluster or {}
         live = status.get("run") or {}
+        ps_info = dict(status.get("ps") or {})
+        process = launcher.ps_process() if launcher is not None else None
+        if process is not None:
+            ps_info["process"] = process
+            if process["state"] == "down":
+                ps_info["state"] = "down"
         return Cluster(
             reachable=scheduler.ps_reachable(),
             endpoint=settings.ps_endpoint,
             observed_at=iso_time(scheduler.last_contact),
-            ps=status.get("ps"),
+            ps=ps_info or None,
             workers=status.get("workers") or [],
             run_id=live.get("run_id") if live.get("state") not in FINAL else None,
         )
@@ -259,8 +269,13 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def readyz(response: Response) -> Ready:
         ready = Ready(ready=False, store=store.ping(), ps=scheduler.ps_reachable())
+        down = scheduler.ps_down()
         ready.ready = ready.store and ready.ps
         response.status_code = 200 if ready.ready else 503
+        if not ready.store:
+            ready.reason = f"the store {settings.db_path} cannot be read"
+        elif not ready.ps:
+            ready.reason = down or f"the PS at {settings.ps_endpoint} does not answer"
         return ready
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import secrets
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +27,31 @@ def load_token(token_file: str | None = None) -> str | None:
         if not token:
             raise ValueError(f"token file {token_file} is empty")
     return token or None
+
+
+def stored_token(path: str | Path, rotate: bool = False) -> tuple[str, bool]:
+    """(token, reused): the token kept in `path`, or a new one written there (mode 0600) if the file is
+    missing or empty, or `rotate` asks for a new one. `atomo up` keeps it in its state directory so that an
+    exported ATOMO_API_TOKEN still works after a restart."""
+    path = Path(path)
+    if not rotate:
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if token:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)  # a copy made readable by others is made private again
+            return token, True
+    token = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    os.replace(tmp, path)
+    return token, False
 
 
 def check_bind(host: str, token: str | None, allow_open: bool) -> None:

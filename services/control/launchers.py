@@ -1,21 +1,35 @@
 """Launchers: start and stop a cluster (a PS and its workers) and report its PS control endpoint.
 
-`LocalLauncher` runs them as processes on this machine; a Kubernetes launcher implements the same
-`Launcher` interface with a PS Deployment and a worker StatefulSet. `ControlProcess` runs `atomo serve`
+`LocalLauncher` runs them as processes on this machine and supervises the PS: if the PS process dies, it
+reports that at once (`ps_process()`, `drain_events()`, which the control service's scheduler reads),
+restarts the PS on the same ports (it resumes its unfinished run from the checkpoint and the workers
+register again), and after `crash_loop_limit` deaths during the same run marks that run failed in the PS's
+state directory, so that the restarted PS does not resume it again. A Kubernetes launcher implements the
+same `Launcher` interface with a PS Deployment and a worker StatefulSet. `ControlProcess` runs `atomo serve`
 as a child process (for `atomo up`-like setups, the tests and the benchmark).
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
-import socket
 import subprocess
 import sys
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import httpx
+
+from services.common.launch import ClusterError, LocalCluster, free_port, log_tail
+
+log = logging.getLogger("atomo.control")
+
+CRASH_LOOP_LIMIT = 3  # PS deaths during one run before that run is failed instead of resumed again
+SUPERVISE_INTERVAL_S = 0.2
+LOG_TAIL_LINES = 20
 
 
 class Launcher(ABC):
@@ -34,18 +48,23 @@ class Launcher(ABC):
     def control_endpoint(self) -> str:
         """The PS control endpoint of the started cluster."""
 
+    def ps_process(self) -> dict | None:
+        """The PS process as this launcher sees it (`state` "up" or "down", `pid`, `restarts`, and when down
+        `exit_status`, `since` and `log_tail`); None when this launcher does not watch the PS process."""
+        return None
+
+    def drain_events(self) -> list[dict]:
+        """What happened to the PS process since the last call, oldest first: `{"type": "ps_exited",
+        "exit_status", "log_tail", "run_id", "deaths", "run_failed"}` or `{"type": "ps_restarted", "pid",
+        "restarts"}`; empty when this launcher does not watch the PS process."""
+        return []
+
     def __enter__(self) -> Launcher:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class ControlProcess:
@@ -104,20 +123,118 @@ class ControlProcess:
 
 
 class LocalLauncher(Launcher):
-    """A PS and `workers` worker processes on loopback (services.common.launch.LocalCluster)."""
+    """A PS and `workers` worker processes on loopback (services.common.launch.LocalCluster).
 
-    def __init__(self, state_dir: str | Path, workers: int = 2, **cluster_options):
-        from services.common.launch import LocalCluster
+    With `supervise`, a thread watches the PS process and restarts it when it dies (see the module's doc).
+    """
 
+    def __init__(
+        self,
+        state_dir: str | Path,
+        workers: int = 2,
+        supervise: bool = False,
+        crash_loop_limit: int = CRASH_LOOP_LIMIT,
+        **cluster_options,
+    ):
         self.cluster = LocalCluster(state_dir, workers, **cluster_options)
+        self.supervise = supervise
+        self.crash_loop_limit = crash_loop_limit
+        self.restarts = 0
+        self._down: dict | None = None  # exit_status, since, log_tail while the PS is down
+        self._deaths: collections.Counter[str] = collections.Counter()  # PS deaths by the run it was serving
+        self._events: collections.deque[dict] = collections.deque(maxlen=1000)
+        self._lock = threading.Lock()  # one of start_ps/stop at a time
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> str:
         self.cluster.start()
+        if self.supervise:
+            self._thread = threading.Thread(target=self._supervise, name="ps-supervisor", daemon=True)
+            self._thread.start()
         return self.control_endpoint
 
     def stop(self) -> None:
-        self.cluster.stop()
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            self.cluster.stop()
 
     @property
     def control_endpoint(self) -> str:
         return f"tcp://127.0.0.1:{self.cluster.control_port}"
+
+    def ps_process(self) -> dict | None:
+        if not self.supervise:
+            return None
+        ps, down = self.cluster.ps, self._down
+        state = {"state": "down" if down else "up", "pid": None if down or ps is None else ps.pid}
+        return state | {"restarts": self.restarts} | (down or {})
+
+    def drain_events(self) -> list[dict]:
+        events = []
+        while self._events:
+            events.append(self._events.popleft())
+        return events
+
+    # -- supervision -----------------------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        backoff = 0.0
+        while not self._stopping.wait(SUPERVISE_INTERVAL_S):
+            ps = self.cluster.ps
+            if ps is None or ps.poll() is None:
+                backoff = 0.0
+                continue
+            self._on_exit(ps.returncode)
+            self._stopping.wait(backoff)  # a PS that dies again at once is restarted more slowly each time
+            backoff = min(10.0, 2 * backoff or 1.0)
+            self._restart()
+
+    def _on_exit(self, status: int) -> None:
+        """The PS exited: say so, count it against the run it was serving, fail that run if it crash-loops."""
+        tail = log_tail(self.cluster.log_dir / "ps.log", LOG_TAIL_LINES)
+        self._down = {"exit_status": status, "since": time.time(), "log_tail": tail}
+        run_id = self._unfinished_run()
+        deaths = 0
+        failed = False
+        if run_id is not None:
+            self._deaths[run_id] += 1
+            deaths = self._deaths[run_id]
+            failed = deaths >= self.crash_loop_limit
+            if failed:
+                self._fail_run(run_id, deaths, tail)
+        log.error("the PS exited with status %s (run %s, death %d)", status, run_id, deaths)
+        self._events.append(
+            {"type": "ps_exited", "exit_status": status, "log_tail": tail, "run_id": run_id, "deaths": deaths}
+            | {"run_failed": failed}
+        )
+
+    def _unfinished_run(self) -> str | None:
+        """The run a restarted PS would resume: the newest one in its state directory without a summary."""
+        from services.ps.rundir import scan_runs
+
+        _, unfinished = scan_runs(self.cluster.state_dir)
+        return unfinished[-1] if unfinished else None
+
+    def _fail_run(self, run_id: str, deaths: int, tail: str) -> None:
+        """Write the run's final summary as failed: a PS never resumes a run that has one."""
+        from services.ps.rundir import RunDirectory
+
+        error = f"the PS died {deaths} times during this run (a crash loop); the end of its log:\n{tail}"
+        summary = {"run_id": run_id, "state": "failed", "error": error}
+        RunDirectory(self.cluster.state_dir, run_id).write_summary(summary)
+
+    def _restart(self) -> None:
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            try:
+                self.cluster.start_ps()
+            except ClusterError as exc:  # it died again while starting: the next pass counts that death
+                log.error("the PS did not restart: %s", exc)
+                return
+        self.restarts += 1
+        self._down = None
+        self._events.append({"type": "ps_restarted", "pid": self.cluster.ps.pid, "restarts": self.restarts})

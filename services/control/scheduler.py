@@ -9,6 +9,11 @@ Each poll (every `poll_interval_s`, or at once after `wake()`):
      while `starting`, failed once `running`), forward a pending cancel;
   3. when no run is active and the PS is idle, claim the oldest queued run and submit it.
 A control service restarted mid-run re-attaches to the run the PS kept going, in step 2.
+
+With a launcher that supervises the PS process (`atomo up`), each poll first takes the launcher's news: a PS
+that exited gives the active run a `ps_exited` event quoting the end of the PS's log (and fails it, with
+that as its error, when the launcher gave up on the run after a crash loop); a restarted PS gives a
+`ps_restarted` event. Under plain `atomo serve` there is no launcher and only the PS's control port counts.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.control.store import FINAL, Store
+
+if TYPE_CHECKING:
+    from services.control.launchers import Launcher
 
 log = logging.getLogger("atomo.control")
 
@@ -37,9 +46,11 @@ class Scheduler:
         run_duration=None,
         poll_interval_s: float = 0.5,
         lost_after_s: float = 120.0,
+        launcher: Launcher | None = None,
     ):
         self.store = store
         self.ps = ps
+        self.launcher = launcher
         self.run_duration = run_duration  # prometheus Histogram of finished runs' wall time, or None
         self.poll_interval_s = poll_interval_s
         self.lost_after_s = lost_after_s
@@ -67,7 +78,17 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def ps_down(self) -> str | None:
+        """Why the PS is not serving, when its launcher knows its process exited; None otherwise."""
+        process = self.launcher.ps_process() if self.launcher is not None else None
+        if process is None or process["state"] != "down":
+            return None
+        return f"the PS process exited with status {process['exit_status']}; restarting it"
+
     def ps_reachable(self) -> bool:
+        """The PS answered a recent poll (and its launcher, if any, does not know it to be down)."""
+        if self.ps_down() is not None:
+            return False
         horizon = max(2.0, 4 * self.poll_interval_s) + self.ps.timeout_ms / 1000
         return self.last_contact is not None and time.time() - self.last_contact < horizon
 
@@ -86,6 +107,9 @@ class Scheduler:
     # One poll -----------------------------------------------------------------------------------------
 
     def poll_once(self) -> None:
+        if self.launcher is not None:
+            for event in self.launcher.drain_events():
+                self._on_launcher_event(event)
         try:
             status = self.ps.status()
         except (PSUnavailable, PSError) as exc:
@@ -111,6 +135,18 @@ class Scheduler:
         if run is not None and run["state"] in FINAL:
             log.warning("the PS resumed run %s, which is %s here: cancelling it at the PS", run_id, run["state"])
             self.ps.cancel(run_id)
+
+    def _on_launcher_event(self, event: dict) -> None:
+        """The PS process exited or was restarted: an event on each active run; a run the launcher gave up
+        on (a crash loop) fails here with the end of the PS's log as its error."""
+        if event["type"] == "ps_exited":
+            self.last_contact = None  # not ready from now on, not only once the next status times out
+        for run in self.store.active_runs():
+            self.store.add_event(run["id"], event["type"], {k: v for k, v in event.items() if k != "type"})
+            if event["type"] == "ps_exited" and event.get("run_failed") and event.get("run_id") == run["id"]:
+                tail = event["log_tail"]
+                reason = f"the PS died {event['deaths']} times during this run; the end of its log:\n{tail}"
+                self._finish(run, "failed", reason, error=reason)
 
     def _ps_lost(self, why: str) -> None:
         now = time.time()

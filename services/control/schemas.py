@@ -60,10 +60,25 @@ class Events(BaseModel):
     next_since: int
 
 
+class PSProcess(BaseModel):
+    """The PS process as its supervising launcher sees it (`atomo up`); absent under plain `atomo serve`."""
+
+    state: Literal["up", "down"]
+    pid: int | None = None
+    restarts: int = 0
+    exit_status: int | None = None
+    since: float | None = None
+    log_tail: str | None = None
+
+
 class PSInfo(BaseModel):
     address: str | None = None
     device: str | None = None
     state: str | None = None
+    port: int | None = None
+    control_port: int | None = None
+    metrics_port: int | None = None
+    process: PSProcess | None = None
 
 
 class Worker(BaseModel):
@@ -73,6 +88,8 @@ class Worker(BaseModel):
     state: str | None = None
     last_heartbeat: float | None = None
     run: str | None = None
+    metrics_port: int | None = None
+    pid: int | None = None
 
 
 class Cluster(BaseModel):
@@ -92,6 +109,7 @@ class Ready(BaseModel):
     ready: bool
     store: bool
     ps: bool
+    reason: str | None = None
 
 
 def iso_time(t: float | None) -> str | None:

@@ -9,13 +9,12 @@ import logging
 import os
 import signal
 import socket
+import sys
 
-from services.common.transport import CurveKeys
+from services.common.argtypes import env_default, port, positive_float, positive_int
+from services.common.launch import watch_parent
 
-
-def _env(name: str, default=None, kind=str):
-    value = os.environ.get(name)
-    return default if value in (None, "") else kind(value)
+_env = env_default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,16 +25,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stable worker id (ATOMO_WORKER_ID)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("ATOMO_DEVICE", "auto"))
-    parser.add_argument("--metrics-port", type=int, default=_env("ATOMO_METRICS_PORT", None, int))
+    parser.add_argument(
+        "--metrics-port",
+        type=port,
+        default=_env("ATOMO_METRICS_PORT", None, port),
+        help="serve Prometheus metrics on this port (0: a free one, printed on the ready line; ATOMO_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=_env("ATOMO_METRICS_HOST", "127.0.0.1"),
+        help="address of the metrics endpoint (default 127.0.0.1; ATOMO_METRICS_HOST=0.0.0.0 to be scraped remotely)",
+    )
     parser.add_argument("--keys", default=_env("ATOMO_KEYS"), help="CURVE key directory (`atomo keys`)")
     parser.add_argument("--key-name", default=_env("ATOMO_KEY_NAME"), help="this worker's client key name")
-    parser.add_argument("--heartbeat-s", type=float, default=_env("ATOMO_HEARTBEAT_S", 1.0, float))
+    parser.add_argument("--heartbeat-s", type=positive_float, default=_env("ATOMO_HEARTBEAT_S", 1.0, positive_float))
     parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
-    parser.add_argument("--threads", type=int, default=_env("ATOMO_THREADS", None, int), help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=positive_int, default=_env("ATOMO_THREADS", None, positive_int), help="torch CPU threads"
+    )
     parser.add_argument("--log-level", default=_env("ATOMO_LOG_LEVEL", "INFO"))
 
 
 def run(args: argparse.Namespace) -> int:
+    watch_parent()
+    from services.common.transport import CurveKeys
     from services.worker.worker import Worker, install_signal_handlers
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -47,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     if metrics_port is not None:
         from prometheus_client import start_http_server
 
-        httpd, _thread = start_http_server(metrics_port)
+        try:
+            httpd, _thread = start_http_server(metrics_port, addr=args.metrics_host)
+        except OSError as exc:
+            print(f"atomo worker: cannot serve metrics on {args.metrics_host}:{metrics_port}: {exc}", file=sys.stderr)
+            return 1
         metrics_port = httpd.server_port
     worker = Worker(
         args.ps,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
+from services.common.argtypes import port as port_type
+from services.common.argtypes import positive_float, positive_int
 from services.control.client import TOKEN_ENV
 
 PS_ENV = "ATOMO_PS_CONTROL"
@@ -14,15 +17,22 @@ PS_ENV = "ATOMO_PS_CONTROL"
 def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> None:
     """The HTTP and store options that `serve` and `up` share."""
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=port, help=f"HTTP port (default {port})")
+    parser.add_argument("--port", type=port_type, default=port, help=f"HTTP port (default {port})")
     parser.add_argument("--token-file", help=f"file holding the API token (${TOKEN_ENV} takes precedence)")
     parser.add_argument(
         "--allow-unauthenticated", action="store_true", help="serve without a token on a non-loopback address"
     )
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
-    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between PS polls (default 0.5)")
     parser.add_argument(
-        "--lost-after", type=float, default=120.0, help="fail the active run after the PS is unreachable this long"
+        "--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit (default 1 MiB)"
+    )
+    parser.add_argument(
+        "--poll-interval", type=positive_float, default=0.5, help="seconds between PS polls (default 0.5)"
+    )
+    parser.add_argument(
+        "--lost-after",
+        type=positive_float,
+        default=120.0,
+        help="fail the active run after the PS is unreachable this long",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument(
@@ -42,8 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-client", help="the client key name in DIR/clients to use (default: the only one)")
 
 
-def serve(args: argparse.Namespace, db_path: str, ps_endpoint: str, token: str | None, curve=None) -> int:
-    """Run the control service in the foreground until interrupted."""
+def serve(
+    args: argparse.Namespace,
+    db_path: str,
+    ps_endpoint: str,
+    token: str | None,
+    curve=None,
+    launcher=None,
+    sock: socket.socket | None = None,
+) -> int:
+    """Run the control service in the foreground until interrupted; on `sock` if given (already bound and
+    listening), else on --host/--port. `launcher`: the one that supervises the PS (`atomo up`), or None."""
     import uvicorn
 
     from services.control.app import Settings, create_app
@@ -57,9 +76,10 @@ def serve(args: argparse.Namespace, db_path: str, ps_endpoint: str, token: str |
         lost_after_s=args.lost_after,
         curve=curve,
     )
-    uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log
-    )
+    app = create_app(settings, launcher)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock] if sock is not None else None)
     return 0
 
 
