@@ -6,7 +6,18 @@ Atomic Sparsification", NeurIPS 2018. Section and equation numbers in docstrings
 
 import atomo_core.decompositions  # noqa: F401  (registers the ATOMO codecs)
 import atomo_core.quantizers  # noqa: F401  (registers the quantization codecs)
-from atomo_core.codecs import Codec, codec_for, codec_names, decode, make_codec, register_codec
+from atomo_core.codecs import (
+    PLUGIN_GROUP,
+    Codec,
+    codec_for,
+    codec_names,
+    decode,
+    load_plugin,
+    load_plugins,
+    make_codec,
+    plugin_codec_names,
+    register_codec,
+)
 from atomo_core.decompositions import AtomicCodec, AtomicDecomposition, OrthonormalBasisDecomposition
 from atomo_core.policy import LayerPolicy, decode_add_, dense_nbytes
 from atomo_core.probabilities import atomic_probabilities
@@ -18,6 +29,7 @@ __all__ = [
     "Codec",
     "LayerPolicy",
     "Message",
+    "PLUGIN_GROUP",
     "OrthonormalBasisDecomposition",
     "WireFormatError",
     "WireLimits",
@@ -27,6 +39,9 @@ __all__ = [
     "decode",
     "decode_add_",
     "dense_nbytes",
+    "load_plugin",
+    "load_plugins",
     "make_codec",
+    "plugin_codec_names",
     "register_codec",
 ]

@@ -2,11 +2,18 @@
 
 Every codec is registered under a name (for `make_codec`) and a one-byte id (in the wire header), and
 writes the parameters its decoder needs into the header, so that `decode(bytes)` needs nothing else.
+
+Codecs from other packages (plugins) are Python entry points in the group `atomo.codecs`, each naming its
+`Codec` subclass (`haar = "atomo_haar:HaarCodec"`), with a codec id of 128 or more. They are imported when
+first needed: `make_codec` loads the one it is asked for, and `decode`/`codec_for` load every installed
+plugin the first time they meet an unknown codec id.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from importlib.metadata import entry_points
 from typing import ClassVar
 
 import torch
@@ -86,13 +93,79 @@ def register_codec(cls: type[Codec]) -> type[Codec]:
 
 
 def codec_names() -> list[str]:
+    """The registered codecs: the built-in ones and every plugin loaded so far."""
     return sorted(_BY_NAME)
 
 
+# Plugins ------------------------------------------------------------------------------------------------
+
+PLUGIN_GROUP = "atomo.codecs"  # services.common.spec reads the same group's names without importing torch
+FIRST_PLUGIN_ID = 128  # codec ids below are reserved for the built-in codecs
+_plugin_lock = threading.Lock()
+_plugins_scanned = False
+_plugin_errors: dict[str, str] = {}
+
+
+def plugin_codec_names() -> list[str]:
+    """The names of the installed plugin codecs (entry points of `PLUGIN_GROUP`), without importing them."""
+    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
+
+
+def load_plugin(name: str) -> type[Codec]:
+    """Import the plugin codec installed under `name`, register its class and return it.
+
+    ValueError (naming the plugin) if none is installed under that name, if importing it fails, or if it is
+    not a `Codec` subclass called `name` with a codec id from FIRST_PLUGIN_ID to 255 that no other codec has.
+    """
+    with _plugin_lock:
+        if name in _BY_NAME:
+            return _BY_NAME[name]
+        found = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == name]
+        if not found:
+            raise ValueError(f"no plugin codec {name!r} is installed (entry point group {PLUGIN_GROUP!r})")
+        where = f"plugin codec {name!r} ({found[0].value})"
+        try:
+            cls = found[0].load()
+        except Exception as exc:  # any import error of someone else's package: say which one
+            raise ValueError(f"{where} failed to load: {type(exc).__name__}: {exc}") from exc
+        if name in _BY_NAME:  # importing its module registered it (@register_codec)
+            cls = _BY_NAME[name]
+        if not (isinstance(cls, type) and issubclass(cls, Codec)):
+            raise ValueError(f"{where} is not a Codec subclass: {cls!r}")
+        if getattr(cls, "name", None) != name:
+            raise ValueError(f"{where}: its class is named {getattr(cls, 'name', None)!r}, not {name!r}")
+        if not (isinstance(cls.codec_id, int) and FIRST_PLUGIN_ID <= cls.codec_id <= 255):
+            raise ValueError(f"{where}: codec id {cls.codec_id!r} is not in {FIRST_PLUGIN_ID}..255")
+        if _BY_NAME.get(name) is not cls:
+            owner = _BY_ID.get(cls.codec_id)
+            if owner is not None:
+                raise ValueError(f"{where}: codec id {cls.codec_id} is already {owner.name!r}'s")
+            register_codec(cls)
+        return cls
+
+
+def load_plugins() -> dict[str, str]:
+    """Load every installed plugin codec (once per process); return {name: why it failed} for the others."""
+    global _plugins_scanned
+    if not _plugins_scanned:
+        for name in plugin_codec_names():
+            try:
+                load_plugin(name)
+            except ValueError as exc:
+                _plugin_errors[name] = str(exc)
+        _plugins_scanned = True
+    return dict(_plugin_errors)
+
+
 def make_codec(name: str, **params) -> Codec:
-    """Build a registered codec by name, e.g. `make_codec("svd", budget=3)`."""
+    """Build a codec by name, e.g. `make_codec("svd", budget=3)`: a built-in one or an installed plugin."""
     if name not in _BY_NAME:
-        raise ValueError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}")
+        if name not in plugin_codec_names():
+            raise ValueError(
+                f"unknown codec {name!r}; built-in and loaded codecs: {', '.join(codec_names())}; "
+                f"installed plugin codecs: {', '.join(plugin_codec_names()) or 'none'}"
+            )
+        load_plugin(name)
     try:
         return _BY_NAME[name](**params)
     except TypeError as exc:  # unexpected keyword: say which codec and what it takes
@@ -108,8 +181,12 @@ def decode(data: Message | bytes | bytearray | memoryview, limits: WireLimits = 
 def codec_for(msg: Message) -> Codec:
     """The codec that reads a parsed message, from its header's codec id and parameters."""
     cls = _BY_ID.get(msg.codec_id)
+    if cls is None and msg.codec_id >= FIRST_PLUGIN_ID and not _plugins_scanned:
+        load_plugins()  # a plugin's first message in this process
+        cls = _BY_ID.get(msg.codec_id)
     if cls is None:
-        raise WireFormatError(f"unknown codec id {msg.codec_id}")
+        failed = "".join(f"; {error}" for error in _plugin_errors.values())
+        raise WireFormatError(f"unknown codec id {msg.codec_id}{failed}")
     return cls.from_wire_params(msg.params)
 
 

@@ -5,14 +5,29 @@ Every field has a default, so `RunSpec()` (or `{}` over REST) is the embedded de
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Literal
+from importlib.metadata import entry_points
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_serializer, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq")
+# Plugin codecs: entry points of this group (atomo_core.codecs.PLUGIN_GROUP; this module does not import torch,
+# so validation reads only the installed entry points' names and imports nothing).
+PLUGIN_GROUP = "atomo.codecs"
+MAX_PLUGIN_PARAMS = 16
 BUDGETED = ("entrywise", "svd", "fourier")
 DEFAULT_BUDGET = 3  # the paper's best spectral-ATOMO budget on CIFAR-10 (Section 6)
 DEFAULT_STEPS = 300
@@ -28,13 +43,47 @@ _PARAMETER_OWNERS = {
     "clip": ("terngrad",),
 }
 
+ParamName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+# A plugin codec's parameter: a JSON scalar; numbers finite and within int64, strings short.
+ParamValue = (
+    bool
+    | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+    | Annotated[float, Field(allow_inf_nan=False)]
+    | Annotated[str, StringConstraints(max_length=256)]
+)
+
+
+def plugin_codec_names() -> list[str]:
+    """The names of the installed plugin codecs, read from their entry points without importing them."""
+    return sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)})
+
+
+def _parse_params(text: str) -> dict:
+    """The command-line form of `params`, 'key=value,key=value'; values as JSON scalars (8, 0.5, true) or text."""
+    params = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"params: expected key=value, got {item!r}")
+        try:
+            params[key.strip()] = json.loads(value.strip())
+        except ValueError:
+            params[key.strip()] = value.strip()
+    return params
+
 
 class CodecSpec(BaseModel):
     """The gradient codec and the per-layer policy (which layers it applies to)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal[CODECS] = "svd"
+    name: str = Field(
+        "svd",
+        min_length=1,
+        max_length=64,
+        description=f"a built-in codec ({', '.join(CODECS)}) or an installed plugin codec (entry point group "
+        f"{PLUGIN_GROUP!r})",
+    )
     budget: float | None = Field(
         None, gt=0, le=1e9, description="sparsity budget s (svd, entrywise, fourier); default 3"
     )
@@ -47,6 +96,12 @@ class CodecSpec(BaseModel):
         None, description='lq: the l_q norm, q > 0; "inf" is TernGrad\'s l_inf; default 2 (1-bit QSGD)'
     )
     clip: float | None = Field(None, gt=0, le=1e6, description="terngrad: clip at clip*sigma (biased); default none")
+    params: dict[ParamName, ParamValue] = Field(
+        default_factory=dict,
+        max_length=MAX_PLUGIN_PARAMS,
+        description=f"a plugin codec's keyword arguments (at most {MAX_PLUGIN_PARAMS}, JSON scalars); on the "
+        "command line key=value,key=value",
+    )
     atom_dtype: Literal["float32", "float16"] = "float32"
     vector_codec: Literal["dense", "entrywise"] = Field("dense", description="codec for 1-D tensors (biases, BN)")
     min_compression_rate: float = Field(
@@ -54,13 +109,36 @@ class CodecSpec(BaseModel):
     )
 
     # Field validators (not a model validator) so that an error names its field, e.g. "codec.bits".
+    @field_validator("name")
+    @classmethod
+    def _known_codec(cls, name: str) -> str:
+        """A built-in codec, or a plugin codec installed where this spec is validated."""
+        if name not in CODECS and name not in plugin_codec_names():
+            plugins = ", ".join(plugin_codec_names()) or f"none (entry point group {PLUGIN_GROUP!r})"
+            raise ValueError(f"unknown codec {name!r}; built-in codecs: {', '.join(CODECS)}; plugin codecs: {plugins}")
+        return name
+
     @field_validator(*_PARAMETER_OWNERS)
     @classmethod
     def _only_own_parameters(cls, value, info: ValidationInfo):
         name = info.data.get("name")
         if value is not None and name is not None and name not in _PARAMETER_OWNERS[info.field_name]:
-            raise ValueError(f"codec {name!r} takes no {info.field_name}")
+            hint = " (a plugin codec takes its parameters in codec.params)" if name not in CODECS else ""
+            raise ValueError(f"codec {name!r} takes no {info.field_name}{hint}")
         return value
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _params_from_text(cls, params):
+        return _parse_params(params) if isinstance(params, str) else params
+
+    @field_validator("params")
+    @classmethod
+    def _params_for_plugins(cls, params: dict, info: ValidationInfo):
+        name = info.data.get("name")
+        if params and name in CODECS:
+            raise ValueError(f"codec {name!r} takes no params (they are a plugin codec's keyword arguments)")
+        return params
 
     @field_validator("q")
     @classmethod
@@ -90,6 +168,8 @@ class CodecSpec(BaseModel):
 
     def codec_params(self) -> dict:
         """Keyword arguments for `atomo_core.make_codec(self.name, **params)`."""
+        if self.name not in CODECS:
+            return dict(self.params)
         params: dict = {}
         if self.name in BUDGETED:
             params["budget"] = self.budget
