@@ -133,11 +133,13 @@ class _Mean:
 
 
 def csv_chunks(records: Iterable[dict], rows_per_chunk: int = 1000) -> Iterator[str]:
-    """The records as CSV text, a chunk of rows at a time; columns are the union of their keys, first-seen order
-    (one pass to find them, one to write)."""
+    """The records as CSV text, a chunk of rows at a time (nothing without records); columns are the union of
+    their keys, first-seen order (one pass to find them, one to write)."""
     columns: dict[str, None] = {}
     for r in records:
         columns.update(dict.fromkeys(r))
+    if not columns:  # no record: an empty file
+        return
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from services.common.metrics import CONTROL_METRICS, create
 from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.common.spec import RunSpec
-from services.control import errors
+from services.control import artifacts, errors
 from services.control.auth import bearer_dependency
 from services.control.errors import ApiError, ErrorBody
 from services.control.middleware import BodyLimit, RequestTimer
@@ -256,6 +256,7 @@ def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
         )
 
     app.include_router(v1)
+    app.include_router(artifacts.router(store, settings.token))
 
     @app.get("/healthz", response_model=Health, summary="Liveness")
     async def healthz() -> Health:
