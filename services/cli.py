@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
@@ -43,10 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     selected = argv[0] if argv and argv[0] in COMMANDS else ""
     args = build_parser(selected).parse_args(argv)
     try:
-        return importlib.import_module(args._module).run(args) or 0
+        code = importlib.import_module(args._module).run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`atomo runs | head`): stop quietly, as `cat` does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere at exit
+        return 128 + 13  # killed by SIGPIPE, in the shell's terms
 
 
 if __name__ == "__main__":

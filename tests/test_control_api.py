@@ -4,7 +4,10 @@ validation, authentication, the error shape, pagination, cancel of queued runs, 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -13,7 +16,9 @@ from services.cli import main
 from services.control.app import Settings, create_app
 from services.control.auth import load_token
 from services.control.client import ApiError, Client
+from services.control.commands.common import compact_count, compact_float
 from services.control.launchers import ControlProcess, free_port
+from services.control.store import Store
 
 TOKEN = "test-token-0123456789"
 
@@ -313,3 +318,66 @@ def test_internal_errors_have_the_error_shape(tmp_path, dead_ps):
     response = asyncio.run(get_runs())
     assert response.status_code == 500
     assert error_of(response) == {"code": "internal_error", "message": "internal error", "details": None}
+
+
+def test_docs_work_offline_from_packaged_assets(service):
+    page = httpx.get(service.url + "/docs")
+    assert page.status_code == 200
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert assets and not [a for a in assets if "//" in a or not a.startswith("/")], assets  # no other host
+    for path in assets:
+        asset = httpx.get(service.url + path)
+        assert asset.status_code == 200 and len(asset.content) > 1000, path
+    assert httpx.get(service.url + "/docs/assets/index.html").status_code == 404  # only the page's own files
+    assert httpx.get(service.url + "/redoc").status_code == 404  # FastAPI's CDN-based page is off
+
+
+def test_a_form_encoded_submission_is_415_with_a_hint_to_send_json(api, service):
+    before = len(api.runs(limit=500)["runs"])
+    response = httpx.post(
+        service.url + "/v1/runs", data={"model": "mlp"}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )  # what `curl -d` sends
+    assert response.status_code == 415
+    assert "Content-Type: application/json" in error_of(response)["message"]
+    assert len(api.runs(limit=500)["runs"]) == before  # nothing queued
+
+
+def test_the_connection_error_names_the_url_it_tried(monkeypatch, capsys):
+    url = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("ATOMO_URL", url)
+    code, _, err = atomo(capsys, "runs")
+    assert code == 2 and f"cannot reach the control service at {url}:" in err and "$ATOMO_URL" not in err
+
+
+def test_runs_table_keeps_its_columns_with_huge_numbers(tmp_path, dead_ps, capsys):
+    store = Store(tmp_path / "control.db")  # figures the PS could report, written where the service reads them
+    huge = store.create_run({"name": "two\nlines"})["id"]
+    store.set_progress(huge, {"step": 9_999_999, "total_steps": 10_000_000, "loss": 1e30, "test_accuracy": 0.5})
+    store.set_progress(store.create_run({"name": "small"})["id"], {"step": 3, "total_steps": 300, "loss": 2.5})
+    store.close()
+    control = ControlProcess(tmp_path / "control.db", dead_ps, TOKEN).start()
+    try:
+        code, out, _ = atomo(capsys, "runs", "--url", control.url, "--token", TOKEN)
+    finally:
+        control.stop()
+    header, *rows = out.splitlines()
+    assert code == 0 and len(rows) == 2, out
+    assert "3/300" in rows[0] and "2.5000" in rows[0]
+    assert "10M/10M" in rows[1] and "1.00e+30" in rows[1] and "0.500" in rows[1] and "two?lines" in rows[1]
+    for column in ("ACC", "LOSS", "STEP"):  # right-aligned: every value ends where its heading ends
+        end = header.index(column) + len(column)
+        assert all(row[end - 1] != " " and row[end] == " " for row in rows), out
+    created = header.index("CREATED")  # and every row's date starts under its heading
+    assert all(re.match(r"\d{4}-\d\d-\d\d ", row[created:]) for row in rows), out
+    figures = [compact_float(x) for x in (0.0055, 1e30, -3.5e-7, float("nan"))]
+    assert figures == ["0.0055", "1.00e+30", "-3.50e-07", "nan"]
+    assert [compact_count(n) for n in (99_999, 1_234_567, 2**63 - 1)] == ["99999", "1.23M", "9.22E"]
+
+
+def test_a_closed_pipe_ends_a_command_quietly(service):
+    """`atomo runs | head`: the reader goes away before the table is written."""
+    command = [sys.executable, "-m", "services", "runs", "--url", service.url, "--token", TOKEN, "--limit", "500"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141 and b"Traceback" not in err, err.decode()

@@ -11,6 +11,11 @@ URL_ENV, TOKEN_ENV = "ATOMO_URL", "ATOMO_API_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
 
 
+def resolve_url(url: str | None = None) -> str:
+    """The service URL a client uses: `url`, else $ATOMO_URL, else DEFAULT_URL (no trailing slash)."""
+    return (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+
+
 def _run_path(run_id: str, suffix: str = "") -> str:
     return f"/v1/runs/{quote(run_id, safe='')}{suffix}"
 
@@ -25,7 +30,7 @@ class ApiError(Exception):
 
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, timeout_s: float = 30.0):
-        self.url = (url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+        self.url = resolve_url(url)
         token = token or os.environ.get(TOKEN_ENV)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)

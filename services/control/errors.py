@@ -68,6 +68,12 @@ def allowed_methods(app: FastAPI, scope) -> list[str]:
     return sorted(methods)
 
 
+def is_json(content_type: str) -> bool:
+    """Whether a Content-Type names JSON (application/json, or a +json type), parameters aside."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -85,6 +91,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
+        content_type = request.headers.get("content-type")
+        body_errors = any(e["loc"][:1] == ("body",) for e in exc.errors())
+        if body_errors and content_type is not None and not is_json(content_type):  # e.g. `curl -d` sends a form
+            message = f"the body must be JSON: send it with Content-Type: application/json (got {content_type[:100]})"
+            details = [{"field": "body", "in": "header", "message": message}]
+            return error_response(415, message, details)
         details = [
             {
                 "field": "body" if e["type"] == "json_invalid" else field_path(tuple(e["loc"])),

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 from datetime import datetime
 
 import httpx
 
-from services.control.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, ApiError, Client
+from services.control.client import DEFAULT_URL, TOKEN_ENV, URL_ENV, ApiError, Client, resolve_url
 
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -37,7 +38,7 @@ def reports_errors(command: str):
                     print(f"  {d.get('field', '?')}: {d.get('message', '')}", file=sys.stderr)
                 return 1
             except httpx.HTTPError as exc:
-                url = args.url or "$" + URL_ENV + " or " + DEFAULT_URL
+                url = resolve_url(args.url)
                 print(f"atomo {command}: cannot reach the control service at {url}: {exc}", file=sys.stderr)
                 return 2
 
@@ -46,16 +47,44 @@ def reports_errors(command: str):
     return wrap
 
 
+def compact_count(n: int | None, missing: str = "-") -> str:
+    """A count in at most 6 characters (up to 1e21): 12345 -> '12345', 1234567 -> '1.23M'."""
+    if n is None:
+        return missing
+    if abs(n) < 100_000:
+        return str(n)
+    for suffix, scale in (("k", 1e3), ("M", 1e6), ("G", 1e9), ("T", 1e12), ("P", 1e15), ("E", 1e18)):
+        text = f"{n / scale:.3g}"
+        if "e" not in text:
+            return text + suffix
+    return f"{n:.2e}"
+
+
+def compact_float(x: float | None, decimals: int = 4) -> str:
+    """A figure in at most 10 characters: fixed-point from 1e-3 to 1e4 (and 0), scientific beyond."""
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if x == 0 or 1e-3 <= abs(x) < 1e4:
+        return f"{x:.{decimals}f}"
+    return f"{x:.2e}"
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (a newline in a run name) shown as '?', so one row stays one line."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 def progress_line(run: dict) -> str:
-    step = "-" if run.get("step") is None else str(run["step"])
-    total = "?" if run.get("total_steps") is None else str(run["total_steps"])
+    step, total = compact_count(run.get("step")), compact_count(run.get("total_steps"), "?")
     parts = [f"{run['id']}  {run['state']:<9}  step {step}/{total}"]
     if run.get("loss") is not None:
-        parts.append(f"loss {run['loss']:.4f}")
+        parts.append(f"loss {compact_float(run['loss'])}")
     if run.get("test_accuracy") is not None:
-        parts.append(f"test acc {run['test_accuracy']:.4f}")
+        parts.append(f"test acc {compact_float(run['test_accuracy'])}")
     if run.get("compression_ratio") is not None:
-        parts.append(f"compression {run['compression_ratio']:.1f}x")
+        parts.append(f"compression {compact_float(run['compression_ratio'], 1)}x")
     return "  ".join(parts)
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from services.control.commands.common import add_connection_arguments, client, reports_errors, short_time
+from services.control.commands.common import (
+    add_connection_arguments,
+    client,
+    compact_count,
+    compact_float,
+    printable,
+    reports_errors,
+    short_time,
+)
 from services.control.store import STATES
 
 
@@ -18,11 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     with client(args) as api:
         runs = api.runs(args.state, args.limit)["runs"]
-    print(f"{'ID':<17} {'STATE':<9} {'STEP':>11} {'LOSS':>8} {'ACC':>6}  {'CREATED':<19}  NAME")
+    # Fixed widths: counts take at most 6 characters (1.23M) and figures 10 (1.23e+30), so rows stay aligned.
+    print(f"{'ID':<17} {'STATE':<9} {'STEP':>13} {'LOSS':>10} {'ACC':>6}  {'CREATED':<19}  NAME")
     for r in runs:
-        step = f"{r['step'] if r['step'] is not None else '-'}/{r['total_steps'] or '?'}"
-        loss = "-" if r["loss"] is None else f"{r['loss']:.4f}"
-        acc = "-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.3f}"
+        step = f"{compact_count(r['step'])}/{compact_count(r['total_steps'], '?')}"
+        loss = compact_float(r["loss"])
+        acc = compact_float(r["test_accuracy"], 3)
         created = short_time(r["created_at"])
-        print(f"{r['id']:<17} {r['state']:<9} {step:>11} {loss:>8} {acc:>6}  {created}  {r['name']}")
+        print(f"{r['id']:<17} {r['state']:<9} {step:>13} {loss:>10} {acc:>6}  {created}  {printable(r['name'])}")
     return 0
