@@ -9,7 +9,13 @@ another; each entry is a whole codec, `NAME[:KEY=VALUE,...]` with CodecSpec's fi
 Results go to `<out>/<run id>/` (default `./atomo-runs`): spec.json, metrics.jsonl and metrics.csv,
 events.jsonl, checkpoint.pt, the PS's summary.json, report.json (`services.report.summarize`), the plots
 and logs/ (one log per process). A comparison writes one such folder per codec under its own folder, with
-comparison.json and the comparison plots beside them.
+comparison.json and the comparison plots beside them. The PS writes its files straight into that folder
+(its run directory is a link to it), so what was written is there even if `atomo train` itself is killed;
+its processes then stop by themselves within seconds (services.common.launch.watch_parent).
+
+Workers: a worker that exits is reported on stderr (and the PS records `worker_lost` in events.jsonl); the
+run goes on while at least `min_workers` worker processes remain. Only the PS exiting, or the run failing,
+ends it early. `--metrics` serves Prometheus metrics from every process and prints where.
 
 Time to target accuracy: the first evaluation at or above `--target-accuracy`; by default 0.9 times the
 best final test accuracy among the runs shown (`services.report.RELATIVE_TARGET`).
@@ -19,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -32,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from services import report
+from services.common.argtypes import fraction, port
 from services.common.launch import ClusterError, LocalCluster
 from services.common.ps_client import PSError, PSUnavailable
 from services.common.spec import CodecSpec, RunSpec
@@ -96,11 +102,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--target-accuracy",
-        type=float,
+        type=fraction,
         default=None,
         help=f"for 'time to target' (default {report.RELATIVE_TARGET} x the best final test accuracy)",
     )
     parser.add_argument("--out", type=Path, default=Path("atomo-runs"), help="results root (default ./atomo-runs)")
+    parser.add_argument(
+        "--metrics",
+        nargs="?",
+        type=port,
+        const=0,
+        default=None,
+        metavar="BASE_PORT",
+        help="serve Prometheus metrics: the PS on BASE_PORT, worker i on BASE_PORT + 1 + i (no value: free ports); "
+        "the endpoints are printed",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the spec
@@ -316,26 +332,39 @@ def load_records(folder: Path) -> list[dict]:
 
 def describe(spec: RunSpec) -> str:
     """'lenet5 on digits, codec svd (budget=3, ...), 300 steps, batch 64, lr 0.05, seed 0'."""
-    params = ", ".join(f"{k}={v}" for k, v in spec.codec.codec_params().items())
+    params = ", ".join(f"{k}={_number(v)}" for k, v in spec.codec.codec_params().items())
     length = f"{spec.steps} steps" if spec.steps is not None else f"{spec.epochs} epochs"
     return (
         f"{spec.model} on {spec.dataset}, codec {spec.codec.name}{f' ({params})' if params else ''}, "
-        f"{length}, batch {spec.batch_size}, lr {spec.lr}, seed {spec.seed}"
+        f"{length}, batch {spec.batch_size}, lr {spec.lr:g}, seed {spec.seed}"
     )
+
+
+def _number(value) -> str:
+    """A number as people write it (3, not 3.0; 0.001, 1e-05); anything else as it is."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class Runner:
     """One local PS and `workers` workers, kept for every run of a comparison (one start-up for all).
 
-    Each run is submitted over the PS's control port (docs/architecture.md, "PS control protocol"); the PS
-    keeps its run directory under `results/.ps-state` while the run goes on, and `close()` moves each one
-    into the run's results folder, however the runs ended.
+    Each run is submitted over the PS's control port (docs/architecture.md, "PS control protocol"). The PS's
+    state directory is `results/.ps-state`, but each run directory in it is a link to the run's results
+    folder, made before the run is submitted: the PS writes there directly, whatever happens to this process.
     """
 
-    def __init__(self, results: Path, workers: int):
+    def __init__(self, results: Path, workers: int, metrics_base: int | None = None):
         self.state_dir = results / ".ps-state"
-        self.cluster = LocalCluster(self.state_dir, workers=workers, log_dir=results / "logs", metrics=False)
+        self.cluster = LocalCluster(
+            self.state_dir,
+            workers=workers,
+            log_dir=results / "logs",
+            metrics=metrics_base is not None,
+            metrics_base=metrics_base or 0,
+        )
         self.folders: dict[str, Path] = {}
+        self.exited: set[str] = set()  # workers whose exit was reported
+        self.min_workers = 1
 
     def start(self) -> None:
         self.cluster.start_ps()
@@ -346,7 +375,11 @@ class Runner:
         """Run `spec` to its end, showing progress; raise RunFailed unless it succeeded."""
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        link = self.state_dir / "runs" / run_id
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(folder.resolve(), target_is_directory=True)
         self.folders[run_id] = folder
+        self.min_workers = spec.min_workers
         print(f"[{label}] {describe(spec)}", flush=True)
         self._submit(run_id, spec)
         progress = Progress(spec.steps, label)
@@ -380,22 +413,33 @@ class Runner:
             raise RunFailed(f"the parameter server did not take run {run_id}: {e}\n{quote_log(self._log('ps'))}") from e
 
     def _check_processes(self) -> None:
-        processes = {"ps": self.cluster.ps, **self.cluster.workers}
-        for name, proc in processes.items():
-            if proc.poll() is not None and (name == "ps" or proc.returncode != 0):
-                who = "the parameter server" if name == "ps" else f"worker {name}"
-                raise RunFailed(f"{who} exited with status {proc.returncode}\n{quote_log(self._log(name))}")
+        """The PS exiting fails the run; a worker exiting is reported once, and fails the run only when fewer
+        than `min_workers` worker processes remain (nothing restarts them here)."""
+        if self.cluster.ps.poll() is not None:
+            status = self.cluster.ps.returncode
+            raise RunFailed(f"the parameter server exited with status {status}\n{quote_log(self._log('ps'))}")
+        for name, proc in self.cluster.workers.items():
+            if proc.poll() is not None and name not in self.exited:
+                self.exited.add(name)
+                remaining = len(self.cluster.workers) - len(self.exited)
+                print(
+                    f"\natomo train: worker {name} exited with status {proc.returncode} (log: {self._log(name)}); "
+                    f"{remaining} worker(s) remain, min_workers is {self.min_workers}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if remaining < self.min_workers:
+                    raise RunFailed(
+                        f"fewer than min_workers={self.min_workers} workers remain: worker {name} exited with "
+                        f"status {proc.returncode}\n{quote_log(self._log(name))}"
+                    )
 
     def _log(self, name: str) -> Path:
         return self.cluster.log_dir / f"{name}.log"
 
     def close(self) -> None:
+        """Stop the processes and remove the state directory (its run directories are only links)."""
         self.cluster.stop()
-        for run_id, folder in self.folders.items():
-            run_dir = self.state_dir / "runs" / run_id
-            if run_dir.is_dir():
-                for path in run_dir.iterdir():
-                    os.replace(path, folder / path.name)
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
@@ -435,8 +479,11 @@ def run(args: argparse.Namespace) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell's background job inherits it ignored
         signal.signal(signum, _interrupt)
     workers = plans[0][1].workers
-    runner = Runner(results, workers)
+    runner = Runner(results, workers, args.metrics)
     print(f"atomo train: a PS and {workers} workers on loopback; results in {results}", flush=True)
+    if runner.cluster.metrics_ports:
+        endpoints = ", ".join(f"{n} http://127.0.0.1:{p}/metrics" for n, p in runner.cluster.metrics_ports.items())
+        print(f"metrics: {endpoints}", flush=True)
     status = 0
     try:
         runner.start()

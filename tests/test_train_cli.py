@@ -179,24 +179,6 @@ def start_long_training(cwd: Path, *args: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_fails_the_run_with_its_log(tmp_path):
-    process = start_long_training(tmp_path)
-    try:
-        worker = next(pid for pid, cmd in children(process.pid).items() if "--id worker-1" in cmd)
-        os.kill(worker, signal.SIGKILL)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 1, stderr
-    assert "worker worker-1 exited with status -9" in stderr
-    assert f"--- the end of {Path('runs')}" in stderr and "worker-1.log ---" in stderr
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)  # the PS and the other worker were stopped
-    assert metrics(only_child(tmp_path / "runs"))  # what was written is kept
-
-
-@pytest.mark.slow
 def test_ctrl_c_stops_every_process_and_keeps_the_results(tmp_path):
     process = start_long_training(tmp_path, "--eval-every", "2")
     try:

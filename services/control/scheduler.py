@@ -107,14 +107,13 @@ class Scheduler:
     # One poll -----------------------------------------------------------------------------------------
 
     def poll_once(self) -> None:
-        if self.launcher is not None:
-            for event in self.launcher.drain_events():
-                self._on_launcher_event(event)
+        self._take_launcher_news()
         try:
             status = self.ps.status()
         except (PSUnavailable, PSError) as exc:
             self._ps_lost(str(exc))
             return
+        self._take_launcher_news()  # the PS may have died and been restarted while the status call waited
         self.cluster, self.last_contact, self._unreachable_since = status, time.time(), None
         live = status.get("run") or None
         known = dict(status.get("runs") or {})
@@ -135,6 +134,11 @@ class Scheduler:
         if run is not None and run["state"] in FINAL:
             log.warning("the PS resumed run %s, which is %s here: cancelling it at the PS", run_id, run["state"])
             self.ps.cancel(run_id)
+
+    def _take_launcher_news(self) -> None:
+        if self.launcher is not None:
+            for event in self.launcher.drain_events():
+                self._on_launcher_event(event)
 
     def _on_launcher_event(self, event: dict) -> None:
         """The PS process exited or was restarted: an event on each active run; a run the launcher gave up
