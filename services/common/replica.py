@@ -45,6 +45,16 @@ def learning_rate(spec: RunSpec, step: int, total_steps: int) -> float:
     return spec.lr
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of `tensors` is finite: one fused norm pass, confirmed by exact float64 sums when
+    the norms overflow (fp32 entries near 1e19 square beyond the float range without being infinite)."""
+    if not tensors:
+        return True
+    if bool(torch.isfinite(torch.stack(torch._foreach_norm([t.detach() for t in tensors]))).all()):
+        return True
+    return bool(torch.isfinite(torch.stack([t.detach().sum(dtype=torch.float64) for t in tensors])).all())
+
+
 def max_frame_bytes(model_names=MODELS, num_classes: int = 100, in_channels: int = 3) -> int:
     """The largest payload frame of these models: one tensor dense in fp32, plus room for the wire header."""
     largest = 0
@@ -137,9 +147,11 @@ class Replica:
 
     def sums_finite(self) -> bool:
         """One pass over the sums: a finite payload can still decode to inf (huge coefficients)."""
-        return bool(
-            torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in self.grad_sum + self.buffer_sum])).all()
-        )
+        return all_finite(self.grad_sum + self.buffer_sum)
+
+    def model_finite(self) -> bool:
+        """Whether the parameters and buffers are finite (after an update: a diverging run overflows them)."""
+        return all_finite(self.params + self.buffers)
 
     def rebuild(self, gradients: list[list[Message]]) -> list[int]:
         """Sum `gradients` again in order, checking the sums after each; return the indices of those that fail

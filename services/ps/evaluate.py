@@ -14,6 +14,10 @@ from atomo_core.models import build_model
 EVAL_BATCH = 512
 
 
+class EvaluationError(RuntimeError):
+    """An evaluation raised in the evaluator's thread; its message names the step and the cause."""
+
+
 class Evaluator:
     """`submit(step, state_dict)` queues an evaluation; `results()` returns the finished ones."""
 
@@ -31,13 +35,17 @@ class Evaluator:
         self.todo.put((step, state))
 
     def results(self) -> list[tuple[int, float, float]]:
-        """(step, test accuracy, test loss) of the evaluations finished since the last call."""
+        """(step, test accuracy, test loss) of the evaluations finished since the last call; an evaluation
+        that raised re-raises its exception here, in the caller's thread (the run fails with it)."""
         out = []
         while True:
             try:
-                out.append(self.done.get_nowait())
+                result = self.done.get_nowait()
             except queue.Empty:
                 return out
+            if isinstance(result, EvaluationError):
+                raise result
+            out.append(result)
 
     def close(self) -> None:
         self.todo.put(None)
@@ -46,7 +54,11 @@ class Evaluator:
     def _loop(self) -> None:
         while (job := self.todo.get()) is not None:
             step, state = job
-            self.done.put((step, *self.evaluate(state)))
+            try:
+                self.done.put((step, *self.evaluate(state)))
+            except Exception as exc:  # e.g. out of memory: reported by results(), the thread goes on
+                error = EvaluationError(f"evaluation of step {step} failed: {type(exc).__name__}: {exc}")
+                self.done.put(error.with_traceback(exc.__traceback__))
 
     @torch.no_grad()
     def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:

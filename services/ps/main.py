@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("ATOMO_WORKER_TIMEOUT_S", 120.0, positive_float),
         help="fail a run that has had fewer than min_workers workers this long",
     )
+    parser.add_argument(
+        "--step-timeout-s",
+        type=positive_float,
+        default=_env("ATOMO_STEP_TIMEOUT_S", 60.0, positive_float),
+        help="least time a worker has to send a step's gradient before it leaves the run (default 60; the "
+        "deadline grows to 20 times the median recent step time)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("ATOMO_DEVICE", "auto"))
     parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
     parser.add_argument(
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             heartbeat_s=args.heartbeat_s,
             check_every=args.check_every,
             worker_timeout_s=args.worker_timeout_s,
+            step_timeout_s=args.step_timeout_s,
             device=args.device,
             data_root=args.data_root,
             allow_remote_without_keys=args.allow_remote_without_keys,

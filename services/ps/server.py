@@ -28,7 +28,7 @@ from services.common.transport import (
     bind_server,
 )
 from services.ps.rundir import RunDirectory, check_run_id, new_run_id, scan_runs
-from services.ps.training import Run, WorkerInfo
+from services.ps.training import STEP_TIMEOUT_S, Run, WorkerInfo
 
 log = logging.getLogger("atomo.ps")
 
@@ -50,6 +50,7 @@ class ParameterServer:
         heartbeat_s: float = 1.0,
         check_every: int = 10,
         worker_timeout_s: float = 120.0,
+        step_timeout_s: float = STEP_TIMEOUT_S,
         device: str = "auto",
         data_root: str | None = None,
         allow_remote_without_keys: bool = False,
@@ -59,6 +60,7 @@ class ParameterServer:
         self.heartbeat_s = heartbeat_s
         self.check_every = check_every
         self.worker_timeout_s = worker_timeout_s
+        self.step_timeout_s = step_timeout_s  # the least deadline of a step (Run.step_deadline_s)
         self.device = resolve_device(device)
         self.data_root = data_root
         self.ctx = zmq.Context()
@@ -85,8 +87,17 @@ class ParameterServer:
         self.stopping = False
         if unfinished:
             for run_id in unfinished[:-1]:
-                self._abandon(run_id)
-            self.start_run(unfinished[-1], RunSpec.model_validate(RunDirectory(self.state_dir, unfinished[-1]).spec()))
+                self._abandon(run_id, "superseded by a newer run after a PS restart")
+            self._resume(unfinished[-1])
+
+    def _resume(self, run_id: str) -> None:
+        """Resume the unfinished run `run_id` after a restart; one that cannot even be set up is failed."""
+        try:
+            self.start_run(run_id, RunSpec.model_validate(RunDirectory(self.state_dir, run_id).spec()))
+        except Exception as exc:
+            log.exception("run %s could not be resumed", run_id)
+            self.run = None
+            self._abandon(run_id, f"could not be resumed after a PS restart: {type(exc).__name__}: {exc}")
 
     def _bind_control(self, host: str, port: int, keys: CurveKeys | None) -> zmq.Socket:
         sock = self.ctx.socket(zmq.REP)
@@ -103,12 +114,14 @@ class ParameterServer:
         self.control_port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         return sock
 
-    def _abandon(self, run_id: str) -> None:
-        """An older unfinished run that a newer one superseded: record it as failed."""
-        rundir = RunDirectory(self.state_dir, run_id)
-        summary = {"run_id": run_id, "state": "failed", "error": "superseded by a newer run after a PS restart"}
-        rundir.write_summary(summary)
+    def _abandon(self, run_id: str, error: str) -> None:
+        """An unfinished run that will not be resumed: record it as failed (in memory if its directory refuses)."""
+        summary = {"run_id": run_id, "state": "failed", "error": error}
         self.past_runs[run_id] = summary
+        try:
+            RunDirectory(self.state_dir, run_id).write_summary(summary)
+        except OSError:
+            log.exception("run %s: summary.json not written", run_id)
 
     # -- metrics helpers used by the run ---------------------------------------------------------------------
 
@@ -173,8 +186,11 @@ class ParameterServer:
 
     def close(self) -> None:
         if self.run is not None and self.run.prepared and not self.run.final:
-            self.run.save_checkpoint()
-            self.run.evaluator.close()
+            try:
+                self.run.save_checkpoint()
+                self.run.evaluator.close()
+            except Exception:  # the run resumes from its previous checkpoint
+                log.exception("run %s: checkpoint not written at shutdown", self.run.run_id)
         self.server.close()
         self.control.close(linger=0)
         self.ctx.term()
@@ -260,8 +276,12 @@ class ParameterServer:
                 frames = [{"ok": False, "error": str(exc)[:500] or type(exc).__name__}]
             try:
                 head = json.dumps(frames[0], allow_nan=False, default=str).encode()
+            except ValueError as exc:  # a REP socket that does not reply never receives again: say why instead
+                log.exception("control reply to %r not serialisable", request)
+                head, frames = json.dumps({"ok": False, "error": f"reply not serialisable: {exc}"}).encode(), [None]
+            try:
                 self.control.send_multipart([head, *frames[1:]])
-            except (zmq.ZMQError, ValueError) as exc:
+            except zmq.ZMQError as exc:
                 log.warning("control reply not sent: %s", exc)
 
     def _control(self, request: dict) -> list:

@@ -8,12 +8,22 @@ dense model (`model`). Workers whose replica is not at step t get the full state
 
 k is `num_aggregate` or, by default, every live participant of the step. A worker that joins mid-run gets
 the state and computes from the next step on; a lost worker's shard waits for the next worker that joins.
+A participant that has not sent its gradient by the step's deadline (`step_deadline_s`) is timed out: it
+leaves this run as a lost worker does, although it still heart-beats.
+
+A run can fail; the PS cannot. Every entry point the PS loop calls (`tick`, `on_gradient`,
+`on_worker_ready`, `on_worker_lost`, `cancel`) is guarded: an exception fails this run with its type and
+message in `error`. A non-finite value (a worker's loss, the aggregated loss or any other figure of a step's
+record, the model after an update, a test loss or accuracy) fails it with "training diverged at step N: ...";
+the checkpoint on disk is then the last one written, always of finite weights.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -21,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atomo_core.data import load_dataset
+from atomo_core.data import BatchStream, load_dataset
 from services.common.protocol import Header, MsgType
 from services.common.replica import GradientError, Replica, learning_rate, run_device
 from services.common.spec import RunSpec
@@ -30,13 +40,43 @@ from services.ps.rundir import RunDirectory
 
 log = logging.getLogger("atomo.ps")
 
-START_GRACE_S = 10.0
+START_GRACE_S = 10.0  # after this long, a run starts with min_workers instead of waiting for all workers
 RECORDS_IN_MEMORY = 10_000
-MEAN_TIMINGS = (
-    "encode_s",
-    "compute_s",
-    "communication_s",
-)  # after this long, a run starts with min_workers instead of waiting for all workers
+MEAN_TIMINGS = ("encode_s", "compute_s", "communication_s")
+# A step's deadline: this many times the median of the recent step times, and never below the PS's
+# --step-timeout-s (default STEP_TIMEOUT_S, which covers a worker's start-up: data set, model, first batch).
+STEP_TIMEOUT_S = 60.0
+STEP_TIMEOUT_FACTOR = 20
+RECENT_STEPS = 50
+MAX_ERROR_CHARS = 1000
+
+
+def json_safe(record: dict) -> dict:
+    """`record` with every non-finite float replaced by None (JSON has no NaN or infinity)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def non_finite(record: dict) -> list[str]:
+    """The keys of `record` whose value is a non-finite float."""
+    return [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _describe(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def entry_point(method):
+    """Guard a Run method that the PS loop calls: an exception fails the run (`Run.crash`), never the PS."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as exc:
+            self.crash(method.__name__, exc)
+            return None
+
+    return guarded
 
 
 @dataclass
@@ -87,6 +127,7 @@ class StepState:
     k: int = 0
     published_at: float = 0.0
     decode_s: float = 0.0
+    joined: dict[str, float] = field(default_factory=dict)  # participant -> when it joined the step (monotonic)
 
 
 class Run:
@@ -124,7 +165,11 @@ class Run:
         self.replica_mismatches = 0
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
+        self.recent_step_s: deque[float] = deque(maxlen=RECENT_STEPS)
+        self.timed_out: set[str] = set()  # workers out of this run for missing a step's deadline
+        self.workers_at_start: int | None = None
         self.events: list[dict] = rundir.events()
+        self.write_error: Exception | None = None  # a failed write outside an entry point (see event())
         if not (rundir.path / "spec.json").exists():
             rundir.create(spec.model_dump(mode="json"))
         self.event("run_state", {"state": "starting"})
@@ -143,14 +188,27 @@ class Run:
             self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)
             self.dense_gradient_bytes = self.replica.dense_bytes
             self.evaluator = Evaluator(self.spec.model, info.num_classes, info.in_channels, test, self.device)
+            self._check_fits(train)
             self._resume()
             self.total_steps = self.spec.total_steps(len(train))
         except Exception as exc:  # a bad spec or a missing data set fails the run, not the PS
             log.exception("run %s could not be prepared", self.run_id)
-            self.prepare_error = f"{type(exc).__name__}: {exc}"
+            self.prepare_error = f"{type(exc).__name__} in prepare: {exc}"[:MAX_ERROR_CHARS]
             return
         self.waiting_since = time.monotonic()
         self.prepared = True
+
+    def _check_fits(self, train) -> None:
+        """Each worker's batch must fit in its shard of the training set (the workers would refuse the run)."""
+        per_worker = self.spec.batch_size // self.spec.workers
+        for shard in range(self.spec.workers):
+            try:
+                BatchStream(train, shard, self.spec.workers, per_worker, self.spec.seed)
+            except ValueError as exc:
+                raise ValueError(
+                    f"batch_size {self.spec.batch_size} over {self.spec.workers} workers does not fit "
+                    f"{self.spec.dataset} ({len(train)} training examples): shard {shard}: {exc}"
+                ) from None
 
     def _resume(self) -> None:
         checkpoint = self.rundir.load_checkpoint()
@@ -176,17 +234,26 @@ class Run:
         self.event("resumed", {"step": self.step})
 
     def event(self, kind: str, detail: dict) -> None:
+        """Record an event. The PS calls this outside the guarded entry points too (a worker rejoining), so a
+        failed write does not raise here: the run fails with it at its next tick."""
         event = {"seq": len(self.events) + 1, "time": time.time(), "type": kind, "detail": detail}
         self.events.append(event)
-        self.rundir.append_event(event)
         log.info("run %s: %s %s", self.run_id, kind, detail)
+        try:
+            self.rundir.append_event(event)
+        except Exception as exc:
+            log.exception("run %s: events.jsonl not written", self.run_id)
+            self.write_error = self.write_error or exc
 
     def _set_state(self, state: str, error: str | None = None) -> None:
         self.state = state
         self.error = error
-        detail = {"state": state, "step": self.step}
-        if error:
-            detail["error"] = error
+        self._state_event()
+
+    def _state_event(self) -> None:
+        detail = {"state": self.state, "step": self.step}
+        if self.error:
+            detail["error"] = self.error
         self.event("run_state", detail)
 
     @property
@@ -199,15 +266,21 @@ class Run:
     def live_workers(self) -> list[WorkerInfo]:
         return [w for w in self.ps.workers.values() if w.state != "lost"]
 
+    @entry_point
     def tick(self, now: float) -> None:
         """Called by the PS loop: start when workers are there, collect evaluations, end, time out."""
         if self.final:
+            return
+        if self.write_error is not None:
+            self.crash("event", self.write_error)
             return
         if not self.prepared:
             if self.prepare_error is not None:
                 self._end("failed", self.prepare_error)
             return
         self._collect_evaluations()
+        if self.final:  # an evaluation found the run diverged
+            return
         if self.finishing:
             if not self.pending_evals:
                 self._end("succeeded")
@@ -216,32 +289,77 @@ class Run:
             live = self.live_workers()
             waited = now - self.waiting_since
             if len(live) >= self.spec.workers or (len(live) >= self.spec.min_workers and waited > START_GRACE_S):
-                self.started = time.time()  # wall_s counts training time, not the wait for workers
-                self._set_state("running")
-                for w in live:
-                    self._join(w)
-                self._publish_all()
+                self._start(live)
+            elif len(live) < self.spec.min_workers and waited > self.ps.worker_timeout_s:
+                self._too_few_workers(len(live))
         elif len(self.current.participants) < self.spec.min_workers:
             if now - self.waiting_since > self.ps.worker_timeout_s:
-                self._end(
-                    "failed",
-                    f"fewer than min_workers={self.spec.min_workers} workers for {self.ps.worker_timeout_s:.0f} s",
-                )
+                self._too_few_workers(len(self.current.participants))
         else:
             self.waiting_since = now
+            self._time_out_stragglers(now)
 
+    def _start(self, live: list[WorkerInfo]) -> None:
+        """Start training with the live workers (one per shard); say so when there are fewer than asked for."""
+        self.started = time.time()  # wall_s counts training time, not the wait for workers
+        self._set_state("running")
+        for w in live:
+            self._join(w)
+        self.workers_at_start = len(self.shards)
+        if self.workers_at_start < self.spec.workers:
+            waiting = [s for s in range(self.spec.workers) if s not in self.shards]
+            shards = ",".join(map(str, waiting))
+            self.event(
+                "started_with_fewer_workers",
+                {
+                    "workers": self.workers_at_start,
+                    "requested": self.spec.workers,
+                    "waiting_shards": waiting,
+                    "message": f"started with {self.workers_at_start} of {self.spec.workers} workers; "
+                    f"shard{'s' if len(waiting) > 1 else ''} {shards} wait{'' if len(waiting) > 1 else 's'} "
+                    "for workers",
+                },
+            )
+        self._publish_all()
+
+    def _too_few_workers(self, count: int) -> None:
+        self._end(
+            "failed",
+            f"fewer than min_workers={self.spec.min_workers} workers ({count}) for {self.ps.worker_timeout_s:.0f} s"
+            + (": the run never started" if self.state == "starting" else ""),
+        )
+
+    @entry_point
     def cancel(self) -> None:
         if not self.final:
             self._end("cancelled")
 
+    def crash(self, where: str, exc: Exception) -> None:
+        """An exception inside the run: log its traceback and fail the run with its type and message."""
+        log.error("run %s: %s raised", self.run_id, where, exc_info=exc)
+        self._end("failed", f"{type(exc).__name__} in {where}: {exc}"[:MAX_ERROR_CHARS])
+
+    def _diverged(self, what: str, step: int | None = None) -> None:
+        self._end("failed", f"training diverged at step {self.step if step is None else step}: {what}")
+
     def _end(self, state: str, error: str | None = None) -> None:
-        self.finished_at = time.time()
-        self._flush(force=True)
-        self._set_state(state, error)
-        self._stop_workers(state)
-        if self.evaluator is not None:
-            self.evaluator.close()
-        self.rundir.write_summary(self.summary())
+        """End the run. The state is set first, so the run is final whatever happens next; each of the
+        following actions is attempted on its own, and one that raises is logged (never a second end)."""
+        if self.final:
+            return
+        self.state, self.error, self.finished_at = state, error, time.time()
+        actions = {
+            "flush the metrics": lambda: self._flush(force=True),
+            "record the state": self._state_event,
+            "stop the workers": lambda: self._stop_workers(state),
+            "stop the evaluator": lambda: self.evaluator is not None and self.evaluator.close(),
+            "write summary.json": lambda: self.rundir.write_summary(self.summary()),
+        }
+        for what, action in actions.items():
+            try:
+                action()
+            except Exception:
+                log.exception("run %s (%s): could not %s", self.run_id, state, what)
 
     def _stop_workers(self, reason: str) -> None:
         for w in self.ps.workers.values():
@@ -253,14 +371,20 @@ class Run:
 
     # -- workers -------------------------------------------------------------------------------------------
 
+    @entry_point
     def on_worker_ready(self, w: WorkerInfo) -> None:
         """A worker registered (or registered again): give it a shard and the state if the run is running."""
-        if self.state == "running" and not self.finishing:
+        self._offer(w)
+
+    def _offer(self, w: WorkerInfo) -> None:
+        """A shard and the state for `w` while the run is running, unless it was timed out of this run."""
+        if self.state == "running" and not self.finishing and w.id not in self.timed_out:
             stalled = len(self.current.participants) < self.spec.min_workers
             if self._join(w):
                 compute = stalled or (w.id in self.current.participants and not self._contributed(w.id))
                 if compute:
                     self.current.participants.add(w.id)
+                    self.current.joined.setdefault(w.id, time.monotonic())
                     self.current.k = self._k()
                 self._send_state(w, compute)
 
@@ -277,10 +401,16 @@ class Run:
         w.synced_step = None
         return True
 
+    @entry_point
     def on_worker_lost(self, w: WorkerInfo) -> None:
+        self._release(w, "worker_lost", {})
+
+    def _release(self, w: WorkerInfo, kind: str, detail: dict) -> None:
+        """`w` leaves the run (lost or timed out): its shard is freed for an idle worker, and the step goes on
+        without it if it has not contributed."""
         for s in [s for s, owner in self.shards.items() if owner == w.id]:
             del self.shards[s]
-            self.event("worker_lost", {"worker": w.id, "shard": s, "step": self.step})
+            self.event(kind, {"worker": w.id, "shard": s, "step": self.step, **detail})
         w.synced_step = None
         if self.state != "running" or self.finishing:
             return
@@ -291,7 +421,31 @@ class Run:
         self.waiting_since = time.monotonic()
         for idle in self.live_workers():
             if idle.state == "idle":
-                self.on_worker_ready(idle)
+                self._offer(idle)
+
+    def step_deadline_s(self) -> float:
+        """How long a participant may take to send its gradient of a step."""
+        recent = statistics.median(self.recent_step_s) if self.recent_step_s else 0.0
+        return max(self.ps.step_timeout_s, STEP_TIMEOUT_FACTOR * recent)
+
+    def _time_out_stragglers(self, now: float) -> None:
+        """Participants that missed the step's deadline (counted from when each joined the step) leave the run."""
+        step = self.current
+        limit = self.step_deadline_s()
+        late = [
+            wid
+            for wid in step.participants
+            if not self._contributed(wid) and now - step.joined.get(wid, step.published_at) > limit
+        ]
+        for wid in late:
+            w = self.ps.workers[wid]
+            self.timed_out.add(wid)
+            self.ps.send(w, Header(MsgType.STOP, self.run_id, self.step, meta={"reason": "timed out"}))
+            w.state = "idle"
+            waited = round(now - step.joined.get(wid, step.published_at), 1)
+            self._release(w, "worker_timed_out", {"waited_s": waited, "deadline_s": round(limit, 1)})
+            if self.final or self.current is not step:
+                return
 
     def shard_of(self, worker_id: str) -> int:
         return next(s for s, owner in self.shards.items() if owner == worker_id)
@@ -337,6 +491,7 @@ class Run:
     def _begin_step(self) -> None:
         self.current = StepState(published_at=time.monotonic())
         self.current.participants = {w.id for w in self._shard_holders()}
+        self.current.joined = dict.fromkeys(self.current.participants, self.current.published_at)
         self.current.k = self._k()
         self.replica.begin_step()
         self.waiting_since = time.monotonic()
@@ -345,16 +500,16 @@ class Run:
 
     # -- gradients -----------------------------------------------------------------------------------------
 
+    @entry_point
     def on_gradient(self, w: WorkerInfo, received) -> None:
         header = received.header
         reason = self._reject_reason(w, header)
         if reason is not None:
             self.ps.drop(reason, w.id, f"gradient of step {header.step}")
             if reason == "diverged":
-                self._end(
-                    "failed",
-                    f"training diverged at step {header.step}: worker {w.id}'s loss is not finite "
-                    "(lower lr, or use a codec with less variance)",
+                self._diverged(
+                    f"worker {w.id}'s training loss is not finite (lower lr, or use a codec with less variance)",
+                    header.step,
                 )
             return
         start = time.perf_counter()
@@ -429,8 +584,17 @@ class Run:
         lr = learning_rate(self.spec, self.step, self.total_steps)
         self.replica.finish_step(lr)
         self.step += 1
+        if not self.replica.model_finite():  # never checkpointed, evaluated or sent
+            self._diverged("the model's parameters are not finite after the update")
+            return
         update_s = time.perf_counter() - update_start
         record = self._record(step, lr, kth, update_s)
+        bad = non_finite(record)
+        if bad:
+            self.records.append(json_safe(record))
+            self.unflushed.append(self.records[-1])
+            self._diverged(f"non-finite {_describe({k: record[k] for k in bad})} in the step's record")
+            return
         if self.step >= self.total_steps:
             self.finishing = True
         else:
@@ -512,6 +676,7 @@ class Run:
         if bytes_up:
             self.ps.set_gauge("atomo_run_compression_ratio", self.labels, dense / bytes_up)
         self.last_loss = record["loss"]
+        self.recent_step_s.append(record["step_s"])
         return record
 
     def _after_step(self, record: dict) -> None:
@@ -532,7 +697,12 @@ class Run:
         for step, accuracy, loss in self.evaluator.results():
             self.pending_evals.discard(step)
             record = next(r for r in reversed(self.records) if r["step"] == step)
-            record["test_accuracy"], record["test_loss"] = accuracy, loss
+            result = {"test_accuracy": accuracy, "test_loss": loss}
+            record.update(json_safe(result))
+            bad = non_finite(result)
+            if bad:
+                self._diverged(f"non-finite {_describe({k: result[k] for k in bad})} from the evaluation", step)
+                return
             self.last_accuracy = accuracy
             self.ps.set_gauge("atomo_run_test_accuracy", self.labels, accuracy)
         self._flush()
@@ -572,23 +742,25 @@ class Run:
             return total / count if count else None
 
         up = self.totals["bytes_up"]
-        return {
-            "run_id": self.run_id,
-            "state": self.state,
-            "step": self.step,
-            "total_steps": self.total_steps,
-            "loss": self.last_loss,
-            "test_accuracy": self.last_accuracy,
-            "bytes_up": up,
-            "bytes_down": self.totals["bytes_down"],
-            "compression_ratio": self.totals["dense_bytes"] / up if up else None,
-            "mean_encode_s": mean("encode_s"),
-            "mean_compute_s": mean("compute_s"),
-            "mean_communication_s": mean("communication_s"),
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "error": self.error,
-        }
+        return json_safe(
+            {
+                "run_id": self.run_id,
+                "state": self.state,
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "loss": self.last_loss,
+                "test_accuracy": self.last_accuracy,
+                "bytes_up": up,
+                "bytes_down": self.totals["bytes_down"],
+                "compression_ratio": self.totals["dense_bytes"] / up if up else None,
+                "mean_encode_s": mean("encode_s"),
+                "mean_compute_s": mean("compute_s"),
+                "mean_communication_s": mean("communication_s"),
+                "started_at": self.started_at,
+                "finished_at": self.finished_at,
+                "error": self.error,
+            }
+        )
 
     def summary(self) -> dict:
         return {
@@ -597,6 +769,8 @@ class Run:
             "dense_bytes": self.totals["dense_bytes"],
             "replica_checks": self.replica_checks,
             "replica_mismatches": self.replica_mismatches,
+            "workers_at_start": self.workers_at_start,
+            "timed_out_workers": sorted(self.timed_out),
             "spec": self.spec.model_dump(mode="json"),
         }
 

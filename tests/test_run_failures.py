@@ -1,0 +1,192 @@
+"""A run can fail; the PS cannot. Real processes: one PS and one worker, plus a worker of our own (a real
+ZeroMQ DEALER speaking the protocol) that registers and heart-beats but never sends a gradient.
+
+The PS runs with a 8 s least step deadline and a 5 s worker timeout, so that a straggler and a run whose
+min_workers never join end within seconds (a step of these runs takes milliseconds; the worker's first one,
+which loads the data set, well under a second)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+import zmq
+
+from services.common.launch import LocalCluster
+from services.common.protocol import Header, MsgType
+from services.common.replica import max_frame_bytes
+from services.common.spec import RunSpec
+from services.common.transport import MalformedMessage, SocketOptions, connect_client
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT_S = 1.0
+STEP_TIMEOUT_S = 8.0
+WORKER_TIMEOUT_S = 5.0
+RUN_TIMEOUT_S = 90
+TINY = {"model": "mlp", "dataset": "digits", "workers": 1, "batch_size": 32, "eval_every": 5}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(
+        tmp_path_factory.mktemp("failures"),
+        workers=1,
+        threads=1,
+        heartbeat_s=HEARTBEAT_S,
+        metrics=False,
+        ps_args=("--step-timeout-s", str(STEP_TIMEOUT_S), "--worker-timeout-s", str(WORKER_TIMEOUT_S)),
+    )
+    c.start()
+    yield c
+    c.stop()
+
+
+def strict_json(text: str):
+    """JSON as the standard defines it: NaN and Infinity refused."""
+
+    def refuse(name):
+        raise ValueError(f"{name} in JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def run_files(cluster, run_id: str) -> tuple[dict, list[dict], list[dict]]:
+    """summary.json, metrics.jsonl and events.jsonl of a run, parsed as strict JSON."""
+    path = cluster.state_dir / "runs" / run_id
+    summary = strict_json((path / "summary.json").read_text())
+    metrics = [strict_json(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    events = [strict_json(line) for line in (path / "events.jsonl").read_text().splitlines()]
+    return summary, metrics, events
+
+
+def run_normally(cluster, run_id: str) -> None:
+    """The PS still serves: a normal run afterwards succeeds."""
+    cluster.client().call("submit", run_id=run_id, spec=TINY | {"steps": 10})
+    run = cluster.wait_for_run(run_id, RUN_TIMEOUT_S)
+    assert run["state"] == "succeeded" and run["step"] == 10, run
+
+
+def test_a_diverging_run_fails_keeps_a_finite_checkpoint_and_writes_its_summary(cluster):
+    # The issue's reproducer: 2-bit QSGD over whole tensors at a large step size overflows the MLP in a few
+    # steps; the first non-finite value (a loss, the model, a test loss) fails the run.
+    spec = TINY | {
+        "steps": 200,
+        "lr": 10,
+        "eval_every": 1,
+        "checkpoint_every": 1,
+        "codec": {"name": "qsgd", "bits": 2, "bucket_size": 2**32 - 1},
+    }
+    cluster.client().call("submit", run_id="diverges", spec=spec)
+    run = cluster.wait_for_run("diverges", RUN_TIMEOUT_S)
+    assert run["state"] == "failed" and run["step"] < 200, run
+    assert re.match(r"training diverged at step \d+: .*(non-finite|not finite)", run["error"]), run["error"]
+    summary, metrics, events = run_files(cluster, "diverges")
+    assert summary["state"] == "failed" and summary["error"] == run["error"]
+    assert [r["step"] for r in metrics] == list(range(1, len(metrics) + 1))
+    assert events[-1]["type"] == "run_state" and events[-1]["detail"]["error"] == run["error"]
+    checkpoint = torch.load(cluster.state_dir / "runs" / "diverges" / "checkpoint.pt", weights_only=True)
+    assert 1 <= checkpoint["step"] <= run["step"]
+    assert all(torch.isfinite(t).all() for t in checkpoint["model"].values())
+    status = cluster.client().status()
+    assert status["run"]["state"] == "failed"  # the control reply about a diverged run is valid JSON
+    run_normally(cluster, "after-diverging")
+
+
+@pytest.mark.parametrize("blocked", [".checkpoint.pt.tmp", "metrics.jsonl"])
+def test_an_exception_inside_a_run_fails_that_run_with_its_cause(cluster, blocked):
+    # A directory where the run writes a file (the checkpoint's temporary file, the metrics): the write raises
+    # inside the run, on the PS's loop; for metrics.jsonl once more while the run is being failed (its
+    # metrics are flushed at the end).
+    run_id = f"blocked-{blocked.strip('.').split('.')[0]}"
+    (cluster.state_dir / "runs" / run_id / blocked).mkdir(parents=True)
+    cluster.client().call("submit", run_id=run_id, spec=TINY | {"steps": 10, "checkpoint_every": 2})
+    run = cluster.wait_for_run(run_id, RUN_TIMEOUT_S)
+    assert run["state"] == "failed", run
+    assert run["error"].startswith("IsADirectoryError in on_gradient:") and blocked in run["error"], run["error"]
+    summary = strict_json((cluster.state_dir / "runs" / run_id / "summary.json").read_text())
+    assert summary["state"] == "failed" and summary["error"] == run["error"]
+    assert cluster.client().status()["runs"][run_id] == "failed"
+    run_normally(cluster, f"after-{run_id}")
+
+
+class FakeWorker:
+    """A registered worker that heart-beats and reads what the PS sends, but never computes a gradient."""
+
+    def __init__(self, cluster, worker_id: str = "straggler"):
+        self.id = worker_id
+        self.ctx = zmq.Context()
+        options = SocketOptions(max_message_bytes=max_frame_bytes())
+        self.client = connect_client(self.ctx, f"tcp://127.0.0.1:{cluster.port}", worker_id, options)
+        self.received: list[Header] = []
+        self.client.send(Header(MsgType.REGISTER, worker_id=worker_id, meta={"device": "cpu", "pid": 0}))
+        self.next_heartbeat = time.monotonic()
+
+    def serve_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                received = self.client.recv(50)
+            except MalformedMessage as exc:
+                raise AssertionError(f"the PS sent a malformed message: {exc}") from exc
+            if received is not None:
+                self.received.append(received.header)
+            if time.monotonic() >= self.next_heartbeat:
+                self.client.send(Header(MsgType.HEARTBEAT, worker_id=self.id))
+                self.next_heartbeat = time.monotonic() + HEARTBEAT_S / 2
+
+    def close(self) -> None:
+        self.client.close()
+        self.ctx.term()
+
+
+def test_a_worker_that_never_sends_its_gradient_is_timed_out_and_the_run_finishes(cluster):
+    # Three shards, two workers (the real one and the straggler): the run starts short after the grace
+    # period and says so; the straggler misses step 0's deadline and leaves; the real worker finishes.
+    # The spec (lq with q = inf, TernGrad's norm) is checked to round-trip through the PS protocol, spec.json
+    # and summary.json.
+    fake = FakeWorker(cluster)
+    try:
+        fake.serve_for(0.5)
+        cluster.wait_for_workers(2)
+        submitted = TINY | {"workers": 3, "steps": 20, "codec": {"name": "lq", "q": "inf"}}
+        resolved = RunSpec.model_validate(submitted).model_dump(mode="json")
+        assert resolved["codec"]["q"] == "inf"
+        cluster.client().call("submit", run_id="straggler", spec=submitted)
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while (run := cluster.client().status()["run"])["state"] not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, run
+            fake.serve_for(0.2)
+    finally:
+        fake.close()
+    assert run["state"] == "succeeded" and run["step"] == 20, run
+    summary, metrics, events = run_files(cluster, "straggler")
+    by_type = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e["detail"])
+    started_short = by_type["started_with_fewer_workers"][0]["message"]
+    assert started_short == "started with 2 of 3 workers; shard 2 waits for workers"
+    assert [(d["worker"], d["step"]) for d in by_type["worker_timed_out"]] == [("straggler", 0)]
+    assert by_type["worker_timed_out"][0]["waited_s"] >= STEP_TIMEOUT_S
+    assert "worker_lost" not in by_type  # it heart-beat all along
+    assert summary["workers_at_start"] == 2 and summary["timed_out_workers"] == ["straggler"]
+    assert all(r["k"] == 1 for r in metrics)
+    runs = [h for h in fake.received if h.type == MsgType.RUN]
+    stops = [h for h in fake.received if h.type == MsgType.STOP]
+    assert runs and stops and stops[0].meta["reason"] == "timed out"
+    spec_json = strict_json((cluster.state_dir / "runs" / "straggler" / "spec.json").read_text())
+    assert runs[0].meta["spec"] == spec_json == summary["spec"] == resolved
+    assert RunSpec.model_validate(spec_json) == RunSpec.model_validate(submitted)
+
+
+def test_a_run_whose_min_workers_never_join_fails_with_the_reason(cluster):
+    cluster.client().call("submit", run_id="too-few", spec=TINY | {"workers": 3, "min_workers": 3, "steps": 5})
+    run = cluster.wait_for_run("too-few", RUN_TIMEOUT_S)
+    assert run["state"] == "failed" and run["step"] == 0, run
+    assert re.fullmatch(r"fewer than min_workers=3 workers \([12]\) for 5 s: the run never started", run["error"]), run[
+        "error"
+    ]
+    run_normally(cluster, "after-too-few")
