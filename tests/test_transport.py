@@ -21,6 +21,7 @@ from services.common.transport import (
     MIN_BANDWIDTH,
     CurveKeys,
     MalformedMessage,
+    QueueFull,
     SocketOptions,
     bind_server,
     connect_client,
@@ -57,7 +58,7 @@ def test_exchange_zero_copy_frames_both_ways(ctx, server):
     assert server.port > 0 and server.endpoint == f"tcp://127.0.0.1:{server.port}"
     client = connect_client(ctx, server.endpoint, "w0", OPTIONS)
     payload = np.random.default_rng(0).standard_normal(10_000_000 // 8)  # a 10 MB frame
-    header = Header(MsgType.GRADIENT, "run1", 5, "w0", {"compute_s": 0.5}, {"n": 2})
+    header = Header(MsgType.GRADIENT, "run1", 5, "w0", {"compute_s": 0.5}, {"loss": 2.0})
     sent = client.send(header, [payload, b"tail"])
     got = server.recv(WAIT_MS)
     assert got.peer == b"w0" and got.header == header
@@ -66,7 +67,7 @@ def test_exchange_zero_copy_frames_both_ways(ctx, server):
     assert got.nbytes == sent == len(pack_header(header)) + payload.nbytes + 4
     assert all(frame.readonly for frame in got.frames)
 
-    reply = Header(MsgType.UPDATE, "run1", 5)
+    reply = Header(MsgType.UPDATE, "run1", 5, meta={"mode": "atoms", "k": 1, "lr": 0.1})
     tensor = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
     assert server.send(got.peer, reply, [tensor, memoryview(b"abc")]) > 0
     back = client.recv(WAIT_MS)
@@ -98,7 +99,7 @@ def test_peers_are_told_apart_by_identity(ctx, server):
         peers[got.peer] = got.header.worker_id
     assert peers == {b"w0": "w0", b"w1": "w1", b"w2": "w2"}
     for name in clients:
-        server.send(name.encode(), Header(MsgType.RUN, worker_id=name))
+        server.send(name.encode(), Header(MsgType.HEARTBEAT, worker_id=name))
     for name, client in clients.items():
         assert client.recv(WAIT_MS).header.worker_id == name
         client.close()
@@ -193,12 +194,14 @@ def test_bind_refuses_a_remote_host_without_keys(ctx):
 
 
 def test_heartbeats_drop_a_frozen_peer(ctx, server):
-    """A worker process that stops answering (SIGSTOP) is disconnected after 3 heartbeat intervals."""
+    """A worker process that stops answering (SIGSTOP) is disconnected by the server once the TTL its last PING
+    announced (3 heartbeat intervals) has passed: the server sends no PINGs of its own."""
     code = textwrap.dedent(f"""
         import sys, zmq
         from services.common.protocol import Header, MsgType
         from services.common.transport import SocketOptions, connect_client
-        client = connect_client(zmq.Context(), "{server.endpoint}", "frozen", SocketOptions(1 << 20))
+        options = SocketOptions(1 << 20, heartbeat_ivl_ms=200)
+        client = connect_client(zmq.Context(), "{server.endpoint}", "frozen", options)
         client.send(Header(MsgType.REGISTER))
         client.recv(None)
         print("ready", flush=True)
@@ -207,8 +210,9 @@ def test_heartbeats_drop_a_frozen_peer(ctx, server):
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert server.recv(60_000).peer == b"frozen"
-        assert server.send(b"frozen", Header(MsgType.RUN)) > 0
+        assert server.send(b"frozen", Header(MsgType.HEARTBEAT)) > 0
         assert proc.stdout.readline() == b"ready\n"
+        time.sleep(0.5)  # past its first PING, which carries the TTL
         os.kill(proc.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 10
         while server.send(b"frozen", Header(MsgType.HEARTBEAT)) and time.monotonic() < deadline:
@@ -272,8 +276,8 @@ def test_curve_authorized_clients_talk(ctx, key_dirs):
     got = [server.recv(WAIT_MS) for _ in clients]
     assert sorted(g.peer for g in got) == [b"w0", b"w1"]
     assert all(np.array_equal(np.frombuffer(g.frames[0], dtype=np.int64), np.arange(1000)) for g in got)
-    server.send(b"w1", Header(MsgType.RUN, meta={"shard": 1}))
-    assert clients[1].recv(WAIT_MS).header.meta == {"shard": 1}
+    server.send(b"w1", Header(MsgType.STOP, meta={"reason": "done"}))
+    assert clients[1].recv(WAIT_MS).header.meta == {"reason": "done"}
     for client in clients:
         client.close()
     server.close()
@@ -293,7 +297,7 @@ def test_curve_rejects_unknown_keys_and_plain_clients(ctx, key_dirs):
     for client in intruders:
         client.send(Header(MsgType.REGISTER), [b"let me in"])
     assert server.recv(1500) is None
-    assert server.send(b"impostor", Header(MsgType.RUN)) == 0
+    assert server.send(b"impostor", Header(MsgType.HEARTBEAT)) == 0
     for client in intruders:
         assert client.recv(0) is None
         client.close()
@@ -320,23 +324,79 @@ def test_socket_options_are_bounded():
         SocketOptions(max_message_bytes=1 << 20, max_frames=0)
 
 
-def test_send_blocked_by_a_peer_that_does_not_read_times_out(ctx):
-    options = SocketOptions(max_message_bytes=4 << 20, send_hwm=2, recv_hwm=2, send_timeout_ms=300, linger_ms=0)
+def test_send_to_a_peer_that_does_not_read_fails_at_once(ctx):
+    """Sends never block: once a peer's queue is full, send raises QueueFull; nothing queued before is lost."""
+    options = SocketOptions(max_message_bytes=4 << 20, send_hwm=2, recv_hwm=2, linger_ms=0)
     server = bind_server(ctx, "127.0.0.1", 0, options)
     client = connect_client(ctx, server.endpoint, "slow", options)
     client.send(Header(MsgType.REGISTER))
     peer = server.recv(WAIT_MS).peer
     block = np.zeros(1 << 20, dtype=np.uint8)
     sends = 0
-    with pytest.raises(TimeoutError, match="not reading"):
+    with pytest.raises(QueueFull, match="queue is full"):
         while sends < 200:  # queues and socket buffers hold a few MiB at most
-            server.send(peer, Header(MsgType.UPDATE, step=sends), [block])
+            server.send(peer, Header(MsgType.STOP, step=sends), [block])
             sends += 1
     assert 2 <= sends < 200
-    for step in range(sends):  # nothing was lost or reordered before the timeout
+    for step in range(sends):  # nothing was lost or reordered before the queue filled
         assert client.recv(WAIT_MS).header.step == step
+    assert server.send(peer, Header(MsgType.HEARTBEAT)) > 0  # read: room again
     client.close()
     server.close()
+
+
+def test_a_client_without_a_connection_fails_at_once(ctx):
+    """With `immediate`, a worker whose PS is away gets QueueFull instead of queuing (or blocking)."""
+    options = SocketOptions(max_message_bytes=1 << 20, linger_ms=0, immediate=True)
+    with zmq.Context() as probe:  # a port nobody listens on
+        sock = probe.socket(zmq.ROUTER)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        sock.close(linger=0)
+    client = connect_client(ctx, f"tcp://127.0.0.1:{port}", "alone", options)
+    with pytest.raises(QueueFull):
+        client.send(Header(MsgType.REGISTER))
+    client.close()
+
+
+def test_a_message_over_the_byte_budget_is_released_and_counted(ctx):
+    """The budget holds for the whole message, not only per frame: frames within MAXMSGSIZE and within the
+    frame limit that add up to more are refused; the same peer's next message goes through."""
+    options = SocketOptions(max_message_bytes=1 << 20, max_frames=8, max_total_bytes=3 << 20, linger_ms=0)
+    assert SocketOptions(max_message_bytes=1 << 20, max_frames=8).total_budget == 9 << 20
+    server = bind_server(ctx, "127.0.0.1", 0, options)
+    client = connect_client(ctx, server.endpoint, "greedy", options)
+    frame = np.zeros((1 << 20) - 1, dtype=np.uint8)
+    client.send(Header(MsgType.GRADIENT), [frame] * 4)  # 4 MiB in 4 legal frames
+    with pytest.raises(MalformedMessage) as info:
+        server.recv(WAIT_MS)
+    assert info.value.reason == "oversized" and info.value.peer == b"greedy"
+    client.send(Header(MsgType.GRADIENT), [frame] * 2)
+    got = server.recv(WAIT_MS)
+    assert len(got.frames) == 2 and got.nbytes < 3 << 20
+    with pytest.raises(ValueError, match="max_total_bytes"):
+        SocketOptions(max_message_bytes=1 << 20, max_total_bytes=10)
+    client.close()
+    server.close()
+
+
+def test_curve_messages_carry_the_senders_public_key(ctx, key_dirs):
+    """On a CURVE server, Received.user_id is the z85 public key that authenticated the sender (the ZAP
+    User-Id), so the PS can bind a worker id to it; a plain server has none."""
+    server = bind_server(ctx, "127.0.0.1", 0, OPTIONS, keys=CurveKeys.load(key_dirs[0], "server"))
+    keys = [CurveKeys.load(key_dirs[0], "client", f"client-{i}") for i in range(2)]
+    clients = [connect_client(ctx, server.endpoint, f"w{i}", OPTIONS, keys=k) for i, k in enumerate(keys)]
+    for client in clients:
+        client.send(Header(MsgType.HEARTBEAT))
+    got = {g.peer: g.user_id for g in (server.recv(WAIT_MS) for _ in clients)}
+    assert got == {b"w0": keys[0].public.decode(), b"w1": keys[1].public.decode()}
+    plain = bind_server(ctx, "127.0.0.1", 0, OPTIONS)
+    client = connect_client(ctx, plain.endpoint, "w9", OPTIONS)
+    client.send(Header(MsgType.HEARTBEAT))
+    assert plain.recv(WAIT_MS).user_id is None
+    for c in [*clients, client]:
+        c.close()
+    server.close()
+    plain.close()
 
 
 def test_ipv6_loopback(ctx):

@@ -7,16 +7,32 @@ not be modified until the peer has answered (ZeroMQ reads it from its I/O thread
 Bounds on what a peer can make us hold: ZeroMQ's MAXMSGSIZE bounds each frame (a peer that sends a
 larger frame is disconnected by libzmq: the receiver sees nothing of that message, a ROUTER forgets the
 peer's identity until it reconnects, and the sender's DEALER reconnects by itself); `recv` keeps at most
-`max_frames` payload frames of a message and raises `MalformedMessage` for the rest. libzmq delivers a
-multipart message only once all of it has arrived, so an authenticated (CURVE) peer is what bounds the
-frame count in memory on a network: hence `bind_server` refuses a non-loopback host without keys.
+`max_frames` payload frames and `total_budget` bytes of a message, releases every frame past either limit
+at once and raises `MalformedMessage` ("too_many_frames", "oversized"). RCVHWM counts messages, so what
+libzmq queues for one peer is at most (recv_hwm + 1) x (max_frames + 1) frames of MAXMSGSIZE, and
+(recv_hwm + 1) x total_budget bytes from a peer that keeps to the frame limit. libzmq itself has no limit
+on the frames of one message and delivers a multipart message only once all of it has arrived, so a peer
+that breaks the frame limit is caught only after libzmq has buffered its message: an authenticated (CURVE)
+peer is what bounds that on a network, hence `bind_server` refuses a non-loopback host without keys.
 
-ZeroMQ heartbeats (PING every `heartbeat_ivl_ms`) let a ROUTER forget a dead or frozen worker and a DEALER
-reconnect to a restarted PS; `SocketOptions.heartbeat_timeout` says why the timeout grows with the frame size.
+Heartbeats: the workers' DEALERs send ZeroMQ PINGs every `heartbeat_ivl_ms` (they reconnect to a restarted
+PS by them) with a TTL that makes the PS's ROUTER drop a dead or frozen worker's connection;
+`SocketOptions.heartbeat_timeout` says why the timeout grows with the frame size. The ROUTER sends no PINGs
+of its own: with ZMQ_HEARTBEAT_IVL set on it, libzmq 4.3.5 (bundled with pyzmq 27.x, the latest release)
+aborts the whole process with `Assertion failed: !_io_error (src/stream_engine_base.cpp:310)` when a peer
+fills its receive queue (RCVHWM reached, so the engine stops reading) and then disconnects: the engine marks
+the connection failed while it still drains the queue, and the next heartbeat timer calls its output
+handler, which asserts. Reproduced on loopback with peers that send bursts of 300 messages and disconnect
+with replies unread: an abort within 15-40 s with HEARTBEAT_IVL set on the ROUTER (ROUTER_HANDOVER makes it
+come sooner), none in 70 s of the same traffic without it, nor with RCVHWM 0 (which would leave the queue
+unbounded). libzmq's trackers have it as open issues 4364 (the same assertion with heartbeats) and 4841
+(out_event asserting on `_io_error`); no released libzmq has a fix.
 
-`Server.send` to a peer that is not connected returns 0 (ROUTER_MANDATORY turns the silent drop into an
-error that we report this way); a send that stays blocked by a full queue for `send_timeout_ms` raises
-`TimeoutError`. Sockets are not thread-safe: use each Server/Client from one thread.
+Sends never block: `send` uses ZMQ_DONTWAIT and raises `QueueFull` when the peer's queue (SNDHWM
+messages) is full, so one peer that does not read cannot stall the PS's loop. `Server.send` to a peer
+that is not connected returns 0 (ROUTER_MANDATORY turns the silent drop into an error that we report this
+way). On a CURVE server, `Received.user_id` is the sender's public key (the ZAP User-Id), which the PS binds
+to the worker id that registered with it. Sockets are not thread-safe: use each Server/Client from one thread.
 """
 
 from __future__ import annotations
@@ -50,21 +66,30 @@ class SocketOptions:
     heartbeat_ivl_ms: int = 1000  # ZMQ_HEARTBEAT_IVL
     heartbeat_timeout_ms: int | None = None  # ZMQ_HEARTBEAT_TIMEOUT and TTL; None: see `heartbeat_timeout`
     max_frames: int = 1024  # payload frames per multipart message accepted
-    send_timeout_ms: int = 30000  # a send blocked this long by a full queue raises TimeoutError
-    immediate: bool = False  # client: queue only on completed connections (sends block while disconnected)
+    max_total_bytes: int | None = None  # bytes of one whole message accepted; None: max_frames + 1 full frames
+    immediate: bool = False  # client: queue only on completed connections (sends fail while disconnected)
 
     def __post_init__(self):
         if self.max_message_bytes < MAX_HEADER_BYTES:
             raise ValueError(
                 f"max_message_bytes must hold a header frame ({MAX_HEADER_BYTES}), got {self.max_message_bytes}"
             )
-        for name in ("send_hwm", "recv_hwm", "heartbeat_ivl_ms", "max_frames", "send_timeout_ms"):
+        for name in ("send_hwm", "recv_hwm", "heartbeat_ivl_ms", "max_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.heartbeat_timeout_ms is not None and self.heartbeat_timeout_ms < 1:
             raise ValueError(f"heartbeat_timeout_ms must be positive, got {self.heartbeat_timeout_ms}")
         if self.linger_ms < 0:
             raise ValueError(f"linger_ms must be >= 0 (a bounded linger), got {self.linger_ms}")
+        if self.max_total_bytes is not None and self.max_total_bytes < MAX_HEADER_BYTES:
+            raise ValueError(f"max_total_bytes must hold a header ({MAX_HEADER_BYTES}), got {self.max_total_bytes}")
+
+    @property
+    def total_budget(self) -> int:
+        """Bytes one received multipart message may hold in all (header and payload frames)."""
+        if self.max_total_bytes is not None:
+            return self.max_total_bytes
+        return (self.max_frames + 1) * self.max_message_bytes
 
     @property
     def heartbeat_timeout(self) -> int:
@@ -86,6 +111,12 @@ class Received:
     header: Header
     frames: list[memoryview]  # payload frames, zero-copy read-only views
     nbytes: int  # total bytes of the multipart message, header included (identity excluded)
+    user_id: str | None = None  # CURVE server side: the z85 public key that authenticated the sender (ZAP User-Id)
+
+
+class QueueFull(Exception):
+    """A send found the peer's queue full (it does not read what it is sent), or, on a client with
+    `immediate`, no connection to queue on. Nothing of the message was queued; sends never block."""
 
 
 class MalformedMessage(ProtocolError):
@@ -187,15 +218,16 @@ class _AnyOf:
 _AUTHENTICATORS = _Authenticators()
 
 
-def _configure(sock: zmq.Socket, options: SocketOptions) -> None:
+def _configure(sock: zmq.Socket, options: SocketOptions, pings: bool) -> None:
+    """Limits, bounded linger, TCP keepalive, reconnection; ZMTP PINGs only where `pings` (the clients)."""
     sock.setsockopt(zmq.MAXMSGSIZE, options.max_message_bytes)
     sock.setsockopt(zmq.SNDHWM, options.send_hwm)
     sock.setsockopt(zmq.RCVHWM, options.recv_hwm)
     sock.setsockopt(zmq.LINGER, options.linger_ms)
-    sock.setsockopt(zmq.SNDTIMEO, options.send_timeout_ms)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout, 6553500))  # TTL's upper bound
+    if pings:  # the server sends none: see the module docstring (libzmq's `!_io_error` abort)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, options.heartbeat_ivl_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, options.heartbeat_timeout)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(options.heartbeat_timeout, 6553500))  # TTL's upper bound
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
     sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 60)
     sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 10)
@@ -234,9 +266,9 @@ def bind_server(
         )
     sock = ctx.socket(zmq.ROUTER)
     try:
-        _configure(sock, options)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes its identity back at once
+        _configure(sock, options, pings=False)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to an unknown or full peer fails instead of vanishing
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its identity back at once
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         if keys is not None:
@@ -266,7 +298,7 @@ def connect_client(
         raise ValueError("a client identity must not be empty")
     sock = ctx.socket(zmq.DEALER)
     try:
-        _configure(sock, options)
+        _configure(sock, options, pings=True)
         sock.setsockopt(zmq.IDENTITY, identity.encode())
         sock.setsockopt(zmq.IMMEDIATE, int(options.immediate))
         if keys is not None:
@@ -298,6 +330,15 @@ def _buffer(frame) -> memoryview | bytes | zmq.Frame:
     return view
 
 
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id of a received frame: the sender's z85 CURVE public key; None without authentication."""
+    try:
+        user_id = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return user_id or None
+
+
 def _nbytes(buf) -> int:
     return len(buf) if isinstance(buf, (bytes, zmq.Frame)) else buf.nbytes
 
@@ -310,9 +351,9 @@ class _Endpoint:
     def _send(self, prefix: list[bytes], header: Header, frames: Sequence) -> int:
         parts = [pack_header(header)] + [_buffer(f) for f in frames]
         try:
-            self._sock.send_multipart(prefix + parts, copy=False)
+            self._sock.send_multipart(prefix + parts, flags=zmq.DONTWAIT, copy=False)
         except zmq.Again as exc:
-            raise TimeoutError(f"send blocked for {self._options.send_timeout_ms} ms: the peer is not reading") from exc
+            raise QueueFull(f"{header.type.name} not sent: the peer's queue is full or it is not connected") from exc
         return sum(_nbytes(p) for p in parts)
 
     def _recv(self, timeout_ms: int | None, router: bool) -> Received | None:
@@ -320,13 +361,16 @@ class _Endpoint:
             return None
         parts: list[zmq.Frame] = []
         keep = int(router) + 1 + self._options.max_frames  # identity, header, payload
-        count = 0
+        budget = self._options.total_budget
+        count = total = 0
         more = True
         while more:  # consume the whole message (it has fully arrived) before judging it
             frame = self._sock.recv(zmq.NOBLOCK, copy=False)
             more = frame.more
             count += 1
-            if count <= keep:
+            if count > int(router):
+                total += len(frame)
+            if count <= keep and total <= budget:  # past either limit, each frame is released at once
                 parts.append(frame)
         peer = parts.pop(0).bytes if router else b""  # a ZeroMQ message has at least one frame after it
         if count > keep:
@@ -334,12 +378,14 @@ class _Endpoint:
             raise MalformedMessage(
                 "too_many_frames", f"{payload} payload frames exceed {self._options.max_frames}", peer
             )
+        if total > budget:
+            raise MalformedMessage("oversized", f"a message of {total} bytes exceeds the budget of {budget}", peer)
         try:
             header = unpack_header(parts[0].buffer)
         except ProtocolError as exc:
             raise MalformedMessage(exc.reason, str(exc), peer) from exc
         frames = [p.buffer.toreadonly() for p in parts[1:]]
-        return Received(peer, header, frames, sum(len(p) for p in parts))
+        return Received(peer, header, frames, total, _user_id(parts[0]))
 
     def close(self) -> None:
         self._sock.close(linger=self._options.linger_ms)
@@ -356,7 +402,8 @@ class Server(_Endpoint):
         self._keys = keys
 
     def send(self, peer: bytes, header: Header, frames: Sequence = ()) -> int:
-        """Send to one peer; returns the bytes sent (header + payload), or 0 if that peer is not connected."""
+        """Send to one peer without blocking; returns the bytes sent (header + payload), or 0 if that peer is
+        not connected; raises QueueFull if its queue is full (it does not read)."""
         try:
             return self._send([peer], header, frames)
         except zmq.ZMQError as exc:
@@ -380,7 +427,7 @@ class Client(_Endpoint):
     """The worker side: a DEALER with a stable identity; reconnects by itself."""
 
     def send(self, header: Header, frames: Sequence = ()) -> int:
-        """Send to the server; returns the bytes sent (header + payload)."""
+        """Send to the server without blocking; returns the bytes sent (header + payload); raises QueueFull."""
         return self._send([], header, frames)
 
     def recv(self, timeout_ms: int | None) -> Received | None:

@@ -17,13 +17,14 @@ from pathlib import Path
 import zmq
 
 from services.common import metrics
-from services.common.protocol import Header, MsgType
+from services.common.protocol import Header, MsgType, ProtocolError
 from services.common.replica import max_frame_bytes, resolve_device
 from services.common.spec import RunSpec
 from services.common.transport import (
     ZAP_DOMAIN,
     CurveKeys,
     MalformedMessage,
+    QueueFull,
     SocketOptions,
     bind_server,
 )
@@ -35,7 +36,16 @@ log = logging.getLogger("atomo.ps")
 POLL_MS = 10
 MAX_CONTROL_BYTES = 1 << 20
 MAX_RECORDS_PER_REPLY = 10_000
-MAX_GRADIENT_FRAMES = 4096
+# What one message from a worker may occupy (the transport rejects more; tests/test_ps_peers.py checks that
+# every supported model fits): the largest gradient has 182 frames (resnet34: 110 parameters and 72
+# floating-point BatchNorm buffers), and its dense fp32 bytes are 85.4 MB; a codec's message can exceed a
+# layer's dense bytes (random atom counts, Elias codes), hence twice that. Worst case: 176 MiB per message,
+# and (WORKER_RCVHWM + 1) x 176 MiB = 1.6 GiB queued for a peer that keeps to the frame limit.
+MAX_GRADIENT_FRAMES = 256
+MAX_GRADIENT_BYTES = 176 << 20
+WORKER_RCVHWM = 8  # messages queued per worker connection: a gradient and heartbeats
+MAX_WORKERS = 1024  # registered worker ids
+DROP_LOG_EVERY_S = 5.0  # at most one log line per drop reason in this time; every drop is counted
 
 
 class ParameterServer:
@@ -66,10 +76,14 @@ class ParameterServer:
         self.ctx = zmq.Context()
         options = SocketOptions(
             max_message_bytes=max_frame_bytes(),
+            recv_hwm=WORKER_RCVHWM,
             heartbeat_ivl_ms=int(heartbeat_s * 1000),
             max_frames=MAX_GRADIENT_FRAMES,
-            send_timeout_ms=max(200, int(heartbeat_s * 500)),
+            max_total_bytes=MAX_GRADIENT_BYTES,
         )
+        self.keys = keys
+        self.worker_keys: dict[str, str] = {}  # with CURVE: worker id -> the public key that first registered it
+        self.drop_log: dict[str, tuple[float, int]] = {}  # reason -> (time of its last log line, drops since)
         self.server = bind_server(self.ctx, bind, port, options, keys, allow_remote_without_keys)
         self.control = self._bind_control(bind, control_port, keys)
         self.address = f"{socket.gethostname()}:{self.server.port}"
@@ -133,15 +147,40 @@ class ParameterServer:
         self.metrics[name].labels(*labels).set(value)
 
     def drop(self, reason: str, sender: str, why: str) -> None:
+        """Count a dropped message by reason; log it, at most one line per reason every DROP_LOG_EVERY_S (a
+        flood of bad messages must not flood the log)."""
         self.metrics["atomo_ps_dropped_messages_total"].labels(reason).inc()
-        log.warning("dropped a message from %r (%s): %s", sender, reason, why)
+        now = time.monotonic()
+        last, since = self.drop_log.get(reason, (-math.inf, 0))
+        if now - last < DROP_LOG_EVERY_S:
+            self.drop_log[reason] = (last, since + 1)
+            return
+        self.drop_log[reason] = (now, 0)
+        more = f" ({since} more dropped for this reason since the last line)" if since else ""
+        log.warning("dropped a message from %r (%s): %s%s", sender[:64], reason, why[:300], more)
 
     def send(self, w: WorkerInfo, header: Header, frames=()) -> int:
+        """Send to a worker without blocking; returns the bytes sent (0: not sent). A worker whose queue is full
+        does not read what it is sent: it is dropped (declared lost on the loop's next pass, which the run
+        handles like any lost worker) and must register again."""
         try:
             return self.server.send(w.peer, header, frames)
-        except TimeoutError:
-            log.warning("worker %s is not reading: %s not sent", w.id, header.type.name)
+        except QueueFull:
+            self.drop("queue_full", w.id, f"{header.type.name} not sent: its queue is full")
+            if w.state != "lost" and w.last_seen != -math.inf:
+                log.warning("worker %s does not read what it is sent: dropped until it registers again", w.id)
+                w.last_seen = -math.inf  # _detect_lost_workers declares it lost
             return 0
+        except ProtocolError as exc:  # a header this PS built is out of the protocol's bounds: not sent
+            log.error("%s to worker %s not sent: %s", header.type.name, w.id, exc)
+            return 0
+
+    def _reply(self, peer: bytes, header: Header) -> None:
+        """A reply to a peer that is not (or no longer) a registered worker: never blocks, never raises."""
+        try:
+            self.server.send(peer, header)
+        except QueueFull:
+            self.drop("queue_full", peer.decode(errors="replace"), f"{header.type.name} not sent: its queue is full")
 
     # -- runs ------------------------------------------------------------------------------------------------
 
@@ -220,14 +259,17 @@ class ParameterServer:
         if header.type == MsgType.REGISTER:
             self._on_register(received)
             return
+        if not self._key_matches(sender, received.user_id):
+            return
         w = self.workers.get(sender)
         if w is None or w.state == "lost" or w.peer != received.peer:
             if header.type == MsgType.GRADIENT:
                 self.drop("unregistered", sender, "gradient from a worker that is not registered")
-            self.server.send(received.peer, Header(MsgType.REJECT, worker_id=sender, meta={"reason": "unknown worker"}))
+            self._reply(received.peer, Header(MsgType.REJECT, worker_id=sender, meta={"reason": "unknown worker"}))
             return
-        w.last_seen = time.monotonic()
-        w.last_heartbeat = time.time()
+        if w.last_seen != -math.inf:  # -inf: dropped for not reading (send()), lost on the loop's next pass
+            w.last_seen = time.monotonic()
+            w.last_heartbeat = time.time()
         if header.type == MsgType.GRADIENT:
             if self.run is None or self.run.final:
                 self.drop("wrong_run", sender, f"gradient for run {header.run_id!r}, none is running")
@@ -236,24 +278,40 @@ class ParameterServer:
         elif header.type != MsgType.HEARTBEAT:
             self.drop("unexpected_type", sender, f"{header.type.name} is not sent by workers")
 
+    def _key_matches(self, worker_id: str, user_id: str | None) -> bool:
+        """With CURVE, a worker id belongs to the public key that first registered it: a message under that
+        id from another key is dropped (without keys there is nothing to check: see docs/architecture.md)."""
+        if self.keys is None:
+            return True
+        bound = self.worker_keys.get(worker_id)
+        if user_id is not None and bound in (None, user_id):
+            return True
+        self.drop("wrong_key", worker_id, f"worker id {worker_id!r} belongs to another client key")
+        return False
+
     def _on_register(self, received) -> None:
-        meta = received.header.meta
+        meta = received.header.meta  # checked against the REGISTER schema by protocol.unpack_header
         sender = received.header.worker_id
         if not sender or received.frames:
             self.drop("bad_meta", sender, "REGISTER needs a worker id and no payload")
             return
-        port = meta.get("metrics_port")
-        pid = meta.get("pid")
+        if sender not in self.workers and len(self.workers) >= MAX_WORKERS:
+            self.drop("too_many_workers", sender, f"{MAX_WORKERS} worker ids are registered already")
+            return
+        if not self._key_matches(sender, received.user_id):
+            return
+        if self.keys is not None:
+            self.worker_keys[sender] = received.user_id
         w = self.workers.get(sender)
         if w is None:
             w = self.workers[sender] = WorkerInfo(sender, received.peer)
         elif w.state == "lost" and self.run is not None and not self.run.final:
             self.run.event("worker_rejoined", {"worker": sender, "step": self.run.step})
         w.peer = received.peer
-        w.address = str(meta.get("address", ""))[:256]
-        w.device = str(meta.get("device", ""))[:32]
-        w.metrics_port = port if type(port) is int and 0 < port < 65536 else None
-        w.pid = pid if type(pid) is int else None
+        w.address = meta.get("address", "")
+        w.device = meta.get("device", "")
+        w.metrics_port = meta.get("metrics_port")
+        w.pid = meta.get("pid")
         w.last_seen = time.monotonic()
         w.last_heartbeat = time.time()
         if w.state == "lost":

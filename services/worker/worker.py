@@ -34,15 +34,16 @@ from torch.nn import functional as F
 from atomo_core import LayerPolicy, make_codec
 from atomo_core.data import BatchStream, load_dataset
 from services.common import metrics
-from services.common.protocol import Header, MsgType
+from services.common.protocol import MAX_LOSS, Header, MsgType
 from services.common.replica import GradientError, Replica, max_frame_bytes, resolve_device, run_device
 from services.common.spec import RunSpec
-from services.common.transport import Client, CurveKeys, MalformedMessage, SocketOptions, connect_client
+from services.common.transport import Client, CurveKeys, MalformedMessage, QueueFull, SocketOptions, connect_client
 
 log = logging.getLogger("atomo.worker")
 
 POLL_WHILE_BUSY_MS = 2
 MAX_DEFERRED = 32
+HINT_AFTER_REGISTRATIONS = 5  # unanswered registrations in a row before the hint about keys is logged
 DENSE_POLICY = LayerPolicy(make_codec("dense"))
 
 
@@ -117,8 +118,7 @@ class Worker:
             max_message_bytes=max_frame_bytes(),
             heartbeat_ivl_ms=int(heartbeat_s * 1000),
             max_frames=1 << 16,
-            send_timeout_ms=max(200, int(heartbeat_s * 500)),
-            immediate=True,
+            immediate=True,  # while the PS is away a send fails at once (QueueFull) instead of queuing
             linger_ms=100,  # a gradient still queued at shutdown is not worth waiting for
         )
         self.client: Client = connect_client(self.ctx, endpoint, worker_id, options, keys)
@@ -136,6 +136,9 @@ class Worker:
         self.digest: tuple[int, str] | None = None
         self.last_from_ps = time.monotonic()
         self.ps_lost = False
+        self.unanswered = 0  # registrations sent since the PS last said anything
+        self.keys = keys
+        self.hinted = False
         self.stopping = False
 
     def stop(self, *_args) -> None:
@@ -156,6 +159,7 @@ class Worker:
                 received = None
             if received is not None:
                 self.last_from_ps = time.monotonic()
+                self.unanswered = 0
                 if self.ps_lost:
                     log.info("the PS answers again")
                     self.ps_lost = False
@@ -184,17 +188,33 @@ class Worker:
             self._send(Header(MsgType.HEARTBEAT, worker_id=self.worker_id))
 
     def _send(self, header: Header, frames=()) -> int:
+        """Send without blocking; 0 when the PS is not connected or not reading (the message is dropped: a
+        lost gradient is made up by the PS's step deadline or by registering again)."""
         try:
             return self.client.send(header, frames)
-        except TimeoutError:
-            log.debug("send of %s timed out: the PS is not connected", header.type.name)
+        except QueueFull:
+            log.debug("%s not sent: the PS is not connected or not reading", header.type.name)
             return 0
 
     def _register(self) -> None:
-        meta = {"device": self.device.type, "address": socket.gethostname(), "pid": os.getpid()}
+        meta = {"device": self.device.type[:32], "address": socket.gethostname()[:256], "pid": os.getpid()}
         if self.metrics_port is not None:
             meta["metrics_port"] = self.metrics_port
         self._send(Header(MsgType.REGISTER, worker_id=self.worker_id, meta=meta))
+        self.unanswered += 1
+        if self.unanswered >= HINT_AFTER_REGISTRATIONS and not self.hinted:
+            self.hinted = True
+            log.warning("%s", self.no_answer_hint())
+
+    def no_answer_hint(self) -> str:
+        """What to check when the PS never answers: most often, keys that do not match the PS's."""
+        where = f"no answer from the PS at {self.endpoint} after {self.unanswered} registrations"
+        if self.keys is None:
+            return f"{where}: if it uses CURVE keys, pass --keys DIR --key-name NAME"
+        return (
+            f"{where}: check that the PS runs there and that this worker's CURVE keys are the PS's (its server.key, "
+            "and this client's public key among the PS's clients/)"
+        )
 
     def _dispatch(self, received, arrived: float) -> None:
         """RUN, UPDATE and STOP become jobs of the compute thread, one at a time, in arrival order."""
@@ -239,12 +259,12 @@ class Worker:
             else:
                 compute = self._on_update(header, received.frames, arrived)
                 self.received = received.nbytes
+            return self._compute(self.run, self.step) if compute else None
         except Exception as exc:  # nothing the PS sends may kill the worker: ask for the whole state again
             log.warning("could not apply %s from the PS (%s): asking for the state again", header.type.name, exc)
             self.step = -1
             self.out_of_sync = True
             return None
-        return self._compute(self.run, self.step) if compute else None
 
     def _on_run(self, header: Header, frames) -> bool:
         meta = header.meta
@@ -327,7 +347,8 @@ class Worker:
             timings["communication_s"] = self.communication_s
             self._observe("atomo_worker_communication_seconds", self.communication_s)
             self.communication_s = None
-        meta = {"loss": gradient.loss if math.isfinite(gradient.loss) else None}  # None: diverged, the PS fails the run
+        # None: diverged (not finite, or beyond what the protocol accepts); the PS fails the run
+        meta = {"loss": gradient.loss if math.isfinite(gradient.loss) and 0 <= gradient.loss <= MAX_LOSS else None}
         if self.digest is not None:
             meta["digest_step"], meta["digest"] = self.digest
             self.digest = None
