@@ -8,12 +8,14 @@ Bounds on what a peer can make us hold: ZeroMQ's MAXMSGSIZE bounds each frame (a
 larger frame is disconnected by libzmq: the receiver sees nothing of that message, a ROUTER forgets the
 peer's identity until it reconnects, and the sender's DEALER reconnects by itself); `recv` keeps at most
 `max_frames` payload frames and `total_budget` bytes of a message, releases every frame past either limit
-at once and raises `MalformedMessage` ("too_many_frames", "oversized"). RCVHWM counts messages, so what
-libzmq queues for one peer is at most (recv_hwm + 1) x (max_frames + 1) frames of MAXMSGSIZE, and
-(recv_hwm + 1) x total_budget bytes from a peer that keeps to the frame limit. libzmq itself has no limit
-on the frames of one message and delivers a multipart message only once all of it has arrived, so a peer
-that breaks the frame limit is caught only after libzmq has buffered its message: an authenticated (CURVE)
-peer is what bounds that on a network, hence `bind_server` refuses a non-loopback host without keys.
+at once and raises `MalformedMessage` ("too_many_frames", "oversized"): nothing over the budget reaches
+the application or stays in memory after `recv`. Before that, libzmq holds what it has queued: RCVHWM
+counts whole messages (recv_hwm per connection, plus the one being read), and libzmq limits neither the
+frames nor the bytes of one message, which it delivers only once all of it has arrived. So a peer that
+breaks the limits costs memory until its message is complete and dropped (frames x MAXMSGSIZE, without
+bound in the frame count): an authenticated (CURVE) peer is what bounds that on a network, hence
+`bind_server` refuses a non-loopback host without keys, and on loopback without keys every local process
+is trusted with it (docs/architecture.md, "Trust model").
 
 Heartbeats: the workers' DEALERs send ZeroMQ PINGs every `heartbeat_ivl_ms` (they reconnect to a restarted
 PS by them) with a TTL that makes the PS's ROUTER drop a dead or frozen worker's connection;

@@ -36,11 +36,12 @@ log = logging.getLogger("atomo.ps")
 POLL_MS = 10
 MAX_CONTROL_BYTES = 1 << 20
 MAX_RECORDS_PER_REPLY = 10_000
-# What one message from a worker may occupy (the transport rejects more; tests/test_ps_peers.py checks that
+# What one message from a worker may occupy (the transport drops more; tests/test_ps_peers.py checks that
 # every supported model fits): the largest gradient has 182 frames (resnet34: 110 parameters and 72
 # floating-point BatchNorm buffers), and its dense fp32 bytes are 85.4 MB; a codec's message can exceed a
-# layer's dense bytes (random atom counts, Elias codes), hence twice that. Worst case: 176 MiB per message,
-# and (WORKER_RCVHWM + 1) x 176 MiB = 1.6 GiB queued for a peer that keeps to the frame limit.
+# layer's dense bytes (random atom counts, Elias codes), hence twice that: 176 MiB. A worker's connection
+# queues at most WORKER_RCVHWM such messages (1.4 GiB) for the loop; a peer that breaks the limits is
+# dropped once libzmq has its whole message (see services/common/transport.py on what that costs).
 MAX_GRADIENT_FRAMES = 256
 MAX_GRADIENT_BYTES = 176 << 20
 WORKER_RCVHWM = 8  # messages queued per worker connection: a gradient and heartbeats
