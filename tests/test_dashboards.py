@@ -90,11 +90,9 @@ def test_dashboard_model(boards):
     assert {"run", "codec"} <= training
     # Every panel of the training dashboard that has run-labelled series filters by the variables.
     for expr in panel_exprs(boards["atomo-training"]):
-        labelled = {resolve(n) for n in metric_names(expr)} & {
-            d.name for d in metrics.ALL_METRICS if "run" in d.labels
-        }
+        labelled = {resolve(n) for n in metric_names(expr)} & {d.name for d in metrics.ALL_METRICS if "run" in d.labels}
         if labelled:
-            assert '$run' in expr and '$codec' in expr, expr
+            assert "$run" in expr and "$codec" in expr, expr
 
 
 def test_latency_breakdown_covers_every_phase(boards):

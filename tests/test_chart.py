@@ -1,0 +1,449 @@
+"""The Helm chart charts/atomo, checked statically: `helm lint --strict`, `helm template` with the defaults and
+with monitoring on, existing Secrets, GPUs off, an Ingress and extra worker groups; every rendered manifest
+passes `kubernetes-validate --strict` for two Kubernetes versions and checkov (with the chart's stated skips);
+the schema refuses bad values with a clear message; and the rendered objects say what the chart promises
+(restricted pods, probes, threads from the CPU limit, least-privilege RBAC, network policies, monitoring).
+The tools come from scripts/install-test-tools.sh (.tools/bin, or PATH)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "atomo"
+NAMESPACE = "atomo"
+KUBERNETES_VERSIONS = ("1.33.0", "1.35.0")
+
+RENDERS = {
+    "defaults": [],
+    "monitoring": [
+        "--set",
+        "monitoring.serviceMonitor.enabled=true",
+        "--set",
+        "monitoring.prometheusRule.enabled=true",
+    ],
+    "existing-secrets": [
+        "--set",
+        "auth.existingSecret=my-token",
+        "--set",
+        "auth.existingSecretKey=api-token",
+        "--set",
+        "curve.existingSecret=my-curve",
+        "--set",
+        "curve.workerClient=worker",
+        "--set",
+        "curve.controlClient=control",
+    ],
+    "cpu-workers": ["--set", "workers.gpu=0", "--set-json", "workers.tolerations=[]"],
+    "ingress": [
+        "--set",
+        "control.ingress.enabled=true",
+        "--set",
+        "control.ingress.className=nginx",
+        "--set-json",
+        'control.ingress.tls=[{"secretName": "atomo-tls", "hosts": ["atomo.example.com"]}]',
+    ],
+    "worker-groups": [
+        "--set",
+        "additionalWorkerGroups.h100.disabled=false",
+        "--set",
+        "additionalWorkerGroups.h100.replicas=1",
+        "--set-json",
+        'additionalWorkerGroups.a10={"disabled": false, "gpu": 2, "nodeSelector": {"pool": "a10"}}',
+        "--set-json",
+        'additionalWorkerGroups.t4={"disabled": true}',
+    ],
+    "no-launcher-no-curve": ["--set", "control.launcher=none", "--set", "curve.enabled=false"],
+}
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path=str(ROOT / ".tools" / "bin"))
+    if path is None:
+        pytest.fail(f"{name} is missing: run scripts/install-test-tools.sh")
+    return path
+
+
+def helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=60)
+
+
+def template(*values: str) -> subprocess.CompletedProcess:
+    return helm("template", "atomo", str(CHART), "--namespace", NAMESPACE, *values)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> dict[str, Path]:
+    """Each rendering's manifests in a file, rendered once for the module."""
+    directory = tmp_path_factory.mktemp("rendered")
+    out = {}
+    for name, values in RENDERS.items():
+        result = template(*values)
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        out[name] = directory / f"{name}.yaml"
+        out[name].write_text(result.stdout)
+    return out
+
+
+@pytest.fixture(scope="module")
+def objects(rendered) -> dict[str, list[dict]]:
+    return {name: [d for d in yaml.safe_load_all(path.read_text()) if d] for name, path in rendered.items()}
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    found = by_kind(docs, kind)
+    assert name in found, f"no {kind} {name}: {sorted(found)}"
+    return found[name]
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    """Every pod spec rendered, by owner name (Deployments, StatefulSets, Jobs, bare Pods)."""
+    out = {}
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet", "Job"):
+            out[d["metadata"]["name"]] = d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            out[d["metadata"]["name"]] = d["spec"]
+    return out
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# -- the tools ----------------------------------------------------------------------------------------------
+
+
+def test_helm_lint_strict():
+    for values in (RENDERS["defaults"], RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"]):
+        result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubernetes_validate_strict(rendered, version):
+    result = subprocess.run(
+        [
+            tool("kubernetes-validate"),
+            "--kubernetes-version",
+            version,
+            "--strict",
+            "--quiet",
+            *map(str, rendered.values()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Only the Prometheus Operator's custom resources lack a schema here (checked below against their CRD).
+    for line in (result.stdout + result.stderr).splitlines():
+        assert "monitoring.coreos.com" in line and line.startswith("WARN"), line
+
+
+@pytest.fixture(scope="module")
+def checkov_report(rendered) -> dict:
+    """One checkov run over every rendering (BC_SKIP_MAPPING: no network look-up of guideline ids)."""
+    result = subprocess.run(
+        [tool("checkov"), "--config-file", str(CHART / ".checkov.yaml"), "--skip-download", "-o", "json"]
+        + [arg for path in rendered.values() for arg in ("-f", str(path))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "BC_SKIP_MAPPING": "TRUE", "HOME": str(rendered["defaults"].parent)},
+    )
+    assert result.stdout.strip(), result.stderr
+    return json.loads(result.stdout)
+
+
+def test_checkov_passes_with_every_skip_explained(checkov_report):
+    summary = checkov_report["summary"]
+    failed = [(c["check_id"], c["resource"], c["file_path"]) for c in checkov_report["results"]["failed_checks"]]
+    assert summary["failed"] == 0 and not failed, failed
+    assert summary["parsing_errors"] == 0 and summary["passed"] > 100
+    # Skips inside the chart are annotations with a reason: "CKV_K8S_n=why".
+    for check in checkov_report["results"]["skipped_checks"]:
+        assert check["check_id"].startswith("CKV") and len(check["check_result"].get("suppress_comment", "")) > 20, (
+            check["check_id"]
+        )
+    config = (CHART / ".checkov.yaml").read_text()
+    for check_id in yaml.safe_load(config)["skip-check"]:
+        assert f"# {check_id} " in config, f"{check_id} is skipped without a reason"
+
+
+# -- the schema ---------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    (["--set", "workers.replicas=-1"], "/workers/replicas", "minimum"),
+    (["--set", "control.launcher=slurm"], "/control/launcher", "'kubernetes', 'none'"),
+    (["--set", "ps.ports.data=70000"], "/ps/ports/data", "maximum"),
+    (["--set", "image.digest=latest"], "/image/digest", "does not match pattern"),
+    (["--set", "workers.resources.limits.cpu=null"], "/workers/resources/limits", "missing property 'cpu'"),
+    (["--set-json", 'additionalWorkerGroups={"GPU_pool": {"disabled": false}}'], "GPU_pool", "propertyName"),
+    (["--set-json", 'additionalWorkerGroups={"default": {"disabled": false}}'], "default", "propertyName"),
+    (["--set", "securityContext.allowPrivilegeEscalation=true"], "/securityContext/allowPrivilegeEscalation", "false"),
+    (["--set", "podSecurityContext.runAsUser=0"], "/podSecurityContext/runAsUser", "minimum"),
+    (["--set", "workers.gpus=1"], "gpus", "additional properties"),
+    (["--set", "control.persistence.size=lots"], "/control/persistence/size", "does not match pattern"),
+]
+
+
+@pytest.mark.parametrize(("values", "where", "message"), BAD_VALUES, ids=[v[1] for v in BAD_VALUES])
+def test_the_schema_refuses_bad_values(values, where, message):
+    result = template(*values)
+    assert result.returncode != 0, f"{values} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert where in result.stderr and message in result.stderr, result.stderr
+
+
+def test_renamed_client_keys_need_an_existing_secret():
+    result = template("--set", "curve.workerClient=w")
+    assert result.returncode != 0 and "the generated Secret holds client-0 (workers)" in result.stderr
+
+
+# -- what the rendered objects promise ----------------------------------------------------------------------
+
+
+def test_every_pod_is_restricted_read_only_and_probed(objects):
+    for render, docs in objects.items():
+        for owner, spec in pod_specs(docs).items():
+            where = f"{render}: {owner}"
+            pod = spec["securityContext"]
+            assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0, where
+            assert pod["seccompProfile"]["type"] == "RuntimeDefault", where
+            for c in spec["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, where
+                assert sc["capabilities"]["drop"] == ["ALL"] and sc["runAsNonRoot"] is True, where
+                assert c["resources"]["limits"]["cpu"] and c["resources"]["limits"]["memory"], where
+                mounts = {m["mountPath"] for m in c["volumeMounts"]}
+                assert "/tmp" in mounts, where
+                if spec.get("restartPolicy") != "Never":  # long-running containers
+                    assert "livenessProbe" in c and "readinessProbe" in c, where
+                    assert env_of(c)["ATOMO_THREADS"]["valueFrom"]["resourceFieldRef"] == {
+                        "containerName": c["name"],
+                        "resource": "limits.cpu",
+                        "divisor": "1",
+                    }, where
+                    assert env_of(c)["OMP_NUM_THREADS"]["valueFrom"] == env_of(c)["ATOMO_THREADS"]["valueFrom"]
+            if owner.endswith(("-ps", "-workers")) or "-workers-" in owner:
+                assert spec["automountServiceAccountToken"] is False, where
+
+
+def test_roles_commands_ports_and_probes(objects):
+    docs = objects["defaults"]
+    control = one(docs, "Deployment", "atomo-control")
+    assert control["spec"]["replicas"] == 1 and control["spec"]["strategy"]["type"] == "Recreate"
+    c = control["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["atomo", "serve"]
+    assert "--token-file=/etc/atomo/token/token" in c["args"] and "--launcher=kubernetes" in c["args"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert env_of(c)["ATOMO_PS_CONTROL"]["value"] == "tcp://atomo-ps.atomo.svc:5556"
+
+    ps = one(docs, "StatefulSet", "atomo-ps")
+    assert ps["spec"]["replicas"] == 1
+    p = ps["spec"]["template"]["spec"]["containers"][0]
+    assert p["command"] == ["atomo", "ps"]
+    assert {e: env_of(p)[e]["value"] for e in ("ATOMO_PS_BIND", "ATOMO_KEYS", "ATOMO_STATE_DIR")} == {
+        "ATOMO_PS_BIND": "0.0.0.0",
+        "ATOMO_KEYS": "/etc/atomo/curve",
+        "ATOMO_STATE_DIR": "/var/lib/atomo",
+    }
+    service = one(docs, "Service", "atomo-ps")
+    assert {(p["name"], p["port"]) for p in service["spec"]["ports"]} == {
+        ("data", 5555),
+        ("control", 5556),
+        ("metrics", 9090),
+    }
+
+    workers = one(docs, "StatefulSet", "atomo-workers")
+    assert workers["spec"]["replicas"] == 2 and workers["spec"]["serviceName"] == "atomo-workers"
+    spec = workers["spec"]["template"]["spec"]
+    w = spec["containers"][0]
+    assert w["command"] == ["atomo", "worker"]
+    assert env_of(w)["ATOMO_PS"]["value"] == "tcp://atomo-ps.atomo.svc:5555"
+    assert env_of(w)["ATOMO_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env_of(w)["ATOMO_KEY_NAME"]["value"] == "client-0"
+    assert w["resources"]["requests"]["nvidia.com/gpu"] == 1 and w["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert w["readinessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+    shm = {v["name"]: v for v in spec["volumes"]}["dshm"]["emptyDir"]
+    assert shm["medium"] == "Memory"
+    assert {"mountPath": "/dev/shm", "name": "dshm"} in w["volumeMounts"]
+    headless = one(docs, "Service", "atomo-workers")
+    assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
+
+
+def test_curve_keys_are_laid_out_per_role(objects):
+    docs = objects["defaults"]
+
+    def items(owner):
+        volumes = {v["name"]: v for v in pod_specs(docs)[owner]["volumes"]}
+        return {i["path"] for i in volumes["curve-keys"]["secret"]["items"]}
+
+    assert items("atomo-ps") == {"server.key", "server.key_secret", "clients/client-0.key", "clients/client-1.key"}
+    assert "clients/client-1.key_secret" not in items("atomo-workers")
+    assert {"clients/client-0.key", "clients/client-0.key_secret"} <= items("atomo-workers")
+    assert {"clients/client-1.key", "clients/client-1.key_secret"} <= items("atomo-control")
+    job = one(docs, "Job", "atomo-curve-keygen")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["atomo", "atomo-curve", "2"]
+    script = one(docs, "ConfigMap", "atomo-curve-keygen")["data"]["curve-keygen.py"]
+    assert script == (CHART / "files" / "curve-keygen.py").read_text()
+    keygen_role = one(docs, "Role", "atomo-curve-keygen")
+    assert keygen_role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["atomo-curve"]},
+    ]
+
+
+def test_generated_token_and_existing_secrets(objects):
+    token = one(objects["defaults"], "Secret", "atomo-token")
+    assert len(__import__("base64").b64decode(token["data"]["token"])) == 48
+    docs = objects["existing-secrets"]
+    assert "Secret" not in {d["kind"] for d in docs} and "Job" not in {d["kind"] for d in docs}
+    volumes = {v["name"]: v for v in pod_specs(docs)["atomo-control"]["volumes"]}
+    assert volumes["token"]["secret"]["secretName"] == "my-token"
+    assert volumes["token"]["secret"]["items"] == [{"key": "api-token", "path": "token"}]
+    assert volumes["curve-keys"]["secret"]["secretName"] == "my-curve"
+    assert {"clients/control.key", "clients/control.key_secret"} <= {
+        i["path"] for i in volumes["curve-keys"]["secret"]["items"]
+    }
+    ps_volumes = {v["name"]: v for v in pod_specs(docs)["atomo-ps"]["volumes"]}
+    assert {"clients/worker.key", "clients/control.key"} <= {
+        i["path"] for i in ps_volumes["curve-keys"]["secret"]["items"]
+    }
+
+
+def test_the_control_role_grants_exactly_what_the_launcher_uses(objects):
+    role = one(objects["defaults"], "Role", "atomo-control")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["statefulsets", "statefulsets/scale"],
+            "verbs": ["get", "patch"],
+            "resourceNames": ["atomo-workers"],
+        },
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
+    ]
+    binding = one(objects["defaults"], "RoleBinding", "atomo-control")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "atomo-control", "namespace": NAMESPACE}]
+    assert pod_specs(objects["defaults"])["atomo-control"]["automountServiceAccountToken"] is True
+    env = env_of(pod_specs(objects["defaults"])["atomo-control"]["containers"][0])
+    assert env["ATOMO_K8S_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["ATOMO_K8S_WORKER_STATEFULSET"]["value"] == "atomo-workers"
+    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == ""
+    assert env["ATOMO_K8S_IDLE_REPLICAS"]["value"] == "0"
+    # Without the Kubernetes launcher: no Role, no token in the pod, no launcher flag.
+    docs = objects["no-launcher-no-curve"]
+    assert "Role" not in {d["kind"] for d in docs}
+    spec = pod_specs(docs)["atomo-control"]
+    assert spec["automountServiceAccountToken"] is False
+    assert "--launcher=kubernetes" not in spec["containers"][0]["args"]
+    assert "ATOMO_K8S_NAMESPACE" not in env_of(spec["containers"][0])
+    assert "--allow-remote-without-keys" in pod_specs(docs)["atomo-ps"]["containers"][0]["args"]
+
+
+def test_extra_worker_groups(objects):
+    docs = objects["worker-groups"]
+    sets = by_kind(docs, "StatefulSet")
+    assert set(sets) == {"atomo-ps", "atomo-workers", "atomo-workers-a10", "atomo-workers-h100"}
+    a10 = sets["atomo-workers-a10"]["spec"]
+    assert a10["replicas"] == 2 and a10["serviceName"] == "atomo-workers"
+    assert a10["template"]["spec"]["nodeSelector"] == {"pool": "a10"}
+    assert a10["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    h100 = sets["atomo-workers-h100"]["spec"]
+    assert h100["replicas"] == 1
+    assert h100["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    selectors = [s["spec"]["selector"]["matchLabels"]["atomo/worker-group"] for n, s in sets.items() if n != "atomo-ps"]
+    assert sorted(selectors) == ["a10", "default", "h100"]
+    role = one(docs, "Role", "atomo-control")
+    assert role["rules"][0]["resourceNames"] == ["atomo-workers", "atomo-workers-a10", "atomo-workers-h100"]
+    env = env_of(pod_specs(docs)["atomo-control"]["containers"][0])
+    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == "atomo-workers-a10,atomo-workers-h100"
+
+
+def test_gpus_off(objects):
+    spec = pod_specs(objects["cpu-workers"])["atomo-workers"]
+    resources = spec["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"] and "nvidia.com/gpu" not in resources["limits"]
+    assert "tolerations" not in spec
+
+
+def test_ingress(objects):
+    ingress = one(objects["ingress"], "Ingress", "atomo-control")["spec"]
+    assert ingress["ingressClassName"] == "nginx" and ingress["tls"][0]["secretName"] == "atomo-tls"
+    backend = ingress["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": "atomo-control", "port": {"name": "http"}}
+    assert "Ingress" not in {d["kind"] for d in objects["defaults"]}
+
+
+def test_network_policies(objects):
+    policies = by_kind(objects["defaults"], "NetworkPolicy")
+    assert policies["atomo-default-deny"]["spec"] == {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "atomo", "app.kubernetes.io/instance": "atomo"}},
+        "policyTypes": ["Ingress"],
+    }
+    ps = {r["ports"][0]["port"]: r["from"] for r in policies["atomo-ps"]["spec"]["ingress"]}
+    assert set(ps) == {"data", "control", "metrics"}
+    assert ps["data"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "worker"
+    assert ps["control"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "control"
+    assert ps["metrics"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["monitoring"]
+    workers = policies["atomo-workers"]["spec"]["ingress"]
+    assert [r["ports"][0]["port"] for r in workers] == ["metrics"]
+    control = policies["atomo-control"]["spec"]["ingress"]
+    assert len(control) == 1 and control[0]["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert {"podSelector": {}} in control[0]["from"]
+    assert not by_kind(
+        [d for d in yaml.safe_load_all(template("--set", "networkPolicy.enabled=false").stdout) if d],
+        "NetworkPolicy",
+    )
+
+
+def test_monitoring(objects):
+    for render, docs in objects.items():
+        for owner, d in ((d["metadata"]["name"], d) for d in docs if d["kind"] in ("Deployment", "StatefulSet")):
+            annotations = d["spec"]["template"]["metadata"]["annotations"]
+            assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+            ports = {p["containerPort"] for c in d["spec"]["template"]["spec"]["containers"] for p in c["ports"]}
+            assert int(annotations["prometheus.io/port"]) in ports, f"{render}: {owner}"
+    kinds = {d["kind"] for d in objects["defaults"]}
+    assert "ServiceMonitor" not in kinds and "PrometheusRule" not in kinds
+    dashboards = {n: c for n, c in by_kind(objects["defaults"], "ConfigMap").items() if "dashboard" in n}
+    committed = sorted((ROOT / "dashboards").glob("*.json"))
+    assert len(dashboards) == len(committed)
+    for path in committed:
+        config_map = dashboards[f"atomo-dashboard-{path.stem}"]
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert json.loads(config_map["data"][path.name]) == json.loads(path.read_text())
+    docs = objects["monitoring"]
+    monitor = one(docs, "ServiceMonitor", "atomo")["spec"]
+    assert {(e["port"], e["path"]) for e in monitor["endpoints"]} == {("metrics", "/metrics"), ("http", "/metrics")}
+    rule = one(docs, "PrometheusRule", "atomo")["spec"]
+    assert rule == yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+
+
+def test_helm_test_hook_checks_readyz(objects):
+    pod = one(objects["defaults"], "Pod", "atomo-test-readyz")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    container = pod["spec"]["containers"][0]
+    assert "/readyz" in container["args"][0] and container["args"][1] == "http://atomo-control.atomo.svc:8080"
+    compile(container["args"][0], "helm-test", "exec")
+
+
+def test_labels_come_from_the_helpers(objects):
+    for docs in objects.values():
+        for d in docs:
+            labels = d["metadata"]["labels"]
+            assert labels["app.kubernetes.io/name"] == "atomo" and labels["app.kubernetes.io/instance"] == "atomo"
+            assert labels["app.kubernetes.io/managed-by"] == "Helm" and labels["helm.sh/chart"] == "atomo-0.1.0"
+            assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]["name"]
