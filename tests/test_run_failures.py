@@ -15,11 +15,13 @@ import pytest
 import torch
 import zmq
 
+from atomo_core.data import Split
 from services.common.launch import LocalCluster
 from services.common.protocol import Header, MsgType
 from services.common.replica import max_frame_bytes
 from services.common.spec import RunSpec
 from services.common.transport import MalformedMessage, SocketOptions, connect_client
+from services.ps.evaluate import EvaluationError, Evaluator
 
 pytestmark = pytest.mark.slow
 
@@ -180,6 +182,29 @@ def test_a_worker_that_never_sends_its_gradient_is_timed_out_and_the_run_finishe
     spec_json = strict_json((cluster.state_dir / "runs" / "straggler" / "spec.json").read_text())
     assert runs[0].meta["spec"] == spec_json == summary["spec"] == resolved
     assert RunSpec.model_validate(spec_json) == RunSpec.model_validate(submitted)
+
+
+def test_an_evaluation_that_raises_is_reported_in_the_callers_thread():
+    # The evaluator runs in its own thread; an exception there (here: weights of another model) must reach
+    # the PS's loop, where the run's guard fails the run with it, and the thread must go on.
+    test = Split(torch.randn(8, 1, 32, 32), torch.randint(0, 10, (8,)))
+    evaluator = Evaluator("mlp", 10, 1, test, torch.device("cpu"))
+    try:
+        good = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+        evaluator.submit(1, {k: v[..., :1] for k, v in good.items()})
+        evaluator.submit(2, good)
+        deadline = time.monotonic() + 30
+        results, error = [], None
+        while len(results) + (error is not None) < 2 and time.monotonic() < deadline:
+            try:
+                results += evaluator.results()
+            except EvaluationError as exc:
+                error = exc
+            time.sleep(0.01)
+    finally:
+        evaluator.close()
+    assert error is not None and str(error).startswith("evaluation of step 1 failed: RuntimeError:")
+    assert [step for step, _accuracy, _loss in results] == [2]
 
 
 def test_a_run_whose_min_workers_never_join_fails_with_the_reason(cluster):

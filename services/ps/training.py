@@ -438,7 +438,7 @@ class Run:
             if not self._contributed(wid) and now - step.joined.get(wid, step.published_at) > limit
         ]
         for wid in late:
-            w = self.ps.workers[wid]
+            w = self.ps.workers[wid]  # participants are registered workers (the PS never forgets one)
             self.timed_out.add(wid)
             self.ps.send(w, Header(MsgType.STOP, self.run_id, self.step, meta={"reason": "timed out"}))
             w.state = "idle"
