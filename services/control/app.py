@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from services.common.metrics import CONTROL_METRICS, create
 from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.common.spec import RunSpec
-from services.control import artifacts, errors
+from services.control import artifacts, docs, errors
 from services.control.auth import bearer_dependency
 from services.control.errors import ApiError, ErrorBody
 from services.control.middleware import BodyLimit, RequestTimer
@@ -38,6 +38,7 @@ from services.control.store import FINAL, Store
 
 if TYPE_CHECKING:  # the transport module pulls in torch; the control service only needs the keys' fields
     from services.common.transport import CurveKeys
+    from services.control.kubernetes import KubernetesLauncher
     from services.control.launchers import Launcher
 
 RunId = Annotated[str, Path(min_length=1, max_length=64)]
@@ -46,7 +47,8 @@ RunId = Annotated[str, Path(min_length=1, max_length=64)]
 @dataclass
 class Settings:
     """What `atomo serve` configures: the store, the PS control endpoint (and its CURVE keys), the API token
-    (None: open, loopback only), the body limit, and how the PS is polled and when it counts as lost."""
+    (None: open, loopback only), the body limit, how the PS is polled and when it counts as lost, and (with
+    the Kubernetes launcher) how long a run waits for its workers and when idle workers are released."""
 
     db_path: str = "atomo-control.db"
     ps_endpoint: str = "tcp://127.0.0.1:5556"
@@ -56,6 +58,8 @@ class Settings:
     ps_timeout_s: float = 2.0
     lost_after_s: float = 120.0
     curve: CurveKeys | None = None
+    worker_wait_s: float = 600.0
+    release_after_s: float = 60.0
 
 
 def _json(content: dict, status_code: int = 200) -> Response:
@@ -103,9 +107,12 @@ def _page_seq(token: str) -> int:
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 500)}
 
 
-def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, launcher: Launcher | None = None, scaler: KubernetesLauncher | None = None
+) -> FastAPI:
     """The app for `settings`; `launcher`, when it supervises the PS process (`atomo up`), tells the
-    scheduler, /readyz and GET /v1/cluster when that process is down."""
+    scheduler, /readyz and GET /v1/cluster when that process is down; `scaler` (the Kubernetes launcher)
+    scales the workers for each run and back to idle (see services/control/scheduler.py)."""
     store = Store(settings.db_path)
     registry = CollectorRegistry()
     metrics = create(CONTROL_METRICS, registry)
@@ -117,6 +124,9 @@ def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
         settings.poll_interval_s,
         settings.lost_after_s,
         launcher,
+        scaler,
+        settings.worker_wait_s,
+        settings.release_after_s,
     )
 
     @asynccontextmanager
@@ -130,10 +140,13 @@ def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
         version="1",
         description="Submit and follow ATOMO training runs on a parameter-server cluster.",
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves /docs from packaged assets (offline)
+        redoc_url=None,
     )
     cache = ReadCache(store)
     app.state.store, app.state.scheduler, app.state.settings = store, scheduler, settings
     errors.install(app)
+    docs.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestTimer, histogram=metrics["atomo_control_http_request_duration_seconds"])
 
@@ -253,6 +266,8 @@ def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
             ps=ps_info or None,
             workers=status.get("workers") or [],
             run_id=live.get("run_id") if live.get("state") not in FINAL else None,
+            pods=scheduler.pods,
+            pods_error=scheduler.pods_error,
         )
 
     app.include_router(v1)
@@ -269,14 +284,14 @@ def create_app(settings: Settings, launcher: Launcher | None = None) -> FastAPI:
         responses={503: {"model": Ready, "description": "not ready"}},
     )
     async def readyz(response: Response) -> Ready:
-        ready = Ready(ready=False, store=store.ping(), ps=scheduler.ps_reachable())
         down = scheduler.ps_down()
+        ready = Ready(ready=False, store=store.ping(), ps=scheduler.ps_reachable())
         ready.ready = ready.store and ready.ps
-        response.status_code = 200 if ready.ready else 503
         if not ready.store:
             ready.reason = f"the store {settings.db_path} cannot be read"
         elif not ready.ps:
             ready.reason = down or f"the PS at {settings.ps_endpoint} does not answer"
+        response.status_code = 200 if ready.ready else 503
         return ready
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)

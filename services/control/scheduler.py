@@ -14,6 +14,14 @@ With a launcher that supervises the PS process (`atomo up`), each poll first tak
 that exited gives the active run a `ps_exited` event quoting the end of the PS's log (and fails it, with
 that as its error, when the launcher gave up on the run after a crash loop); a restarted PS gives a
 `ps_restarted` event. Under plain `atomo serve` there is no launcher and only the PS's control port counts.
+
+With a worker scaler (`atomo serve --launcher kubernetes`, services/control/kubernetes.py), a claimed run is
+submitted to the PS only once its `workers` have registered there: the scaler scales the worker
+StatefulSet(s) to the run's `workers` when the run is claimed, each poll counts the live workers in the
+PS's status, and a run still short after `worker_wait_s` fails with the scaler's account of the pods that
+are not ready. Once no run is active and none is queued for `release_after_s`, the workers are scaled back
+to the idle count (idle GPUs go back to the cluster). Every scaler error fails the run it concerns with its
+message, or (release, pod listing) is logged and retried; none stops the loop.
 """
 
 from __future__ import annotations
@@ -27,9 +35,13 @@ from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.control.store import FINAL, Store
 
 if TYPE_CHECKING:
+    from services.control.kubernetes import KubernetesLauncher
     from services.control.launchers import Launcher
 
 log = logging.getLogger("atomo.control")
+
+PODS_REFRESH_S = 5.0  # GET /v1/cluster shows the worker pods as listed at most this long ago
+RELEASE_RETRY_S = 30.0  # a failed scale-down is tried again after this long
 
 _FINAL_REASONS = {
     "succeeded": "the PS finished every step",
@@ -47,10 +59,22 @@ class Scheduler:
         poll_interval_s: float = 0.5,
         lost_after_s: float = 120.0,
         launcher: Launcher | None = None,
+        scaler: KubernetesLauncher | None = None,
+        worker_wait_s: float = 600.0,
+        release_after_s: float = 60.0,
     ):
         self.store = store
         self.ps = ps
         self.launcher = launcher
+        self.scaler = scaler
+        self.worker_wait_s = worker_wait_s
+        self.release_after_s = release_after_s
+        self.pods: list[dict] = []  # the worker pods as the scaler last listed them
+        self.pods_error: str | None = None
+        self._pods_at = -PODS_REFRESH_S
+        self._wait_deadline: dict[str, float] = {}  # run id -> when its wait for workers ends
+        self._idle_since: float | None = None
+        self._released = False  # the workers are at the idle count (unknown at start: released once idle)
         self.run_duration = run_duration  # prometheus Histogram of finished runs' wall time, or None
         self.poll_interval_s = poll_interval_s
         self.lost_after_s = lost_after_s
@@ -126,6 +150,9 @@ class Scheduler:
             self._stop_if_ended_here(live["run_id"])
         if not busy and not self.store.active_runs():
             self._submit_next()
+        if self.scaler is not None:
+            self._release_when_idle(busy)
+            self._refresh_pods()
 
     def _stop_if_ended_here(self, run_id: str) -> None:
         """A run the store already ended (e.g. failed while the PS was unreachable) but that a restarted PS
@@ -200,6 +227,8 @@ class Scheduler:
             self._submit(run)
 
     def _submit(self, run: dict) -> None:
+        if self.scaler is not None and not self._workers_ready(run):
+            return
         try:
             self.ps.submit(run["id"], run["spec"])
         except PSUnavailable:
@@ -207,7 +236,71 @@ class Scheduler:
         except PSError as exc:
             self._finish(run, "failed", f"the PS rejected the run: {exc}", error=str(exc))
 
+    # Worker scaling (Kubernetes) ----------------------------------------------------------------------
+
+    def _workers_ready(self, run: dict) -> bool:
+        """Scale the workers for `run` when it is first seen here; True once its `workers` are live at the
+        PS. A scaling error or a wait past `worker_wait_s` fails the run with the reason."""
+        from services.control.kubernetes import LaunchError
+
+        run_id, wanted = run["id"], int(run["spec"]["workers"])
+        deadline = self._wait_deadline.get(run_id)
+        if deadline is None:
+            try:
+                plan = self.scaler.scale_for_run(wanted)
+            except LaunchError as exc:
+                self._finish(run, "failed", f"the workers could not be scaled: {exc}", error=str(exc))
+                return False
+            self._released = False
+            deadline = self._wait_deadline[run_id] = time.monotonic() + self.worker_wait_s
+            self.store.add_event(run_id, "workers_requested", {"workers": wanted, "statefulsets": plan})
+        live = sum(w.get("state") != "lost" for w in (self.cluster or {}).get("workers") or [])
+        if live >= wanted:
+            del self._wait_deadline[run_id]
+            return True
+        if time.monotonic() > deadline:
+            del self._wait_deadline[run_id]
+            reason = (
+                f"{live} of {wanted} workers registered with the PS within {self.worker_wait_s:.0f} s; "
+                + self.scaler.explain(wanted)
+            )
+            self._finish(run, "failed", reason, error=reason)
+        return False
+
+    def _release_when_idle(self, busy: bool) -> None:
+        """Scale the workers to the idle count once nothing has been active or queued for `release_after_s`."""
+        from services.control.kubernetes import LaunchError
+
+        now = time.monotonic()
+        if busy or self.store.active_runs() or self.store.next_queued() is not None:
+            self._idle_since = None
+            return
+        self._idle_since = self._idle_since if self._idle_since is not None else now
+        if self._released or now - self._idle_since < self.release_after_s:
+            return
+        try:
+            plan = self.scaler.release()
+        except LaunchError as exc:
+            log.warning("could not scale the idle workers down (retrying in %.0f s): %s", RELEASE_RETRY_S, exc)
+            self._idle_since = now - self.release_after_s + RELEASE_RETRY_S
+            return
+        self._released = True
+        log.info("queue empty: workers scaled to %s", plan)
+
+    def _refresh_pods(self) -> None:
+        from services.control.kubernetes import LaunchError
+
+        now = time.monotonic()
+        if now - self._pods_at < PODS_REFRESH_S:
+            return
+        self._pods_at = now
+        try:
+            self.pods, self.pods_error = self.scaler.pods(), None
+        except LaunchError as exc:
+            self.pods_error = str(exc)
+
     def _finish(self, run: dict, state: str, reason: str, error: str | None = None) -> None:
+        self._wait_deadline.pop(run["id"], None)
         if self.store.transition(run["id"], state, reason, error=error) and self.run_duration is not None:
             finished = self.store.get_run(run["id"])
             if finished["started_at"] is not None:

@@ -92,6 +92,17 @@ class Worker(BaseModel):
     pid: int | None = None
 
 
+class Pod(BaseModel):
+    """A worker pod as the Kubernetes launcher last listed it (`atomo serve --launcher kubernetes`)."""
+
+    name: str
+    statefulset: str
+    phase: str | None = None
+    ready: bool = False
+    node: str | None = None
+    reason: str | None = None  # why it is not ready, as the API reports it; None when ready
+
+
 class Cluster(BaseModel):
     reachable: bool
     endpoint: str
@@ -99,6 +110,8 @@ class Cluster(BaseModel):
     ps: PSInfo | None = None
     workers: list[Worker] = []
     run_id: str | None = None
+    pods: list[Pod] = []  # worker pods, with the Kubernetes launcher only
+    pods_error: str | None = None  # why the pods could not be listed
 
 
 class Health(BaseModel):

@@ -50,6 +50,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default="atomo-control.db", help="SQLite store path (default atomo-control.db)")
     parser.add_argument("--curve-keys", help="CURVE key directory (`atomo keys`) when the PS control port uses CURVE")
     parser.add_argument("--curve-client", help="the client key name in DIR/clients to use (default: the only one)")
+    parser.add_argument(
+        "--launcher",
+        choices=("none", "kubernetes"),
+        default=os.environ.get("ATOMO_LAUNCHER", "none"),
+        help="kubernetes: scale the worker StatefulSet(s) per run (in-cluster config, ATOMO_K8S_* variables; "
+        "needs atomo[kubernetes]); none: the workers are managed elsewhere (default $ATOMO_LAUNCHER or none)",
+    )
+    parser.add_argument(
+        "--worker-wait-timeout",
+        type=positive_float,
+        default=600.0,
+        help="kubernetes: fail a run whose workers have not all registered after this many seconds (default 600)",
+    )
+    parser.add_argument(
+        "--release-after",
+        type=positive_float,
+        default=60.0,
+        help="kubernetes: scale the workers to the idle count after the queue has been empty this long (default 60)",
+    )
 
 
 def serve(
@@ -60,9 +79,11 @@ def serve(
     curve=None,
     launcher=None,
     sock: socket.socket | None = None,
+    scaler=None,
 ) -> int:
     """Run the control service in the foreground until interrupted; on `sock` if given (already bound and
-    listening), else on --host/--port. `launcher`: the one that supervises the PS (`atomo up`), or None."""
+    listening), else on --host/--port. `launcher`: the one that supervises the PS (`atomo up`), or None;
+    `scaler`: the Kubernetes launcher that scales the workers per run, or None."""
     import uvicorn
 
     from services.control.app import Settings, create_app
@@ -75,8 +96,10 @@ def serve(
         poll_interval_s=args.poll_interval,
         lost_after_s=args.lost_after,
         curve=curve,
+        worker_wait_s=getattr(args, "worker_wait_timeout", 600.0),
+        release_after_s=getattr(args, "release_after", 60.0),
     )
-    app = create_app(settings, launcher)
+    app = create_app(settings, launcher, scaler)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
     server = uvicorn.Server(config)
     server.run(sockets=[sock] if sock is not None else None)
@@ -86,7 +109,7 @@ def serve(
 def run(args: argparse.Namespace) -> int:
     from services.control.auth import check_bind, load_token
 
-    curve = None
+    curve = scaler = None
     try:
         token = load_token(args.token_file)
         check_bind(args.host, token, args.allow_unauthenticated)
@@ -94,7 +117,22 @@ def run(args: argparse.Namespace) -> int:
             from services.common.transport import CurveKeys
 
             curve = CurveKeys.load(args.curve_keys, "client", args.curve_client)
-    except (OSError, ValueError) as exc:
+        if args.launcher == "kubernetes":
+            scaler = _kubernetes_launcher()
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"atomo serve: {exc}", file=sys.stderr)
         return 2
-    return serve(args, args.db, args.ps, token, curve)
+    return serve(args, args.db, args.ps, token, curve, scaler=scaler)
+
+
+def _kubernetes_launcher():
+    """The Kubernetes launcher from the ATOMO_K8S_* variables; a RuntimeError that says what is missing."""
+    try:
+        import kubernetes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--launcher kubernetes needs the kubernetes package: pip install 'atomo[kubernetes]'") from (
+            None
+        )
+    from services.control.kubernetes import KubernetesLauncher
+
+    return KubernetesLauncher.from_env()
