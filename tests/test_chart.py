@@ -53,7 +53,7 @@ RENDERS = {
         "--set",
         "additionalWorkerGroups.h100.replicas=1",
         "--set-json",
-        'additionalWorkerGroups.a10={"disabled": false, "gpu": 2, "nodeSelector": {"pool": "a10"}}',
+        'additionalWorkerGroups.a10={"disabled": false, "gpu": 2, "maxReplicas": 3, "nodeSelector": {"pool": "a10"}}',
         "--set-json",
         'additionalWorkerGroups.t4={"disabled": true}',
     ],
@@ -325,14 +325,16 @@ def test_generated_token_and_existing_secrets(objects):
 
 def test_the_control_role_grants_exactly_what_the_launcher_uses(objects):
     role = one(objects["defaults"], "Role", "atomo-control")
+    # services/control/kubernetes.py REQUIRED_RULES, limited to this release's worker StatefulSets.
     assert role["rules"] == [
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"], "resourceNames": ["atomo-workers"]},
         {
             "apiGroups": ["apps"],
-            "resources": ["statefulsets", "statefulsets/scale"],
-            "verbs": ["get", "patch"],
+            "resources": ["statefulsets/scale"],
+            "verbs": ["patch"],
             "resourceNames": ["atomo-workers"],
         },
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     ]
     binding = one(objects["defaults"], "RoleBinding", "atomo-control")
@@ -341,7 +343,7 @@ def test_the_control_role_grants_exactly_what_the_launcher_uses(objects):
     env = env_of(pod_specs(objects["defaults"])["atomo-control"]["containers"][0])
     assert env["ATOMO_K8S_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["ATOMO_K8S_WORKER_STATEFULSET"]["value"] == "atomo-workers"
-    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == ""
+    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == "atomo-workers"
     assert env["ATOMO_K8S_IDLE_REPLICAS"]["value"] == "0"
     # Without the Kubernetes launcher: no Role, no token in the pod, no launcher flag.
     docs = objects["no-launcher-no-curve"]
@@ -367,9 +369,10 @@ def test_extra_worker_groups(objects):
     selectors = [s["spec"]["selector"]["matchLabels"]["atomo/worker-group"] for n, s in sets.items() if n != "atomo-ps"]
     assert sorted(selectors) == ["a10", "default", "h100"]
     role = one(docs, "Role", "atomo-control")
-    assert role["rules"][0]["resourceNames"] == ["atomo-workers", "atomo-workers-a10", "atomo-workers-h100"]
+    for rule in role["rules"][:2]:
+        assert rule["resourceNames"] == ["atomo-workers", "atomo-workers-a10", "atomo-workers-h100"]
     env = env_of(pod_specs(docs)["atomo-control"]["containers"][0])
-    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == "atomo-workers-a10,atomo-workers-h100"
+    assert env["ATOMO_K8S_WORKER_STATEFULSETS"]["value"] == "atomo-workers,atomo-workers-a10=3,atomo-workers-h100"
 
 
 def test_gpus_off(objects):
