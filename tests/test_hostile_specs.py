@@ -12,6 +12,7 @@ import time
 import httpx
 import pytest
 
+from services.common.spec import RunSpec
 from services.control.client import Client
 from services.control.launchers import ControlProcess, LocalLauncher
 
@@ -90,6 +91,9 @@ def test_every_hostile_spec_ends_with_a_reason_and_the_next_run_succeeds(control
             response = http.post("/v1/runs", json=spec)
             assert response.status_code == 201, (name, response.text)
             submitted[name] = strict_json(response.text)  # valid JSON, even for q = inf
+            # the run resource holds the resolved spec, which validates back to the same spec
+            assert submitted[name]["spec"] == RunSpec.model_validate(spec).model_dump(mode="json"), name
+            assert RunSpec.model_validate(submitted[name]["spec"]) == RunSpec.model_validate(spec), name
 
     with Client(control.url, TOKEN) as api:
         ended = {}
@@ -99,6 +103,7 @@ def test_every_hostile_spec_ends_with_a_reason_and_the_next_run_succeeds(control
                 assert time.monotonic() < deadline, f"{name}: still {run['state']} after {RUN_BOUND_S} s: {run}"
                 time.sleep(0.2)
             ended[name] = run
+            assert run["spec"] == submitted[name]["spec"], name
             assert run["state"] in ("succeeded", "failed"), (name, run)
             if run["state"] == "failed":
                 assert run["error"], (name, run)
