@@ -15,16 +15,21 @@ import atomo_core
 from atomo_core import LayerPolicy, dense_nbytes, make_codec
 from atomo_core.models import MODEL_NAMES, build_model
 
-# (label, codec name, parameters): the rows shown, when the codec is registered.
+# (label, codec name, parameters): the rows shown, when the codec is registered; "default" marks a RunSpec's
+# default parameters (services/common/spec.py).
 ROWS = [
     ("svd s=1", "svd", {"budget": 1}),
-    ("svd s=3", "svd", {"budget": 3}),
+    ("svd s=3 (default)", "svd", {"budget": 3}),
     ("svd s=3 paper reshape", "svd", {"budget": 3, "reshape": "paper"}),
     ("entrywise s=64", "entrywise", {"budget": 64}),
+    ("entrywise s=300 (default)", "entrywise", {"budget": 300}),
     ("fourier s=64", "fourier", {"budget": 64}),
+    ("fourier s=300 (default)", "fourier", {"budget": 300}),
     ("qsgd 1 bit", "qsgd", {"bits": 1, "bucket_size": 512}),
+    ("qsgd 4 bits (default)", "qsgd", {"bits": 4, "bucket_size": 512}),
     ("terngrad", "terngrad", {}),
     ("lq q=2", "lq", {"q": 2.0}),
+    ("lq q=inf (default)", "lq", {"q": float("inf")}),
 ]
 
 
@@ -61,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         f"{args.model} on a batch of {len(y)} {data} images: {sum(g.numel() for g in grads):,} parameters, "
         f"dense {dense:,} bytes"
     )
-    print(f"{'codec':<24} {'bytes':>10} {'ratio':>8} {'rel. variance':>14}")
+    print(f"{'codec':<26} {'bytes':>10} {'ratio':>8} {'rel. variance':>14}")
     generator = torch.Generator().manual_seed(args.seed)
     for label, name, params in ROWS:
         if name not in atomo_core.codec_names():
@@ -75,6 +80,6 @@ def run(args: argparse.Namespace) -> int:
             atomo_core.decode_add_(wires, estimates)
             errors.append(sum(float((e - g).double().pow(2).sum()) for e, g in zip(estimates, grads, strict=True)))
         mean_bytes = sum(nbytes) / len(nbytes)
-        print(f"{label:<24} {mean_bytes:>10,.0f} {dense / mean_bytes:>8.1f} {sum(errors) / len(errors) / norm2:>14.3g}")
+        print(f"{label:<26} {mean_bytes:>10,.0f} {dense / mean_bytes:>8.1f} {sum(errors) / len(errors) / norm2:>14.3g}")
     print("rel. variance: E||g^ - g||^2 / ||g||^2 (the estimates are unbiased); ratio: dense bytes / bytes")
     return 0
