@@ -32,7 +32,8 @@ CASES = [
     ("45MB x62 frames", 45 * MB // 62, 62, 4),  # a ResNet-18-sized gradient, one frame per parameter tensor
     ("0.5MB x1 frame", MB // 2, 1, 64),
 ]
-OPTIONS = SocketOptions(max_message_bytes=64 * MB, linger_ms=0)
+# Sends never block (a full queue raises QueueFull): a burst must fit the send queue, here and in raw mode.
+OPTIONS = SocketOptions(max_message_bytes=64 * MB, send_hwm=128, linger_ms=0)
 
 
 def _raw_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
