@@ -104,7 +104,7 @@ def _page_seq(token: str) -> int:
 
 # The app ------------------------------------------------------------------------------------------------
 
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 500)}
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 415, 422, 500)}
 
 
 def create_app(

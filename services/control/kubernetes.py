@@ -165,7 +165,7 @@ class KubernetesLauncher:
             from kubernetes import client
         except ImportError as exc:
             raise LaunchError(
-                "the Kubernetes launcher needs the `kubernetes` package (pip install kubernetes)"
+                "the Kubernetes launcher needs the `kubernetes` package (pip install 'atomo[kubernetes]')"
             ) from exc
         if api_client is None:
             api_client = _in_cluster_client()
