@@ -47,9 +47,12 @@ class Evaluator:
                 raise result
             out.append(result)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop after the evaluations queued so far, waiting at most `timeout_s` for them (0: return at once;
+        the thread finishes the evaluation it is running, then exits)."""
         self.todo.put(None)
-        self.thread.join(timeout=30)
+        if timeout_s > 0:
+            self.thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
         while (job := self.todo.get()) is not None:

@@ -352,7 +352,8 @@ class Run:
             "flush the metrics": lambda: self._flush(force=True),
             "record the state": self._state_event,
             "stop the workers": lambda: self._stop_workers(state),
-            "stop the evaluator": lambda: self.evaluator is not None and self.evaluator.close(),
+            # without waiting: a long evaluation of a cancelled or failed run must not stall the PS's loop
+            "stop the evaluator": lambda: self.evaluator is not None and self.evaluator.close(timeout_s=0),
             "write summary.json": lambda: self.rundir.write_summary(self.summary()),
         }
         for what, action in actions.items():
