@@ -337,6 +337,12 @@ def test_the_control_role_grants_exactly_what_the_launcher_uses(objects):
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     ]
+    from services.control.kubernetes import REQUIRED_RULES  # what the launcher's tests saw it send
+
+    granted = {
+        (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
+    assert granted == REQUIRED_RULES
     binding = one(objects["defaults"], "RoleBinding", "atomo-control")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "atomo-control", "namespace": NAMESPACE}]
     assert pod_specs(objects["defaults"])["atomo-control"]["automountServiceAccountToken"] is True
