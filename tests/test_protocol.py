@@ -248,7 +248,7 @@ def body_of(kind: MsgType, meta=None, timings=None) -> bytes:
     [
         # values at the edges of JSON and floats inside otherwise valid headers
         (MsgType.GRADIENT, '{"loss": 1}', None),
-        (MsgType.HEARTBEAT, '{}', None),
+        (MsgType.HEARTBEAT, "{}", None),
         (MsgType.GRADIENT, '{"loss": 1.7976931348623157e308}', "loss"),
         (MsgType.GRADIENT, '{"loss": -0.5}', "loss"),
         (MsgType.GRADIENT, '{"loss": 1e400}', "loss"),

@@ -16,7 +16,7 @@ from atomo_core import dense_nbytes
 from atomo_core.models import build_model
 from services.common.keys import write_keys
 from services.common.launch import LocalCluster
-from services.common.protocol import MAX_HEADER_BYTES, Header, MsgType, pack_header
+from services.common.protocol import MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MsgType, pack_header
 from services.common.replica import FRAME_SLACK, MODELS, max_frame_bytes
 from services.common.transport import CurveKeys, QueueFull, SocketOptions, connect_client
 from services.ps.server import MAX_GRADIENT_BYTES, MAX_GRADIENT_FRAMES
@@ -72,6 +72,11 @@ def raw_dealer(ctx, cluster, identity: bytes, **options) -> zmq.Socket:
         sock.setsockopt(getattr(zmq, name), value)
     sock.connect(f"tcp://127.0.0.1:{cluster.port}")
     return sock
+
+
+def prefix(kind: MsgType) -> bytes:
+    """The 6 bytes before a header's JSON body (magic, version, type)."""
+    return MAGIC + bytes([PROTOCOL_VERSION, kind])
 
 
 def test_message_limits_fit_every_supported_model():
@@ -215,3 +220,51 @@ def test_with_curve_a_worker_id_belongs_to_the_key_that_registered_it(tmp_path):
             nokey.wait()
         workers = {w["id"] for w in cluster.client().status()["workers"]}
         assert "nokey" not in workers and "worker-0" in workers
+
+
+def test_a_worker_skips_what_its_ps_sends_malformed_and_lives_on(tmp_path):
+    """A real worker process against a raw ROUTER standing in for its PS: garbage, numbers out of range and a
+    RUN whose spec does not validate are dropped or skipped (the worker asks for the state again), and the
+    worker lives on."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services", "worker", "--ps", f"tcp://127.0.0.1:{port}", "--id", "w0"]
+            + ["--heartbeat-s", "0.2", "--threads", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+    def next_of(kind: MsgType, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if router.poll(100):
+                parts = router.recv_multipart()
+                if parts[1][5] == kind:
+                    return True
+        return False
+
+    try:
+        assert router.poll(60_000) and router.recv_multipart()[0] == b"w0"
+        body = '{"run_id":"r","step":1,"worker_id":"","timings":{},"meta":{"mode":"atoms","k":1,"lr":1e400}}'
+        router.send_multipart([b"w0", b"garbage"])
+        router.send_multipart([b"w0", prefix(MsgType.UPDATE) + body.encode()])
+        stop = '{"run_id":"r","step":1,"worker_id":"","timings":{"ps_s":1e300},"meta":{"reason":"x"}}'
+        router.send_multipart([b"w0", prefix(MsgType.STOP) + stop.encode()])
+        bad_run = Header(MsgType.RUN, "r", 0, meta={"spec": {"model": "no-such-model"}, "shard": 0, "num_shards": 1})
+        router.send_multipart([b"w0", pack_header(bad_run)])
+        assert next_of(MsgType.REGISTER, 30), "the worker did not ask for the state again"
+        assert next_of(MsgType.HEARTBEAT, 10) or next_of(MsgType.REGISTER, 10)
+        assert worker.poll() is None, log.read_text()
+        text = log.read_text()
+        assert text.count("malformed message from the PS dropped") == 3, text
+        assert "could not apply RUN from the PS" in text, text
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        ctx.destroy(linger=0)
