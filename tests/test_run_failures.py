@@ -22,6 +22,7 @@ from services.common.replica import max_frame_bytes
 from services.common.spec import RunSpec
 from services.common.transport import MalformedMessage, SocketOptions, connect_client
 from services.ps.evaluate import EvaluationError, Evaluator
+from services.ps.rundir import scan_runs
 
 pytestmark = pytest.mark.slow
 
@@ -205,6 +206,25 @@ def test_an_evaluation_that_raises_is_reported_in_the_callers_thread():
         evaluator.close()
     assert error is not None and str(error).startswith("evaluation of step 1 failed: RuntimeError:")
     assert [step for step, _accuracy, _loss in results] == [2]
+
+
+def test_unreadable_summaries_mark_their_runs_failed_instead_of_stopping_the_ps(tmp_path):
+    # scan_runs runs when the PS starts: a summary.json it cannot read must not keep the PS from starting,
+    # nor make a finished run look unfinished (it would be resumed).
+    runs = tmp_path / "runs"
+    for run_id in ("good", "a-list", "a-folder", "not-json", "unfinished"):
+        (runs / run_id).mkdir(parents=True)
+        (runs / run_id / "spec.json").write_text("{}")
+    (runs / "good" / "summary.json").write_text('{"run_id": "good", "state": "succeeded"}')
+    (runs / "a-list" / "summary.json").write_text("[1, 2]")
+    (runs / "a-folder" / "summary.json").mkdir()
+    (runs / "not-json" / "summary.json").write_bytes(b"\xff{")
+    finished, unfinished = scan_runs(tmp_path)
+    assert unfinished == ["unfinished"]
+    assert finished["good"]["state"] == "succeeded"
+    for run_id in ("a-list", "a-folder", "not-json"):
+        assert finished[run_id]["state"] == "failed", finished[run_id]
+        assert finished[run_id]["error"].startswith("summary.json unreadable: "), finished[run_id]
 
 
 def test_a_run_whose_min_workers_never_join_fails_with_the_reason(cluster):

@@ -119,8 +119,10 @@ def scan_runs(state_dir: Path) -> tuple[dict[str, dict], list[str]]:
         run = RunDirectory(state_dir, path.name)
         try:
             summary = run.summary()
-        except ValueError:
-            summary = None
+            if summary is not None and not isinstance(summary, dict):
+                raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+        except (OSError, ValueError) as exc:  # a run with a summary is over, whatever its summary says
+            summary = {"run_id": path.name, "state": "failed", "error": f"summary.json unreadable: {exc}"[:500]}
         if summary is not None:
             finished[path.name] = summary
         else:
