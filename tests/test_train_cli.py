@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from services import report
 from services.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("accuracy_vs_time.png", "accuracy_vs_bytes.png", "step_time_split.png")
+PLOTS = report.PLOT_FILES
 # Small and quick: LeNet-5 on the offline digits data, 2 workers, a handful of steps.
 QUICK = ["--steps", "6", "--eval-every", "3", "--checkpoint-every", "3", "--batch-size", "32"]
 

@@ -105,7 +105,9 @@ class CodecSpec(BaseModel):
     q: float | Literal["inf"] | None = Field(
         None, description='lq: the l_q norm, q > 0 (2 is 1-bit QSGD); "inf" is TernGrad\'s l_inf, the default'
     )
-    clip: float | None = Field(None, gt=0, le=1e6, description="terngrad: clip at clip*sigma (biased); default none")
+    clip: float | None = Field(
+        None, gt=0, le=1e6, description="terngrad: clip at clip*sigma (biased); null (the default): no clipping"
+    )
     params: dict[ParamName, ParamValue] = Field(
         default_factory=dict,
         max_length=MAX_PLUGIN_PARAMS,
@@ -157,7 +159,7 @@ class CodecSpec(BaseModel):
         if q == "inf":
             return math.inf
         if q is not None and not q > 0:  # also refuses NaN
-            raise ValueError(f"q must be > 0 (or \"inf\"), got {q}")
+            raise ValueError(f'q must be > 0 (or "inf"), got {q}')
         return q
 
     @field_serializer("q")
@@ -221,10 +223,14 @@ class RunSpec(BaseModel):
     steps: int | None = Field(
         None, ge=1, le=10_000_000, description=f"total steps (default {DEFAULT_STEPS} unless epochs)"
     )
-    epochs: float | None = Field(None, gt=0, le=10_000)
+    epochs: float | None = Field(
+        None, gt=0, le=10_000, description="passes over the training set instead of steps; null: counted in steps"
+    )
     eval_every: int = Field(50, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    num_aggregate: int | None = Field(None, ge=1, description="k gradients averaged per step (default: all live)")
+    num_aggregate: int | None = Field(
+        None, ge=1, description="k gradients averaged per step; null (the default): all live workers"
+    )
     min_workers: int = Field(1, ge=1)
     dense_steps: int = Field(0, ge=0, description="first steps sent uncompressed")
     downlink: Literal["atoms", "model"] = "atoms"
