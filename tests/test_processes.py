@@ -160,8 +160,14 @@ def kill_ps_and_see_it_reported(api: Client, url: str, run_id: str, restarts: in
     down = api.cluster()["ps"]
     assert down["state"] == "down" and down["process"]["exit_status"] == -9 and down["process"]["log_tail"]
     wait_until(lambda: ps_process(api)["restarts"] == restarts and api.ready(), 60, "the PS restarted")
-    exited = wait_until(lambda: [e for e in api.events(run_id)["events"] if e["type"] == "ps_exited"], 10, "event")
-    assert exited[-1]["detail"]["log_tail"] and exited[-1]["detail"]["deaths"] == restarts
+    exited = wait_until(
+        lambda: [
+            e for e in api.events(run_id)["events"] if e["type"] == "ps_exited" and e["detail"]["deaths"] == restarts
+        ],
+        10,
+        f"the ps_exited event of death {restarts}",
+    )
+    assert exited[-1]["detail"]["log_tail"]
 
 
 @pytest.mark.slow

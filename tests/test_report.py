@@ -189,4 +189,4 @@ def test_the_recorded_spec_holds_every_default(run_folder):
     }
     assert [unresolved(spec) for spec in defaults.values()] == [[], []]
     assert (defaults["qsgd"]["codec"]["bits"], defaults["qsgd"]["codec"]["bucket_size"]) == (4, 512)
-    assert defaults["lq"]["codec"]["q"] == 2 and defaults["qsgd"]["steps"] == 300
+    assert defaults["lq"]["codec"]["q"] == "inf" and defaults["qsgd"]["steps"] == 300
