@@ -293,6 +293,7 @@ def test_curve_keys_are_laid_out_per_role(objects):
     assert "clients/client-1.key_secret" not in items("atomo-workers")
     assert {"clients/client-0.key", "clients/client-0.key_secret"} <= items("atomo-workers")
     assert {"clients/client-1.key", "clients/client-1.key_secret"} <= items("atomo-control")
+    assert "server.key_secret" not in items("atomo-workers") | items("atomo-control")  # clients: public key only
     job = one(docs, "Job", "atomo-curve-keygen")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["atomo", "atomo-curve", "2"]

@@ -1,6 +1,7 @@
 """Server/Client over real ZeroMQ sockets on loopback: framing, limits, malformed peers, CURVE."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -313,6 +314,20 @@ def test_curve_key_loading_errors(tmp_path, key_dirs):
         CurveKeys.load(key_dirs[0], "observer")
     keys = CurveKeys.load(key_dirs[0], "server")
     assert len(keys.authorized) == 2 and keys.public == keys.server_public
+
+
+def test_a_client_needs_only_its_pair_and_the_servers_public_key(tmp_path, key_dirs):
+    """What a worker or the control service is given (the chart mounts exactly this): no server secret."""
+    (tmp_path / "clients").mkdir()
+    shutil.copy(key_dirs[0] / "server.key", tmp_path / "server.key")
+    for suffix in (".key", ".key_secret"):
+        shutil.copy(key_dirs[0] / "clients" / f"client-0{suffix}", tmp_path / "clients" / f"client-0{suffix}")
+    full = CurveKeys.load(key_dirs[0], "client", "client-0")
+    alone = CurveKeys.load(tmp_path, "client", "client-0")
+    assert (alone.public, alone.secret, alone.server_public) == (full.public, full.secret, full.server_public)
+    (tmp_path / "server.key").unlink()
+    with pytest.raises(ValueError, match="server.key"):
+        CurveKeys.load(tmp_path, "client", "client-0")
 
 
 def test_socket_options_are_bounded():

@@ -135,7 +135,8 @@ class CurveKeys:
     """CURVE keys from a directory written by `atomo keys DIR` (see services/common/keys.py).
 
     Layout: `DIR/server.key` (public), `DIR/server.key_secret`, `DIR/clients/NAME.key` and
-    `NAME.key_secret` per client. The server accepts exactly the public keys in `DIR/clients/`.
+    `NAME.key_secret` per client. The server accepts exactly the public keys in `DIR/clients/`. A server
+    reads its pair and the clients' public keys; a client reads only its own pair and `DIR/server.key`.
     """
 
     def __init__(self, public: bytes, secret: bytes, server_public: bytes, authorized: frozenset[bytes] = frozenset()):
@@ -147,9 +148,9 @@ class CurveKeys:
     @classmethod
     def load(cls, directory, role: str, name: str | None = None) -> CurveKeys:
         directory = Path(directory)
-        server_public, server_secret = _load_pair(directory / "server.key_secret")
         clients = directory / "clients"
         if role == "server":
+            server_public, server_secret = _load_pair(directory / "server.key_secret")
             authorized = frozenset(_load_public(path) for path in sorted(clients.glob("*.key")))
             if not authorized:
                 raise ValueError(f"no client public keys in {clients}: no client could connect")
@@ -162,7 +163,7 @@ class CurveKeys:
                 raise ValueError(f"pick a client key name among {names} in {clients}")
             name = names[0]
         public, secret = _load_pair(clients / f"{name}.key_secret")
-        return cls(public, secret, server_public)
+        return cls(public, secret, _load_public(directory / "server.key"))  # a client never needs the server's secret
 
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP credentials check (zmq.auth): accept only the authorized client keys."""
@@ -179,6 +180,8 @@ def _load_pair(path: Path) -> tuple[bytes, bytes]:
 
 
 def _load_public(path: Path) -> bytes:
+    if not path.is_file():
+        raise ValueError(f"missing CURVE key file {path} (write keys with `atomo keys DIR`)")
     public, _ = zmq.auth.load_certificate(path)
     return public
 

@@ -163,8 +163,8 @@ prometheus.io/path: {{ .path | default "/metrics" | quote }}
 
 {{/*
 The CURVE key volume of a role, laid out as `atomo keys` writes it (services.common.transport.CurveKeys):
-the PS gets its pair and the clients' public keys; a client gets its own pair and the server's key file.
-CurveKeys.load reads the server's pair file (server.key_secret) for clients too, so clients get that file.
+the PS gets its pair and the clients' public keys; a client gets its own pair and the server's public key
+(never the server's secret key).
 (dict "root" $ "role" "ps"|"worker"|"control").
 */}}
 {{- define "atomo.curveVolume" -}}
@@ -182,7 +182,6 @@ CurveKeys.load reads the server's pair file (server.key_secret) for clients too,
       {{- else }}
       {{- $client := ternary $v.workerClient $v.controlClient (eq .role "worker") }}
       - {key: server.key, path: server.key}
-      - {key: server.key_secret, path: server.key_secret}
       - {key: {{ $client }}.key, path: clients/{{ $client }}.key}
       - {key: {{ $client }}.key_secret, path: clients/{{ $client }}.key_secret}
       {{- end }}
