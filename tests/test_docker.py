@@ -114,7 +114,8 @@ def image(engine) -> str:
         env={**os.environ, "ATOMO_IMAGE": IMAGE},
     )
     assert result.returncode == 0, f"scripts/docker-image.sh build failed:\n{result.stderr[-4000:]}"
-    print(f"image {IMAGE} ready in {time.monotonic() - started:.0f} s", file=sys.stderr)
+    steps = [line for line in result.stderr.splitlines() if line.startswith("docker-image:")]
+    print("\n".join([*steps, f"image {IMAGE} ready in {time.monotonic() - started:.0f} s"]), file=sys.stderr)
     return IMAGE
 
 
