@@ -236,11 +236,12 @@ class ParameterServer:
         self.ctx.term()
 
     def _detect_lost_workers(self, now: float) -> None:
-        """A worker silent for three heartbeat intervals is lost."""
+        """A worker silent for three heartbeat intervals is lost, and so is one whose queue was full (send())."""
         for w in self.workers.values():
             if w.state != "lost" and now - w.last_seen > 3 * self.heartbeat_s:
                 w.state = "lost"
-                log.warning("worker %s lost (silent for %.1f s)", w.id, now - w.last_seen)
+                why = "its queue is full" if w.last_seen == -math.inf else f"silent for {now - w.last_seen:.1f} s"
+                log.warning("worker %s lost (%s)", w.id, why)
                 if self.run is not None and not self.run.final:
                     self.run.on_worker_lost(w)
 
