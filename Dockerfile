@@ -10,11 +10,11 @@
 #   folder under .docker-cache/wheels/ (the only cache folder .dockerignore lets in) and pass
 #   --build-arg WHEELS=.docker-cache/wheels; scripts/docker-image.sh does this with a base made by debootstrap.
 #
-# BASE must provide python3 (3.10 or later) with its venv module. Both stages use it, so the virtual
-# environment made in the first one runs unchanged in the second.
+# BASE must provide python3 (3.10 or later) with its venv module. Every stage uses it, so the virtual
+# environment made in the first one runs unchanged in the last.
 ARG BASE=python:3.11-slim-bookworm
 
-FROM ${BASE} AS builder
+FROM ${BASE} AS deps
 # The torch to install: a pip requirement (e.g. torch==2.13.0+cpu or a path under WHEELS).
 ARG TORCH_SPEC=torch==2.13.0
 # torchvision built for that torch (0.28.0 requires torch==2.13.0); empty: leave torchvision out.
@@ -35,20 +35,29 @@ COPY pyproject.toml ${WHEELS} /wheels/
 RUN if [ -n "$WHEELS" ]; then set -- --no-index --find-links /wheels; \
     elif [ -n "$TORCH_INDEX_URL" ]; then set -- --index-url "$TORCH_INDEX_URL"; \
     else set --; fi; \
-    /opt/venv/bin/pip install "$@" "$TORCH_SPEC" ${TORCHVISION_SPEC:+"$TORCHVISION_SPEC"}
+    /opt/venv/bin/pip install "$@" "$TORCH_SPEC" ${TORCHVISION_SPEC:+"$TORCHVISION_SPEC"}; \
+    if [ -n "$TORCHVISION_SPEC" ]; then /opt/venv/bin/python -c "import torchvision"; fi
 
+# The project's dependencies alone, with its kubernetes extra (the chart's control service runs the Kubernetes
+# launcher), and dumb-init, a static PID 1 that forwards signals to the process and reaps zombies. They come
+# from an empty build of pyproject.toml (without its readme line: README.md is not copied here), removed
+# afterwards, so that a change to the project's code leaves this layer, and the final image's copy of
+# /opt/venv, cached.
+COPY pyproject.toml /deps/
+RUN if [ -n "$WHEELS" ]; then set -- --no-index --find-links /wheels; else set --; fi; \
+    sed -i '/^readme = /d' /deps/pyproject.toml; \
+    /opt/venv/bin/pip install "$@" "/deps[kubernetes]" "dumb-init==1.2.5.post1"; \
+    /opt/venv/bin/pip uninstall --yes --quiet atomo
+
+FROM deps AS project
+ARG WHEELS=""
 COPY pyproject.toml README.md /src/
 COPY atomo_core /src/atomo_core
 COPY services /src/services
-
-# The project with the Kubernetes launcher's client (the chart's control service uses it) and dumb-init, a
-# static PID 1 that forwards signals to the process and reaps zombies. pip and setuptools are then removed:
-# nothing installs packages at run time.
+# The project alone into /opt/atomo (its packages, and bin/atomo run by /opt/venv's python).
 RUN if [ -n "$WHEELS" ]; then set -- --no-index --find-links /wheels; else set --; fi; \
-    /opt/venv/bin/pip install "$@" "/src[kubernetes]" "dumb-init==1.2.5.post1"; \
-    /opt/venv/bin/python -c "import torch, services.cli, atomo_core, kubernetes; print('torch', torch.__version__)"; \
-    if [ -n "$TORCHVISION_SPEC" ]; then /opt/venv/bin/python -c "import torchvision"; fi; \
-    /opt/venv/bin/pip uninstall --yes --quiet pip setuptools
+    /opt/venv/bin/pip install "$@" --no-deps --target /opt/atomo /src; \
+    PYTHONPATH=/opt/atomo /opt/venv/bin/python -c "import torch, services.cli, atomo_core, kubernetes"
 
 FROM ${BASE}
 
@@ -59,11 +68,13 @@ RUN groupadd --gid 10001 atomo \
     && chown 10001:10001 /var/lib/atomo \
     && chmod 0750 /var/lib/atomo
 
-COPY --from=builder /opt/venv /opt/venv
+COPY --from=deps /opt/venv /opt/venv
+COPY --from=project /opt/atomo /opt/atomo
 
 # Writable paths are volumes (the root filesystem can be read-only): /tmp (HOME and the caches),
 # /var/lib/atomo (the PS's runs and checkpoints, the control service's SQLite store), /dev/shm.
-ENV PATH=/opt/venv/bin:$PATH \
+ENV PATH=/opt/atomo/bin:/opt/venv/bin:$PATH \
+    PYTHONPATH=/opt/atomo \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \

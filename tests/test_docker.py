@@ -136,9 +136,9 @@ def test_the_image_is_configured_as_the_chart_assumes(image):
     assert sorted(config["ExposedPorts"]) == ["5555/tcp", "5556/tcp", "8080/tcp", "9090/tcp", "9091/tcp"]
     env = dict(item.split("=", 1) for item in config["Env"])
     assert env["HOME"] == "/tmp" and env["XDG_CACHE_HOME"] == "/tmp/.cache" and env["MPLCONFIGDIR"] == "/tmp/matplotlib"
-    # As the image's own user, on a read-only root: who it is, no compilers or pip, the package importable.
+    # As the image's own user, on a read-only root: who it is, no compilers, the package importable.
     probe = (
-        "id -u; id -g; for tool in gcc cc g++ make pip pip3; do command -v $tool && exit 1; done; "
+        "id -u; id -g; for tool in gcc cc g++ make; do command -v $tool && exit 1; done; "
         "python -c 'import atomo_core, services.cli, kubernetes, torch; print(torch.__version__)'; "
         "test -w /var/lib/atomo || echo 'state dir not writable'"
     )
