@@ -137,7 +137,8 @@ download_wheels() {
 }
 
 build() {
-    local start=$SECONDS
+    local start=$SECONDS old
+    old="$("$DOCKER" image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
     log "building $IMAGE (classic builder)"
     DOCKER_BUILDKIT=0 "$DOCKER" build --quiet --tag "$IMAGE" \
         --build-arg "BASE=$BASE_IMAGE" \
@@ -146,6 +147,11 @@ build() {
         --build-arg "WHEELS=$WHEELS_REL" \
         . >/dev/null
     log "built $IMAGE in $((SECONDS - start)) s ($("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE") bytes)"
+    # The image this tag named before, now untagged: removed, so the engine's folder does not grow with each
+    # change (the build cache stays). One a container still uses is kept.
+    if [ -n "$old" ] && [ "$old" != "$("$DOCKER" image inspect --format '{{.Id}}' "$IMAGE")" ]; then
+        "$DOCKER" image rm "$old" >/dev/null 2>&1 || log "kept the previous image $old (in use)"
+    fi
 }
 
 case "${1:-}" in
