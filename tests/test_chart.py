@@ -244,7 +244,7 @@ def test_roles_commands_ports_and_probes(objects):
     control = one(docs, "Deployment", "atomo-control")
     assert control["spec"]["replicas"] == 1 and control["spec"]["strategy"]["type"] == "Recreate"
     c = control["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["atomo", "serve"]
+    assert c["command"] == ["dumb-init", "--", "atomo", "serve"]  # the image's init stays PID 1
     assert "--token-file=/etc/atomo/token/token" in c["args"] and "--launcher=kubernetes" in c["args"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert env_of(c)["ATOMO_PS_CONTROL"]["value"] == "tcp://atomo-ps.atomo.svc:5556"
@@ -252,7 +252,7 @@ def test_roles_commands_ports_and_probes(objects):
     ps = one(docs, "StatefulSet", "atomo-ps")
     assert ps["spec"]["replicas"] == 1
     p = ps["spec"]["template"]["spec"]["containers"][0]
-    assert p["command"] == ["atomo", "ps"]
+    assert p["command"] == ["dumb-init", "--", "atomo", "ps"]
     assert {e: env_of(p)[e]["value"] for e in ("ATOMO_PS_BIND", "ATOMO_KEYS", "ATOMO_STATE_DIR")} == {
         "ATOMO_PS_BIND": "0.0.0.0",
         "ATOMO_KEYS": "/etc/atomo/curve",
@@ -269,7 +269,7 @@ def test_roles_commands_ports_and_probes(objects):
     assert workers["spec"]["replicas"] == 2 and workers["spec"]["serviceName"] == "atomo-workers"
     spec = workers["spec"]["template"]["spec"]
     w = spec["containers"][0]
-    assert w["command"] == ["atomo", "worker"]
+    assert w["command"] == ["dumb-init", "--", "atomo", "worker"]
     assert env_of(w)["ATOMO_PS"]["value"] == "tcp://atomo-ps.atomo.svc:5555"
     assert env_of(w)["ATOMO_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env_of(w)["ATOMO_KEY_NAME"]["value"] == "client-0"

@@ -270,14 +270,16 @@ def test_control_ps_and_workers_train_a_run_in_containers(containers, tmp_path):
             "ATOMO_KEY_NAME": "client-0",
         }
         # worker-0 under the image's entry point (dumb-init); worker-1 as the chart starts it, its command
-        # replacing the entry point.
+        # (`dumb-init -- atomo worker`) replacing the entry point.
         if i == 0:
             containers.run("worker-0", ["atomo", "worker"], worker_env, [curve])
         else:
-            containers.run("worker-1", ["worker"], worker_env, [curve], entrypoint="atomo")
+            containers.run("worker-1", ["--", "atomo", "worker"], worker_env, [curve], entrypoint="dumb-init")
     containers.run(
         "control",
         [
+            "--",
+            "atomo",
             "serve",
             "--host=127.0.0.1",
             f"--port={http}",
@@ -288,7 +290,7 @@ def test_control_ps_and_workers_train_a_run_in_containers(containers, tmp_path):
         ],
         {"ATOMO_PS_CONTROL": f"tcp://127.0.0.1:{control}"},
         [f"{containers.volume('control')}:/var/lib/atomo", f"{token_dir}:/etc/atomo/token:ro", curve],
-        entrypoint="atomo",
+        entrypoint="dumb-init",
     )
 
     url = f"http://127.0.0.1:{http}"
