@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("kmock")
 pytest.importorskip("kubernetes")
 
+from helpers import wait_until  # noqa: E402
 from test_kubernetes_launcher import (  # noqa: E402  (the emulator and the objects of the launcher's tests)
     MAIN,
     NS,
@@ -36,16 +37,6 @@ from services.control.store import FINAL, Store  # noqa: E402
 pytestmark = pytest.mark.slow
 
 SPEC = {"model": "mlp", "workers": 1, "batch_size": 16, "steps": 3, "eval_every": 3, "codec": {"name": "svd"}}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def scale_requests(emulator: Emulator) -> list[tuple]:
@@ -91,7 +82,7 @@ def scheduler(cluster, emulator, tmp_path):
 def finished(scheduler: Scheduler, run_id: str, timeout_s: float = 90.0) -> dict:
     store = Store(scheduler.store.path)
     try:
-        return wait_for(lambda: (r := store.get_run(run_id))["state"] in FINAL and r, timeout_s, f"run {run_id}")
+        return wait_until(lambda: (r := store.get_run(run_id))["state"] in FINAL and r, timeout_s, f"run {run_id}")
     finally:
         store.close()
 
@@ -107,12 +98,12 @@ def test_runs_are_scaled_for_waited_for_and_released(scheduler, emulator):
     assert scale_requests(emulator)[0] == scale_request(MAIN, 1)
 
     # The queue is empty: after release_after_s the workers go back to the idle count (0), once.
-    wait_for(lambda: scale_request(MAIN, 0) in scale_requests(emulator), 10, "the scale-down")
+    wait_until(lambda: scale_request(MAIN, 0) in scale_requests(emulator), 10, "the scale-down")
     time.sleep(1.0)
     assert scale_requests(emulator) == [scale_request(MAIN, 1), scale_request(MAIN, 0)]
 
     # GET /v1/cluster's pods: listed from the API, the pending one with the scheduler's reason.
-    pods = wait_for(lambda: scheduler.pods, 10, "the pod listing")
+    pods = wait_until(lambda: scheduler.pods, 10, "the pod listing")
     by_name = {p["name"]: p for p in pods}
     assert by_name[f"{MAIN}-0"]["ready"] and by_name[f"{MAIN}-0"]["reason"] is None
     assert "Insufficient nvidia.com/gpu" in by_name[f"{MAIN}-1"]["reason"]

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 import zmq
+from helpers import dropped_counts
 
 from atomo_core import dense_nbytes
 from atomo_core.models import build_model
@@ -33,16 +33,6 @@ def cluster(tmp_path_factory):
     c.start()
     yield c
     c.stop()
-
-
-def dropped_counts(cluster) -> dict[str, float]:
-    text = httpx.get(f"http://127.0.0.1:{cluster.ready['metrics_port']}/metrics", timeout=5).text
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith("atomo_ps_dropped_messages_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            counts[reason] = float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 def wait_for_drop(cluster, reason: str, before: dict, timeout_s: float = 30) -> float:

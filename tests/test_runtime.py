@@ -8,10 +8,10 @@ import json
 import math
 import time
 
-import httpx
 import pytest
 import torch
 import zmq
+from helpers import dropped_counts
 
 from atomo_core import make_codec
 from atomo_core.models import build_model
@@ -96,16 +96,6 @@ def test_model_downlink_sends_the_dense_model_and_trains(cluster):
     model_bytes = sum(p.numel() for p in build_model("lenet5", 10, 1).parameters()) * 4
     # Each of the two workers receives at least the fp32 model each step (plus headers), never the atoms.
     assert all(2 * model_bytes <= r["bytes_down"] <= 2 * model_bytes + 8192 for r in records[:-1] if r["k"] == 2)
-
-
-def dropped_counts(cluster) -> dict[str, float]:
-    text = httpx.get(f"http://127.0.0.1:{cluster.ready['metrics_port']}/metrics", timeout=5).text
-    counts = {}
-    for line in text.splitlines():
-        if line.startswith("atomo_ps_dropped_messages_total{"):
-            reason = line.split('reason="', 1)[1].split('"', 1)[0]
-            counts[reason] = float(line.rsplit(" ", 1)[1])
-    return counts
 
 
 class Probe:

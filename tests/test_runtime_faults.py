@@ -6,6 +6,7 @@ import signal
 import time
 
 import pytest
+from helpers import wait_until
 
 from services.common.launch import LocalCluster
 
@@ -21,16 +22,6 @@ def cluster(tmp_path_factory):
     c.start()
     yield c
     c.stop()
-
-
-def wait_until(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_step(cluster) -> int:
