@@ -1,11 +1,14 @@
-"""The Helm chart charts/atomo, checked statically: `helm lint --strict`, `helm template` with the defaults and
+"""The Helm chart charts/atomo, checked statically: `helm lint --strict` with helm 4 and helm 3, `helm template`
+(helm 4; helm 3 must render the very same manifests, and refuse the same bad values) with the defaults and
 with monitoring on, existing Secrets, GPUs off, an Ingress and extra worker groups; every rendered manifest
 passes `kubernetes-validate --strict` for two Kubernetes versions and checkov (with the chart's stated skips);
 the schema refuses bad values with a clear message; and the rendered objects say what the chart promises
 (restricted pods, probes, threads from the CPU limit, least-privilege RBAC, network policies, monitoring).
 The tools come from scripts/install-test-tools.sh (.tools/bin, or PATH)."""
 
+import base64
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,12 +71,16 @@ def tool(name: str) -> str:
     return path
 
 
-def helm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=60)
+# The chart is apiVersion v2 and supported on helm 3 and helm 4: .tools/bin/helm is v4.1.4, .tools/bin/helm3 v3.17.3.
+HELMS = {"helm": "v4.", "helm3": "v3."}
 
 
-def template(*values: str) -> subprocess.CompletedProcess:
-    return helm("template", "atomo", str(CHART), "--namespace", NAMESPACE, *values)
+def helm(*args: str, binary: str = "helm") -> subprocess.CompletedProcess:
+    return subprocess.run([tool(binary), *args], capture_output=True, text=True, timeout=60)
+
+
+def template(*values: str, binary: str = "helm") -> subprocess.CompletedProcess:
+    return helm("template", "atomo", str(CHART), "--namespace", NAMESPACE, *values, binary=binary)
 
 
 @pytest.fixture(scope="module")
@@ -122,11 +129,36 @@ def env_of(container: dict) -> dict[str, dict]:
 # -- the tools ----------------------------------------------------------------------------------------------
 
 
-def test_helm_lint_strict():
+@pytest.mark.parametrize("binary", HELMS)
+def test_helm_lint_strict(binary):
+    version = helm("version", "--short", binary=binary)
+    assert version.stdout.startswith(HELMS[binary]), f"{tool(binary)} is {version.stdout}"
     for values in (RENDERS["defaults"], RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"]):
-        result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values)
+        result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values, binary=binary)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "0 chart(s) failed" in result.stdout
+
+
+# `randAlphaNum 48 | b64enc` in templates/secret-token.yaml: a new API token at each rendering, by either helm.
+GENERATED_TOKEN = re.compile(r"^(  token: )([A-Za-z0-9+/=]+)$", re.MULTILINE)
+
+
+def without_generated_token(manifests: str) -> str:
+    tokens = GENERATED_TOKEN.findall(manifests)
+    assert len(tokens) <= 1, tokens
+    for _, token in tokens:
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(token).decode()), "not a generated token"
+    return GENERATED_TOKEN.sub(r"\1GENERATED", manifests)
+
+
+def test_helm_3_renders_exactly_what_helm_4_renders(rendered):
+    """Every rendering, byte for byte, apart from the API token that each `helm template` generates anew."""
+    for name, values in RENDERS.items():
+        result = template(*values, binary="helm3")
+        assert result.returncode == 0, f"{name}: {result.stderr}"
+        helm4 = rendered[name].read_text()
+        assert ("  token: " in helm4) == (name != "existing-secrets"), name
+        assert without_generated_token(result.stdout) == without_generated_token(helm4), name
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -205,8 +237,37 @@ def test_the_schema_refuses_bad_values(values, where, message):
     assert where in result.stderr and message in result.stderr, result.stderr
 
 
-def test_renamed_client_keys_need_an_existing_secret():
-    result = template("--set", "curve.workerClient=w")
+# helm 3 checks values.schema.json with another JSON Schema library: the same refusals, in its own words.
+BAD_VALUES_HELM3 = [
+    "- workers.replicas: Must be greater than or equal to 0",
+    '- control.launcher: control.launcher must be one of the following: "kubernetes", "none"',
+    "- ps.ports.data: Must be less than or equal to 65535",
+    "- image.digest: Does not match pattern",
+    "- workers.resources.limits: cpu is required",
+    '- additionalWorkerGroups: Property name of "GPU_pool" does not match',
+    '- additionalWorkerGroups: Property name of "default" does not match',
+    "- securityContext.allowPrivilegeEscalation: securityContext.allowPrivilegeEscalation does not match: false",
+    "- podSecurityContext.runAsUser: Must be greater than or equal to 1",
+    "- workers: Additional property gpus is not allowed",
+    "- control.persistence.size: Does not match pattern",
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [(bad[0], message) for bad, message in zip(BAD_VALUES, BAD_VALUES_HELM3, strict=True)],
+    ids=[v[1] for v in BAD_VALUES],
+)
+def test_helm_3_refuses_the_same_bad_values(values, message):
+    result = template(*values, binary="helm3")
+    assert result.returncode != 0, f"{values} was accepted"
+    assert "values don't meet the specifications of the schema" in result.stderr, result.stderr
+    assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("binary", HELMS)
+def test_renamed_client_keys_need_an_existing_secret(binary):
+    result = template("--set", "curve.workerClient=w", binary=binary)
     assert result.returncode != 0 and "the generated Secret holds client-0 (workers)" in result.stderr
 
 
