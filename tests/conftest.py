@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -9,3 +11,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def prometheus_binary():
+    """The Debian prometheus binary (scripts/install-test-tools.sh installs it); missing is a failure."""
+    path = shutil.which("prometheus")
+    if path is None:
+        pytest.fail("the prometheus binary is missing: run scripts/install-test-tools.sh")
+    return path

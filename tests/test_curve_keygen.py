@@ -27,23 +27,20 @@ import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp.test_utils
+import kmock
 import pytest
+import zmq
+import zmq.auth
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from test_chart import CHART, by_kind, one, pod_specs, template  # helm template of the chart
+from test_kubernetes_launcher import NS, Emulator, rbac_rules
+from zmq.utils import z85
 
-kmock = pytest.importorskip("kmock")
-pytest.importorskip("kubernetes")
-zmq = pytest.importorskip("zmq")
-pytest.importorskip("zmq.auth")
-z85 = pytest.importorskip("zmq.utils.z85")
-x509 = pytest.importorskip("cryptography.x509")
-
-import aiohttp.test_utils  # noqa: E402
-from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
-from test_chart import CHART, by_kind, one, pod_specs, template  # noqa: E402  (helm template of the chart)
-from test_kubernetes_launcher import NS, Emulator, rbac_rules  # noqa: E402
-
-from services.common.transport import CurveKeys  # noqa: E402
+from services.common.transport import CurveKeys
 
 SECRETS = kmock.resource("", "v1", "secrets")
 NAME = "atomo-curve"

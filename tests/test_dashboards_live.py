@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import time
 from datetime import datetime
@@ -131,14 +130,6 @@ def send_malformed_message(port: int) -> None:
         sock.close()
     finally:
         ctx.term()
-
-
-@pytest.fixture
-def prometheus_binary():
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail("the prometheus binary is missing: run scripts/install-test-tools.sh")
-    return path
 
 
 def test_every_dashboard_and_rule_expression_returns_data(tmp_path, prometheus_binary):

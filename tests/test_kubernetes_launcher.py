@@ -14,12 +14,11 @@ import subprocess
 import sys
 import threading
 
+import kmock
 import pytest
+from kubernetes import client as k8s_client
 
-kmock = pytest.importorskip("kmock")
-k8s_client = pytest.importorskip("kubernetes.client")
-
-from services.control.kubernetes import (  # noqa: E402
+from services.control.kubernetes import (
     REQUIRED_RULES,
     KubernetesLauncher,
     LaunchError,

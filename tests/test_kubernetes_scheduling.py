@@ -11,10 +11,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
-pytest.importorskip("kmock")
-pytest.importorskip("kubernetes")
-
 from helpers import wait_until  # noqa: E402
 from test_kubernetes_launcher import (  # noqa: E402  (the emulator and the objects of the launcher's tests)
     MAIN,

@@ -1,7 +1,6 @@
 """A real Prometheus server scrapes a real PS and two workers during a run: the issue's metric names, labels
 and values arrive (latency histograms, byte counters, run gauges)."""
 
-import shutil
 import socket
 import subprocess
 import time
@@ -34,14 +33,6 @@ def value(url: str, promql: str) -> float:
     result = query(url, promql)
     assert len(result) == 1, (promql, result)
     return float(result[0]["value"][1])
-
-
-@pytest.fixture
-def prometheus_binary():
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail("the prometheus binary is missing: run scripts/install-test-tools.sh")
-    return path
 
 
 def test_prometheus_scrapes_the_ps_and_workers(tmp_path, prometheus_binary):
