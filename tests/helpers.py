@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -27,3 +28,12 @@ def dropped_counts(cluster) -> dict[str, float]:
             reason = line.split('reason="', 1)[1].split('"', 1)[0]
             counts[reason] = float(line.rsplit(" ", 1)[1])
     return counts
+
+
+def strict_json(text: str):
+    """JSON as the standard defines it: NaN and Infinity refused."""
+
+    def refuse(name):
+        raise ValueError(f"{name} in JSON")
+
+    return json.loads(text, parse_constant=refuse)

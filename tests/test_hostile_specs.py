@@ -6,11 +6,11 @@ PS down, and a normal run afterwards succeeds. Runs are a few steps of the MLP o
 
 from __future__ import annotations
 
-import json
 import time
 
 import httpx
 import pytest
+from helpers import strict_json
 
 from services.common.spec import RunSpec
 from services.control.client import Client
@@ -73,13 +73,6 @@ def control(tmp_path_factory):
         ).start()
         yield process
         process.stop()
-
-
-def strict_json(text: str):
-    def refuse(name):
-        raise ValueError(f"{name} in JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def test_every_hostile_spec_ends_with_a_reason_and_the_next_run_succeeds(control):

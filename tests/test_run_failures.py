@@ -7,13 +7,13 @@ which loads the data set, well under a second)."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import pytest
 import torch
 import zmq
+from helpers import strict_json
 
 from atomo_core.data import Split
 from services.common.launch import LocalCluster
@@ -46,15 +46,6 @@ def cluster(tmp_path_factory):
     c.start()
     yield c
     c.stop()
-
-
-def strict_json(text: str):
-    """JSON as the standard defines it: NaN and Infinity refused."""
-
-    def refuse(name):
-        raise ValueError(f"{name} in JSON")
-
-    return json.loads(text, parse_constant=refuse)
 
 
 def run_files(cluster, run_id: str) -> tuple[dict, list[dict], list[dict]]:
