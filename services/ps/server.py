@@ -29,7 +29,7 @@ from services.common.transport import (
     bind_server,
 )
 from services.ps.rundir import RunDirectory, check_run_id, new_run_id, scan_runs
-from services.ps.training import STEP_TIMEOUT_S, Run, WorkerInfo
+from services.ps.training import STEP_TIMEOUT_S, Run, WorkerInfo, json_safe
 
 log = logging.getLogger("atomo.ps")
 
@@ -375,7 +375,7 @@ class ParameterServer:
             since = _int_field(request, "since", -1)
             records = run.metrics_since(since) if self._is_current(request) else self._past(request).metrics()
             records = [r for r in records if r["step"] > since][:MAX_RECORDS_PER_REPLY]
-            return [{"ok": True, "records": [_finite(r) for r in records]}]
+            return [{"ok": True, "records": [json_safe(r) for r in records]}]
         if op == "events":
             since = _int_field(request, "since", 0)
             events = run.events if self._is_current(request) else self._past(request).events()
@@ -414,7 +414,3 @@ def _int_field(request: dict, key: str, default: int) -> int:
     if type(value) is not int:
         raise ValueError(f"{key} must be an integer")
     return value
-
-
-def _finite(record: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

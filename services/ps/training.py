@@ -547,14 +547,12 @@ class Run:
             return "duplicate"
         if len(self.current.accepted) >= self.current.k:
             return "late"
-        loss = header.meta.get("loss")
-        if loss is None and "loss" in header.meta:  # the worker's loss was NaN or infinite
+        # protocol.unpack_header checked the meta's values (loss finite and bounded, or null; digest with its
+        # step); the run also needs the loss to be there.
+        if "loss" not in header.meta:
+            return "bad_meta"
+        if header.meta["loss"] is None:  # the worker's loss was NaN, infinite or beyond the protocol's bound
             return "diverged"
-        if type(loss) not in (int, float) or not math.isfinite(loss):
-            return "bad_meta"
-        digest = header.meta.get("digest")
-        if digest is not None and (not isinstance(digest, str) or type(header.meta.get("digest_step")) is not int):
-            return "bad_meta"
         return None
 
     def _check_digest(self, w: WorkerInfo, meta: dict) -> None:
