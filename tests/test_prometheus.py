@@ -1,7 +1,6 @@
 """A real Prometheus server scrapes a real PS and two workers during a run: the issue's metric names, labels
 and values arrive (latency histograms, byte counters, run gauges)."""
 
-import socket
 import subprocess
 import time
 
@@ -9,18 +8,12 @@ import httpx
 import pytest
 
 from services.common import metrics
-from services.common.launch import LocalCluster
+from services.common.launch import LocalCluster, free_port
 
 pytestmark = pytest.mark.slow
 
 RUN = "prom"
 STEPS = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def query(url: str, promql: str) -> list[dict]:
