@@ -4,8 +4,10 @@ Wang, Sievert, Charles, Liu, Wright, Papailiopoulos, "ATOMO: Communication-effic
 Atomic Sparsification", NeurIPS 2018. Section and equation numbers in docstrings refer to that paper.
 """
 
+import atomo_core.biased  # noqa: F401  (registers the biased baselines with error feedback)
 import atomo_core.decompositions  # noqa: F401  (registers the ATOMO codecs)
 import atomo_core.quantizers  # noqa: F401  (registers the quantization codecs)
+from atomo_core.biased import Feedback, FeedbackCodec
 from atomo_core.codecs import (
     PLUGIN_GROUP,
     Codec,
@@ -27,6 +29,8 @@ __all__ = [
     "AtomicCodec",
     "AtomicDecomposition",
     "Codec",
+    "Feedback",
+    "FeedbackCodec",
     "LayerPolicy",
     "Message",
     "PLUGIN_GROUP",

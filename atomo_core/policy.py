@@ -6,6 +6,13 @@ the vector codec. A layer is sent dense (exact) when the codec's expected size w
 A message that nevertheless comes out larger than dense (a rare large sample, or a codec whose size is
 not known in advance) is replaced by the dense form of the same sampled estimate: the bytes never exceed
 dense and the estimate stays unbiased.
+
+Error feedback: a layer whose codec is a `FeedbackCodec` (the BIASED baselines topk and powersgd) is encoded
+with that layer's memory, kept here by layer index, so `encode(tensors)` runs one error-feedback step per
+layer (atomo_core/biased/feedback.py). The new memory of every layer is kept only once all layers are
+encoded, so an encode that raises leaves the memory as it was. The dense fallback above sends the same
+estimate, so the residual (the corrected gradient minus the decoded message) stays exact. `reset_feedback()`
+forgets it all (a new run or a new model).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atomo_core.biased import Feedback, FeedbackCodec
 from atomo_core.codecs import Codec, DenseCodec, codec_for, decode
 from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
 
@@ -43,6 +51,7 @@ class LayerPolicy:
         if not (math.isfinite(self.min_compression_rate) and self.min_compression_rate >= 1.0):
             raise ValueError(f"min_compression_rate must be finite and >= 1, got {self.min_compression_rate}")
         self._dense = DenseCodec()
+        self._feedback: dict[int, Feedback] = {}
 
     def codec_for_shape(self, shape: tuple[int, ...]) -> Codec:
         """The codec chosen for a tensor of `shape`, before any sampling."""
@@ -53,13 +62,27 @@ class LayerPolicy:
         return codec
 
     def encode(self, tensors: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[Message]:
-        messages = []
-        for tensor in tensors:
-            msg = self.codec_for_shape(tuple(tensor.shape)).encode(tensor, generator)
+        """One message per tensor; layers with a `FeedbackCodec` run one error-feedback step each."""
+        messages, feedback = [], {}
+        for index, tensor in enumerate(tensors):
+            codec = self.codec_for_shape(tuple(tensor.shape))
+            if isinstance(codec, FeedbackCodec):
+                msg, feedback[index] = codec.encode_with_feedback(tensor, self._feedback.get(index), generator)
+            else:
+                msg = codec.encode(tensor, generator)
             if len(msg) > dense_nbytes(tuple(tensor.shape)):
                 msg = self._dense.encode(decode(bytes(msg)).to(tensor.dtype))
             messages.append(msg)
+        self._feedback.update(feedback)
         return messages
+
+    def feedback(self, index: int) -> Feedback | None:
+        """The error-feedback memory of layer `index` (None before its first step or without feedback)."""
+        return self._feedback.get(index)
+
+    def reset_feedback(self) -> None:
+        """Forget every layer's error-feedback memory: the next step starts from zero residuals."""
+        self._feedback.clear()
 
 
 def decode_add_(

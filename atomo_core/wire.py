@@ -59,6 +59,8 @@ CODEC_IDS: dict[str, int] = {
     "qsgd": 4,
     "terngrad": 5,
     "lq": 6,
+    "topk": 7,
+    "powersgd": 8,
 }
 
 

@@ -23,24 +23,26 @@ from pydantic import (
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
-CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq")
+CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq", "topk", "powersgd")
 # Plugin codecs: entry points of this group (atomo_core.codecs.PLUGIN_GROUP; this module does not import torch,
 # so validation reads only the installed entry points' names and imports nothing).
 PLUGIN_GROUP = "atomo.codecs"
 MAX_PLUGIN_PARAMS = 16
-BUDGETED = ("entrywise", "svd", "fourier")
+BUDGETED = ("entrywise", "svd", "fourier", "topk")
 DEFAULT_BUDGET = 3  # the paper's best spectral-ATOMO budget on CIFAR-10 (Section 6); also the vector codec's
 # Entry-wise and Fourier atoms are single coefficients, so a comparable variance takes far more of them: on the
 # default run (LeNet-5 on digits, 300 steps) budget 100 does not learn (entrywise) or diverges (fourier), 300
 # reaches 94-95% with both (tests/test_default_codecs.py trains every codec at its defaults).
-DEFAULT_BUDGETS = {"svd": float(DEFAULT_BUDGET), "entrywise": 300.0, "fourier": 300.0}
+# topk keeps as many entries as entrywise samples, so that their bytes are comparable.
+DEFAULT_BUDGETS = {"svd": float(DEFAULT_BUDGET), "entrywise": 300.0, "fourier": 300.0, "topk": 300.0}
 DEFAULT_STEPS = 300
 # The value each codec parameter takes when a spec leaves it out: a validated spec holds them filled in, so
 # what is recorded (spec.json, summary.json, the REST run) is what ran. `clip` stays None: no clipping.
 # `budget` defaults per codec (DEFAULT_BUDGETS).
 # lq: q=2 (1-bit QSGD over a whole tensor) diverges on the default run by step 40 and q=4 reaches 74%; q=inf
 # (TernGrad's l_inf) reaches 91%.
-CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf}
+CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4}
+MAX_RANK = 1024  # atomo_core.biased.powersgd.MAX_RANK
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
     "budget": BUDGETED,
@@ -48,6 +50,7 @@ _PARAMETER_OWNERS = {
     "bucket_size": ("qsgd",),
     "q": ("lq",),
     "clip": ("terngrad",),
+    "rank": ("powersgd",),
 }
 
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -88,14 +91,15 @@ class CodecSpec(BaseModel):
         "svd",
         min_length=1,
         max_length=64,
-        description=f"a built-in codec ({', '.join(CODECS)}) or an installed plugin codec (entry point group "
-        f"{PLUGIN_GROUP!r})",
+        description=f"a built-in codec ({', '.join(CODECS)}; topk and powersgd are biased, with error feedback "
+        f"in the worker) or an installed plugin codec (entry point group {PLUGIN_GROUP!r})",
     )
     budget: float | None = Field(
         None,
         gt=0,
         le=1e9,
-        description="sparsity budget s: atoms per tensor in expectation; default 3 (svd), 300 (entrywise, fourier)",
+        description="sparsity budget s: atoms per tensor in expectation; default 3 (svd), 300 (entrywise, fourier); "
+        "topk: k entries kept per tensor, a whole number (biased, with error feedback in the worker), default 300",
     )
     reshape: Literal["rows", "paper"] = Field("rows", description="svd: [out, in*k*k] or the paper's [out*in/2, 2k^2]")
     bits: int | None = Field(None, ge=1, le=16, description="qsgd: bits b, levels s = 2^b - 1; default 4")
@@ -104,6 +108,13 @@ class CodecSpec(BaseModel):
     )
     q: float | Literal["inf"] | None = Field(
         None, description='lq: the l_q norm, q > 0 (2 is 1-bit QSGD); "inf" is TernGrad\'s l_inf, the default'
+    )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_RANK,
+        description="powersgd: rank r of the P Q^T approximation (biased, with error feedback in the worker); "
+        "default 4",
     )
     clip: float | None = Field(
         None, gt=0, le=1e6, description="terngrad: clip at clip*sigma (biased); null (the default): no clipping"
@@ -138,6 +149,13 @@ class CodecSpec(BaseModel):
             hint = " (a plugin codec takes its parameters in codec.params)" if name not in CODECS else ""
             raise ValueError(f"codec {name!r} takes no {info.field_name}{hint}")
         return value
+
+    @field_validator("budget")
+    @classmethod
+    def _whole_topk_budget(cls, budget, info: ValidationInfo):
+        if info.data.get("name") == "topk" and budget is not None and budget != int(budget):
+            raise ValueError(f"topk keeps a whole number of entries, got budget {budget}")
+        return budget
 
     @field_validator("params", mode="before")
     @classmethod
@@ -195,6 +213,8 @@ class CodecSpec(BaseModel):
             params["bits"], params["bucket_size"] = self.bits, self.bucket_size
         if self.name == "lq":
             params["q"] = self.q
+        if self.name == "powersgd":
+            params["rank"] = self.rank
         if self.name == "terngrad" and self.clip is not None:
             params["clip"] = self.clip
         return params
