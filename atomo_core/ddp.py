@@ -1,0 +1,249 @@
+"""ATOMO as a DistributedDataParallel communication hook: unbiased sparsified gradients over torch.distributed.
+
+    state = AtomoHookState(make_codec("svd", budget=3), seed=0)
+    ddp_model.register_comm_hook(state, atomo_hook)
+
+DDP hands the hook one bucket (a flat buffer holding several parameters' gradients) at a time and expects
+a future of the averaged buffer. Instead of allreducing it, each rank encodes every gradient of the bucket
+with the per-layer policy (Section 2, eq. (2): an unbiased estimate), and the ranks all-gather the messages.
+Every rank then decodes all ranks' messages in rank order and averages them: the same bytes through the
+same operations, so the averaged gradient is bitwise identical on every rank (the replicas never drift),
+and it is an unbiased estimate of the allreduce average (a mean of independent unbiased estimates).
+
+Per bucket and step, one rank's part of the exchange is:
+
+1. Encode each gradient of the bucket (LayerPolicy.encode) with a generator drawn from
+   (seed, rank, step, bucket index): the samples differ across ranks, steps and buckets and are
+   reproducible from `seed`.
+2. All-gather a small fixed-size block (`_META_WORDS` int64): this rank's buffer length, the step,
+   start_step, the bucket's tensor count, element count and a hash of its shapes, and the policy's
+   description. Every rank compares the blocks, so a configuration that differs across ranks fails on
+   every rank with the same RuntimeError naming what differs, instead of a hang or a wrong sum. This
+   exchange is synchronous (the hook waits for it): issuing the second collective from a future's callback
+   could order the collectives of different buckets differently on different ranks. It costs one small
+   round trip per bucket (`state.sync_seconds`).
+3. All-gather the byte buffers, each padded to the largest rank's length. A rank's buffer is an index
+   (uint64: the message count, then each message's length) followed by the messages' wire bytes
+   (atomo_core.wire), written once into the send buffer from the messages' own buffers.
+4. When the gather completes (a future callback, no collective in it): parse every rank's messages,
+   sum their decoded estimates into the bucket's buffer, divide by the world size.
+
+The first `start_step` steps are a plain allreduce (as PowerSGD's `start_powerSGD_iter`): early gradients
+change fast and dense steps then cost little in accuracy. At step 0 the fingerprint of step 2 is exchanged
+whatever the mode, so a start_step that differs across ranks fails there.
+
+gloo (CPU tensors) and NCCL (CUDA tensors): with NCCL the exchanged buffers are uint8 CUDA tensors; the
+gathered bytes are copied to the host once to be parsed, and the estimates are decoded onto the bucket's
+device.
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations against the real objects.
+import hashlib
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from atomo_core.codecs import Codec
+from atomo_core.policy import LayerPolicy, decode_add_
+from atomo_core.wire import DEFAULT_LIMITS, Message, WireFormatError, WireLimits
+
+_DESCRIPTION_BYTES = 192  # the policy's description in the fingerprint, truncated to this many UTF-8 bytes
+_FIELDS = ("buffer bytes", "step", "start_step", "bucket tensors", "bucket elements", "bucket shapes")
+_META_WORDS = len(_FIELDS) + _DESCRIPTION_BYTES // 8
+
+
+class AtomoHookState:
+    """What `atomo_hook` keeps between calls.
+
+    codec_or_policy: a `Codec` (wrapped as `LayerPolicy(codec)`: tensors of >= 2 dimensions by the codec,
+        biases and other vectors dense) or a `LayerPolicy`.
+    process_group: the group to communicate in (default: the default group).
+    seed: the sampling of rank r at step t in bucket b draws from a generator seeded from (seed, r, t, b).
+    start_step: the number of steps of plain allreduce before ATOMO starts (default 0).
+
+    Counters, for this rank:
+    step: completed steps (a step ends with the hook call of DDP's last bucket).
+    bytes_sent: cumulative bytes this rank put on the wire for its gradients: the exact length of its
+        encoded messages at ATOMO steps; at allreduce steps the size of the buckets' buffers (numel times
+        the element size: what this rank contributes, not the ring allreduce's traffic). The 8-byte index
+        entries per message, the padding to the largest rank's buffer and the fingerprint block are not
+        counted.
+    last_step_bytes: the same, for the last completed step only.
+    encode_seconds, sync_seconds: cumulative time spent encoding, and waiting in the synchronous
+        fingerprint exchange (step 2 of the module docstring).
+    """
+
+    def __init__(
+        self,
+        codec_or_policy: Codec | LayerPolicy,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+        start_step: int = 0,
+    ):
+        if isinstance(codec_or_policy, Codec):
+            codec_or_policy = LayerPolicy(codec_or_policy)
+        if not isinstance(codec_or_policy, LayerPolicy):
+            raise TypeError(f"expected a Codec or a LayerPolicy, got {type(codec_or_policy).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"start_step must be a non-negative integer, got {start_step!r}")
+        self.policy = codec_or_policy
+        self.process_group = process_group
+        self.seed = seed
+        self.start_step = start_step
+        self.limits: WireLimits = DEFAULT_LIMITS
+        self.step = 0
+        self.bytes_sent = 0
+        self.last_step_bytes = 0
+        self.encode_seconds = 0.0
+        self.sync_seconds = 0.0
+        self._step_bytes = 0
+        self._description = (
+            f"{self.policy.codec!r}, vectors {self.policy.vector_codec!r}, "
+            f"min rate {self.policy.min_compression_rate:g}"
+        )
+
+    def _end_of_step_call(self, bucket: dist.GradBucket, nbytes: int) -> None:
+        self._step_bytes += nbytes
+        self.bytes_sent += nbytes
+        if bucket.is_last():
+            self.last_step_bytes, self._step_bytes = self._step_bytes, 0
+            self.step += 1
+
+
+def sampling_generator(seed: int, rank: int, step: int, bucket: int, device: torch.device) -> torch.Generator:
+    """The generator of one rank's sampling in one bucket at one step, seeded from (seed, rank, step, bucket)."""
+    state = np.random.SeedSequence([seed, rank, step, bucket]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def atomo_hook(state: AtomoHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket's gradients across ranks with ATOMO; see the module docstring for the steps."""
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    buffer = bucket.buffer()
+    step = state.step
+    if step < state.start_step:
+        if step == 0:
+            _check_fingerprints(state, bucket, group, world, 0)
+        state._end_of_step_call(bucket, buffer.numel() * buffer.element_size())
+        work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    # 1. Encode every gradient of the bucket with this rank's (seed, rank, step, bucket) generator.
+    start = time.perf_counter()
+    gradients = bucket.gradients()
+    outs = _views(buffer, gradients)
+    generator = sampling_generator(state.seed, rank, step, bucket.index(), buffer.device)
+    messages = state.policy.encode([g.detach() for g in gradients], generator)
+    lengths = [len(m) for m in messages]
+    state.encode_seconds += time.perf_counter() - start
+    nbytes = 8 * (1 + len(lengths)) + sum(lengths)
+
+    # 2. The buffer lengths and the configuration fingerprints, synchronously.
+    sizes = _check_fingerprints(state, bucket, group, world, nbytes)
+    state._end_of_step_call(bucket, sum(lengths))
+
+    # 3. All-gather the byte buffers, padded to the largest.
+    device = _collective_device(group, buffer)
+    send = _serialize(messages, lengths, max(sizes))
+    if device.type != "cpu":
+        send = send.to(device)
+    received = [torch.empty_like(send) for _ in range(world)]
+    work = dist.all_gather(received, send, group=group, async_op=True)
+
+    # 4. Decode every rank's messages in rank order, sum them into the bucket's buffer, divide by the world.
+    def decode(fut: torch.futures.Future) -> torch.Tensor:
+        fut.wait()
+        gathered = list(torch.stack(received).cpu()) if device.type != "cpu" else received
+        buffer.zero_()
+        for r in range(world):
+            decode_add_(_parse(gathered[r], sizes[r], len(outs), r), outs, limits=state.limits)
+        return buffer.div_(world)
+
+    return work.get_future().then(decode)
+
+
+def _views(buffer: torch.Tensor, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each gradient's place in the bucket's flat buffer (DDP lays them out in order, one after another)."""
+    sizes = [g.numel() for g in gradients]
+    if sum(sizes) != buffer.numel():
+        raise RuntimeError(
+            f"atomo_hook: the bucket's gradients have {sum(sizes)} elements, its buffer {buffer.numel()}"
+        )
+    return [v.view(g.shape) for v, g in zip(buffer.split(sizes), gradients, strict=True)]
+
+
+def _collective_device(group, buffer: torch.Tensor) -> torch.device:
+    """Where the exchanged tensors live: the bucket's GPU under NCCL, the host otherwise."""
+    return buffer.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def _serialize(messages: list[Message], lengths: list[int], padded: int) -> torch.Tensor:
+    """The index (count, lengths as uint64) then each message's bytes, in a zero-padded uint8 tensor."""
+    out = torch.zeros(padded, dtype=torch.uint8)
+    raw = out.numpy()
+    raw[: 8 * (1 + len(lengths))] = np.frombuffer(np.array([len(lengths), *lengths], dtype="<u8").tobytes(), np.uint8)
+    offset = 8 * (1 + len(lengths))
+    for msg in messages:
+        for part in msg.buffers():
+            n = len(part)
+            raw[offset : offset + n] = np.frombuffer(part, np.uint8)
+            offset += n
+    return out
+
+
+def _parse(data: torch.Tensor, nbytes: int, count: int, rank: int) -> list[memoryview]:
+    """Rank `rank`'s messages from its gathered buffer (its first `nbytes` bytes); WireFormatError if malformed."""
+    view = memoryview(data.numpy()).cast("B")[:nbytes]
+    if nbytes < 8 * (1 + count):
+        raise WireFormatError(f"rank {rank}'s buffer of {nbytes} bytes cannot index {count} messages")
+    index = np.frombuffer(view[: 8 * (1 + count)], dtype="<u8")
+    if int(index[0]) != count:
+        raise WireFormatError(f"rank {rank} sent {int(index[0])} messages for a bucket of {count} tensors")
+    ends = 8 * (1 + count) + np.cumsum(index[1:], dtype=np.uint64)
+    if count and int(ends[-1]) != nbytes:
+        raise WireFormatError(f"rank {rank}'s index describes {int(ends[-1])} bytes, its buffer has {nbytes}")
+    starts = np.concatenate([[8 * (1 + count)], ends[:-1]]).astype(np.int64)
+    return [view[int(s) : int(e)] for s, e in zip(starts, ends, strict=True)]
+
+
+def _fingerprint(state: AtomoHookState, bucket: dist.GradBucket, nbytes: int) -> torch.Tensor:
+    """This rank's block of the step-2 exchange: the fields of `_FIELDS`, then the policy's description."""
+    shapes = [tuple(p.shape) for p in bucket.parameters()]
+    digest = hashlib.blake2b(repr(shapes).encode(), digest_size=8).digest()
+    text = state._description.encode()[:_DESCRIPTION_BYTES].ljust(_DESCRIPTION_BYTES, b"\0")
+    fields = [nbytes, state.step, state.start_step, len(shapes), sum(math.prod(s) for s in shapes)]
+    block = np.concatenate(
+        [np.array(fields, dtype=np.int64), np.frombuffer(digest, np.int64), np.frombuffer(text, np.int64)]
+    )
+    return torch.from_numpy(block)
+
+
+def _check_fingerprints(state: AtomoHookState, bucket, group, world: int, nbytes: int) -> list[int]:
+    """All-gather the fingerprints (waiting for them); every rank's buffer length, or the same RuntimeError on
+    every rank naming what differs."""
+    start = time.perf_counter()
+    mine = _fingerprint(state, bucket, nbytes).to(_collective_device(group, bucket.buffer()))
+    blocks = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(blocks, mine, group=group)
+    table = torch.stack(blocks).cpu().numpy()
+    state.sync_seconds += time.perf_counter() - start
+    described = [bytes(row[len(_FIELDS) :].tobytes()).rstrip(b"\0").decode(errors="replace") for row in table]
+    columns = [*(table[:, i].tolist() for i in range(1, len(_FIELDS))), described]
+    names = [*_FIELDS[1:], "policy"]
+    differ = [
+        f"{name} differs: " + " | ".join(f"rank {r}: {value}" for r, value in enumerate(column))
+        for name, column in zip(names, columns, strict=True)
+        if len(set(column)) > 1
+    ]
+    if differ:
+        raise RuntimeError(
+            f"atomo_hook: the ranks' configurations differ (bucket {bucket.index()}); " + "; ".join(differ)
+        )
+    return table[:, 0].tolist()

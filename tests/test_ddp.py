@@ -1,0 +1,310 @@
+"""The DDP communication hook in real process groups: spawned ranks, gloo over loopback (NCCL where CUDA is).
+
+Each test spawns its ranks once and runs a list of scenarios in them (process start-up dominates the time);
+each rank returns plain data, and the assertions are made here, across ranks. The model is a small MLP on
+scikit-learn's digits pooled to 8x8 (64 features), so that a few hundred steps take seconds.
+"""
+
+import hashlib
+import math
+import multiprocessing
+import queue
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+from atomo_core import make_codec, register_codec
+from atomo_core.data import BatchStream, Split, load_dataset
+from atomo_core.ddp import AtomoHookState, atomo_hook
+from atomo_core.decompositions.spectral import SpectralCodec, SpectralDecomposition
+
+SPAWN_TIMEOUT_S = 120
+UNBIASED_STEPS = 300
+Z_LIMIT = 4.0  # |z| beyond 4 has probability 6e-5 per direction for an unbiased estimator
+
+
+class UnscaledSpectralDecomposition(SpectralDecomposition):
+    """Spectral atoms sampled as ATOMO does, but sent with weight lam_i instead of lam_i / p_i: biased
+    (E = sum p_i lam_i a_i), with the same kind of variance, to show that the z-test below detects bias."""
+
+    def pack(self, state, index, lam, p):
+        return super().pack(state, index, lam, torch.ones_like(p))
+
+
+@register_codec
+class UnscaledSpectralCodec(SpectralCodec):
+    name = "svd-unscaled-test"
+    codec_id = 201
+    decomposition_type = UnscaledSpectralDecomposition
+
+
+def _model(device) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).to(device)
+
+
+def _digits(device):
+    train, test, _ = load_dataset("digits")
+    pool = lambda split: (F.avg_pool2d(split.x, 4).to(device), split.y.to(device))  # noqa: E731  32x32 -> 8x8
+    return pool(train), pool(test)
+
+
+def _ddp(model, device):
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def _flat_grad(model) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach().cpu().double()
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def _allreduce_average(model, x, y, world) -> torch.Tensor:
+    """The exact average of the ranks' gradients, by a plain all_reduce outside DDP."""
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).detach()
+    dist.all_reduce(grad)
+    return (grad / world).cpu().double()
+
+
+def scenario_train(rank, world, device):
+    """150 SGD steps with plain allreduce and with ATOMO (svd, s = 2) from the same start and batches."""
+    (train_x, train_y), (test_x, test_y) = _digits(device)
+    results = {}
+    for label, codec in (("allreduce", None), ("atomo", make_codec("svd", budget=2))):
+        model = _model(device)
+        ddp = _ddp(model, device)
+        state = None
+        if codec is not None:
+            state = AtomoHookState(codec, seed=1)
+            ddp.register_comm_hook(state, atomo_hook)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        stream = BatchStream(Split(train_x, train_y), rank, world, 32, seed=0)
+        grad_digests = []
+        for step in range(150):
+            x, y = stream.batch(step)
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            if step % 50 == 0:
+                grad_digests.append(_digest(_flat_grad(model)))
+            optimizer.step()
+        with torch.no_grad():
+            logits = model(test_x)
+            results[label] = {
+                "test_loss": float(F.cross_entropy(logits, test_y)),
+                "test_accuracy": float((logits.argmax(1) == test_y).float().mean()),
+                "params": _digest(torch.cat([p.reshape(-1) for p in model.parameters()])),
+                "grads": grad_digests,
+                "bytes_per_step": state.bytes_sent / state.step if state else None,
+            }
+    return results
+
+
+def scenario_unbiased(rank, world, device):
+    """Errors of the hooked average against the exact allreduce average, at a fixed model and fixed batches,
+    projected on the exact average's direction and on three random directions, for ATOMO and for the biased
+    unscaled codec."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[rank * 64 : (rank + 1) * 64], train_y[rank * 64 : (rank + 1) * 64]
+    model = _model(device)
+    exact = _allreduce_average(model, x, y, world)
+    directions = torch.randn(3, exact.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    directions = torch.cat([exact.unsqueeze(0), directions])
+    directions /= directions.norm(dim=1, keepdim=True)
+    out = {}
+    for label, codec in (("atomo", make_codec("svd", budget=1)), ("unscaled", UnscaledSpectralCodec(budget=1))):
+        model = _model(device)
+        ddp = _ddp(model, device)
+        ddp.register_comm_hook(AtomoHookState(codec, seed=2), atomo_hook)
+        projections, digests = [], []
+        for _ in range(UNBIASED_STEPS):
+            ddp.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            grad = _flat_grad(model)
+            projections.append((directions @ (grad - exact)).tolist())
+            digests.append(_digest(grad))
+        out[label] = {"projections": projections, "digests": digests}
+    return out
+
+
+def scenario_start_step(rank, world, device):
+    """start_step = 3: per step, the distance to the exact average, the bytes counted and the step counter."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[rank * 32 : (rank + 1) * 32], train_y[rank * 32 : (rank + 1) * 32]
+    model = _model(device)
+    exact = _allreduce_average(model, x, y, world)
+    ddp = _ddp(model, device)
+    state = AtomoHookState(make_codec("svd", budget=1), seed=3, start_step=3)
+    ddp.register_comm_hook(state, atomo_hook)
+    steps = []
+    for _ in range(6):
+        ddp.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        distance = float((_flat_grad(model) - exact).norm() / exact.norm())
+        steps.append({"distance": distance, "bytes": state.last_step_bytes, "step": state.step})
+    numel = sum(p.numel() for p in model.parameters())
+    return {"steps": steps, "dense_bytes": 4 * numel, "bytes_sent": state.bytes_sent}
+
+
+def scenario_mismatch(rank, world, device):
+    """The last rank alone uses another budget, then (a fresh model) another start_step: the errors raised."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[:16], train_y[:16]
+    last = rank == world - 1
+    errors = []
+    for budget, start_step in ((3 if last else 2, 0), (2, 2 if last else 0)):
+        ddp = _ddp(_model(device), device)
+        ddp.register_comm_hook(AtomoHookState(make_codec("svd", budget=budget), start_step=start_step), atomo_hook)
+        try:
+            F.cross_entropy(ddp(x), y).backward()
+            errors.append(None)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+SCENARIOS = {
+    f.__name__.removeprefix("scenario_"): f
+    for f in (scenario_train, scenario_unbiased, scenario_start_step, scenario_mismatch)
+}
+
+
+def _rank_main(rank, world, backend, init_file, scenarios, results):
+    try:
+        torch.set_num_threads(1)
+        device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+        out = {name: SCENARIOS[name](rank, world, device) for name in scenarios}
+        dist.destroy_process_group()
+        results.put((rank, out))
+    except BaseException:
+        results.put((rank, {"error": traceback.format_exc()}))
+
+
+def run_ranks(world: int, scenarios: list[str], tmp_path, backend: str = "gloo") -> list[dict]:
+    """Spawn `world` ranks that run `scenarios`; their results in rank order. Fails (and kills the ranks) on a
+    rank's exception or when they do not all answer within SPAWN_TIMEOUT_S."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    init_file = tmp_path / f"init-{backend}-{world}"
+    ranks = [
+        context.Process(target=_rank_main, args=(r, world, backend, str(init_file), scenarios, results), daemon=True)
+        for r in range(world)
+    ]
+    for process in ranks:
+        process.start()
+    answers = {}
+    try:
+        for _ in range(world):
+            rank, out = results.get(timeout=SPAWN_TIMEOUT_S)
+            assert "error" not in out, f"rank {rank} failed:\n{out['error']}"
+            answers[rank] = out
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(world)) - set(answers))} gave no answer within {SPAWN_TIMEOUT_S} s")
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    return [answers[r] for r in range(world)]
+
+
+def z_scores(projections: np.ndarray) -> np.ndarray:
+    """Per direction: the mean error over the steps divided by its estimated standard error."""
+    steps = projections.shape[0]
+    return projections.mean(axis=0) / (projections.std(axis=0, ddof=1) / math.sqrt(steps))
+
+
+BACKENDS = [
+    pytest.param("gloo", id="gloo"),
+    pytest.param(
+        "nccl",
+        id="nccl",
+        marks=pytest.mark.skipif(
+            not (torch.cuda.is_available() and dist.is_nccl_available()), reason="NCCL needs CUDA GPUs: none here"
+        ),
+    ),
+]
+
+
+def _need_gpus(backend, world):
+    if backend == "nccl" and torch.cuda.device_count() < world:
+        pytest.skip(f"NCCL with {world} ranks needs {world} GPUs, {torch.cuda.device_count()} here")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_hook_trains_like_allreduce_unbiased_and_identical_on_every_rank(world, backend, tmp_path):
+    _need_gpus(backend, world)
+    ranks = run_ranks(world, ["train", "unbiased", "start_step"], tmp_path, backend)
+
+    # Training: ATOMO reaches allreduce's test accuracy within 5 points, and the replicas never drift.
+    train = [r["train"] for r in ranks]
+    for label in ("allreduce", "atomo"):
+        assert len({t[label]["params"] for t in train}) == 1, f"{label}: parameters differ across ranks"
+        assert len({tuple(t[label]["grads"]) for t in train}) == 1, f"{label}: gradients differ across ranks"
+    reference, atomo = train[0]["allreduce"], train[0]["atomo"]
+    assert reference["test_accuracy"] > 0.85, reference
+    assert atomo["test_accuracy"] > reference["test_accuracy"] - 0.05, (atomo, reference)
+    assert atomo["bytes_per_step"] < 0.3 * 4 * (64 * 32 + 32 + 32 * 10 + 10)
+
+    # Unbiasedness: the hooked average is bitwise identical on every rank at every step, and its mean error
+    # over the steps is within Z_LIMIT standard errors of zero in every direction; the unscaled codec's is not.
+    for label in ("atomo", "unscaled"):
+        digests = [r["unbiased"][label]["digests"] for r in ranks]
+        assert all(d == digests[0] for d in digests), f"{label}: the averaged gradient differs across ranks"
+        assert len(set(digests[0])) > UNBIASED_STEPS // 2, f"{label}: the samples do not change with the step"
+    projections = [np.array(ranks[0]["unbiased"][label]["projections"]) for label in ("atomo", "unscaled")]
+    atomo_z, unscaled_z = z_scores(projections[0]), z_scores(projections[1])
+    assert np.all(np.abs(atomo_z) < Z_LIMIT), atomo_z
+    assert unscaled_z[0] < -Z_LIMIT, unscaled_z  # along the gradient: it sends too little of it
+
+    # start_step: exact allreduce for steps 0..2, ATOMO from step 3, with the bytes counted accordingly.
+    start = ranks[0]["start_step"]
+    steps = start["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(s["distance"] < 1e-6 and s["bytes"] == start["dense_bytes"] for s in steps[:3]), steps
+    assert all(s["distance"] > 1e-3 and 0 < s["bytes"] < start["dense_bytes"] / 2 for s in steps[3:]), steps
+    assert start["bytes_sent"] == sum(s["bytes"] for s in steps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_configurations_fail_on_every_rank(backend, tmp_path):
+    _need_gpus(backend, 3)
+    ranks = run_ranks(3, ["mismatch"], tmp_path, backend)
+    for rank, result in enumerate(ranks):
+        budget_error, start_error = result["mismatch"]
+        assert budget_error is not None and start_error is not None, f"rank {rank} raised nothing"
+        assert "the ranks' configurations differ (bucket 0)" in budget_error
+        assert "policy differs: rank 0: SpectralCodec(2.0" in budget_error
+        assert "| rank 2: SpectralCodec(3.0" in budget_error
+        assert "start_step differs: rank 0: 0 | rank 1: 0 | rank 2: 2" in start_error
+        assert "policy" not in start_error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_world_of_one(backend, tmp_path):
+    _need_gpus(backend, 1)
+    (result,) = run_ranks(1, ["start_step"], tmp_path, backend)
+    steps = result["start_step"]["steps"]
+    assert all(s["distance"] < 1e-6 for s in steps[:3]) and all(s["distance"] > 1e-3 for s in steps[3:]), steps
+
+
+def test_state_refuses_bad_arguments():
+    with pytest.raises(TypeError, match="expected a Codec or a LayerPolicy, got str"):
+        AtomoHookState("svd")
+    with pytest.raises(ValueError, match="start_step must be a non-negative integer, got -1"):
+        AtomoHookState(make_codec("svd", budget=1), start_step=-1)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer"):
+        AtomoHookState(make_codec("svd", budget=1), seed=1.5)
