@@ -103,3 +103,6 @@ def test_atomo_codecs_command_prints_every_codec(capsys):
     for label in ["svd s=3", "entrywise s=64", "fourier s=64"]:
         assert label in out
     assert "dense" in out and "rel. variance" in out
+    biased = [line for line in out.splitlines() if line.startswith(("topk", "powersgd"))]
+    assert len(biased) == 3 and all(line.endswith("*") for line in biased)  # marked: an error, not a variance
+    assert "* biased, with error feedback in the worker" in out

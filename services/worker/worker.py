@@ -10,6 +10,13 @@ The socket belongs to the main thread, which also sends heartbeats; applying wha
 the data set, the state, the SGD step), the forward and backward pass and the encoding run as jobs of one
 background thread, so that a long step never silences the heartbeats.
 
+Error feedback (the BIASED codecs topk and powersgd, atomo_core/biased): the run's `LayerPolicy` keeps each
+layer's residual (and PowerSGD's warm start) in this process. The policy is built per run assignment, so the
+memory is this worker's for this run and shard: a new run or shard starts from zero; the first `dense_steps`
+and a gradient sent dense after a failed encoding leave it untouched. It is lost when the worker restarts,
+which then starts again from zero residuals (still a valid error-feedback run; what was held back is lost).
+A gradient lost on the way (dropped, or past the PS's step deadline) takes what it sent with it.
+
 Communication time (atomo_worker_communication_seconds): from sending the gradient of step t until the
 update of step t+1 is in hand, minus `ps_s`, the time the PS held this worker's gradient (waiting for the
 other gradients of the step, decoding, the optimizer step), which the PS reports in the update's header.
