@@ -10,6 +10,12 @@ process holds (`ATOMO_PARENT_FD`); `watch_parent()`, called first thing by `atom
 stops the child gracefully when that pipe reports end of file (its parent is gone, however it died) and
 exits it hard after a grace period. Unlike a parent-death signal this does not depend on which thread
 spawned the child.
+
+Elsewhere than loopback (`atomo bench` puts each process in its own network namespace): `bind_host` is the
+PS's `--bind`, `ps_host` the address the workers connect to, `control_endpoint` the control client's endpoint
+(by default tcp://ps_host:control_port), `wrap(name, argv)` the command that runs process `name`'s argv
+(e.g. `Network.command`, which runs it inside that host's namespace), and `port`/`control_port` the PS's
+ports (0: the PS picks free ones).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.common.ps_client import PSClient, PSUnavailable
@@ -79,6 +86,7 @@ class LocalCluster:
     `threads`: torch threads per process (default: the cores shared out, at least one each).
     `keys`: a CURVE key directory (`atomo keys`): the PS serves with it, and every worker and this launcher's
     control client use its client key `key_name`.
+    `bind_host`, `ps_host`, `control_endpoint`, `wrap`, `port`, `control_port`: see the module docstring.
     `metrics`: serve Prometheus metrics from every process, on `metrics_base` (the PS) and the ports after it
     (worker i on `metrics_base + 1 + i`), or on free ports chosen now when `metrics_base` is 0.
     """
@@ -97,6 +105,12 @@ class LocalCluster:
         keys: str | Path | None = None,
         key_name: str = "client-0",
         metrics_base: int = 0,
+        bind_host: str = "127.0.0.1",
+        ps_host: str = "127.0.0.1",
+        control_endpoint: str | None = None,
+        wrap: Callable[[str, list[str]], list[str]] | None = None,
+        port: int = 0,
+        control_port: int = 0,
     ):
         self.state_dir = Path(state_dir)
         self.log_dir = Path(log_dir) if log_dir is not None else self.state_dir / "logs"
@@ -112,8 +126,12 @@ class LocalCluster:
         self.ps: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self.ready: dict = {}
-        self.port = 0
-        self.control_port = 0
+        self.port = port
+        self.control_port = control_port
+        self.bind_host = bind_host
+        self.ps_host = ps_host
+        self.control_endpoint = control_endpoint
+        self.wrap = wrap
         names = ["ps", *(f"worker-{i}" for i in range(workers))]
         self.metrics_ports: dict[str, int] = {}
         if metrics:
@@ -127,9 +145,10 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it from here)
         env = {**self.env, PARENT_FD_ENV: str(self._parent_read)}
+        argv = [sys.executable, "-m", "services", *args]
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "services", *args],
+                self.wrap(name, argv) if self.wrap is not None else argv,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -143,7 +162,7 @@ class LocalCluster:
         args = [
             "ps",
             "--bind",
-            "127.0.0.1",
+            self.bind_host,
             "--port",
             str(self.port),
             "--control-port",
@@ -189,7 +208,7 @@ class LocalCluster:
         args = [
             "worker",
             "--ps",
-            f"tcp://127.0.0.1:{self.port}",
+            f"tcp://{self.ps_host}:{self.port}",
             "--id",
             worker_id,
             "--heartbeat-s",
@@ -215,7 +234,8 @@ class LocalCluster:
         from services.common.transport import CurveKeys  # torch comes with it: only where keys are used
 
         curve = CurveKeys.load(self.keys, "client", self.key_name) if self.keys else None
-        return PSClient(f"tcp://127.0.0.1:{self.control_port}", timeout_s=timeout_s, curve=curve)
+        endpoint = self.control_endpoint or f"tcp://{self.ps_host}:{self.control_port}"
+        return PSClient(endpoint, timeout_s=timeout_s, curve=curve)
 
     def wait_for_workers(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
