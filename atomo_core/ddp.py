@@ -28,9 +28,14 @@ Per bucket and step, one rank's part of the exchange is:
 4. When the gather completes (a future callback, no collective in it): parse every rank's messages,
    sum their decoded estimates into the bucket's buffer, divide by the world size.
 
-The first `start_step` steps are a plain allreduce (as PowerSGD's `start_powerSGD_iter`): early gradients
-change fast and dense steps then cost little in accuracy. At step 0 the fingerprint of step 2 is exchanged
-whatever the mode, so a start_step that differs across ranks fails there.
+Error feedback: the biased baselines (topk, powersgd; the hook's average is then biased too) keep a memory
+per layer in the policy. The state keeps one copy of the policy per bucket (keyed by its parameters), so each
+layer keeps its own memory. DDP regroups its buckets once, at the start of the second step: the memory left
+by the first step belongs to the old buckets and is dropped; with start_step >= 1 nothing is dropped (the
+allreduce steps keep no memory).
+
+The first `start_step` steps are a plain allreduce (as PowerSGD's `start_powerSGD_iter`). At step 0 the
+fingerprint of step 2 is exchanged whatever the mode, so a start_step that differs across ranks fails there.
 
 gloo (CPU tensors) and NCCL (CUDA tensors): with NCCL the exchanged buffers are uint8 CUDA tensors; the
 gathered bytes are copied to the host once to be parsed, and the estimates are decoded onto the bucket's
@@ -38,6 +43,7 @@ device.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations against the real objects.
+import dataclasses
 import hashlib
 import math
 import time
@@ -73,7 +79,9 @@ class AtomoHookState:
         counted.
     last_step_bytes: the same, for the last completed step only.
     encode_seconds, sync_seconds: cumulative time spent encoding, and waiting in the synchronous
-        fingerprint exchange (step 2 of the module docstring).
+        fingerprint exchange (step 2 of the module docstring; it includes waiting for slower ranks).
+    policies: the copy of `policy` used for each bucket, keyed by the data pointers of its parameters
+        (where a biased codec's error-feedback memory lives).
     """
 
     def __init__(
@@ -103,10 +111,19 @@ class AtomoHookState:
         self.encode_seconds = 0.0
         self.sync_seconds = 0.0
         self._step_bytes = 0
+        self.policies: dict[tuple[int, ...], LayerPolicy] = {}
         self._description = (
             f"{self.policy.codec!r}, vectors {self.policy.vector_codec!r}, "
             f"min rate {self.policy.min_compression_rate:g}"
         )
+
+    def _bucket_policy(self, bucket: dist.GradBucket) -> LayerPolicy:
+        """The policy of this bucket's parameters: a copy of `policy` per bucket, so that the error-feedback
+        memory of biased codecs (kept by the policy per tensor index) stays with its own layer."""
+        key = tuple(p.data_ptr() for p in bucket.parameters())
+        if key not in self.policies:
+            self.policies[key] = dataclasses.replace(self.policy)
+        return self.policies[key]
 
     def _end_of_step_call(self, bucket: dist.GradBucket, nbytes: int) -> None:
         self._step_bytes += nbytes
@@ -140,7 +157,7 @@ def atomo_hook(state: AtomoHookState, bucket: dist.GradBucket) -> torch.futures.
     gradients = bucket.gradients()
     outs = _views(buffer, gradients)
     generator = sampling_generator(state.seed, rank, step, bucket.index(), buffer.device)
-    messages = state.policy.encode([g.detach() for g in gradients], generator)
+    messages = state._bucket_policy(bucket).encode([g.detach() for g in gradients], generator)
     lengths = [len(m) for m in messages]
     state.encode_seconds += time.perf_counter() - start
     nbytes = 8 * (1 + len(lengths)) + sum(lengths)

@@ -155,6 +155,46 @@ def scenario_start_step(rank, world, device):
     return {"steps": steps, "dense_bytes": 4 * numel, "bytes_sent": state.bytes_sent}
 
 
+def scenario_feedback(rank, world, device):
+    """topk with error feedback through the hook, in several buckets: after T compressed steps at a fixed
+    gradient, the sum of the hooked averages plus the ranks' mean residual is T times the exact average
+    (EF-SGD's invariant), which holds only if every layer kept its own memory from step to step."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[rank * 32 : (rank + 1) * 32], train_y[rank * 32 : (rank + 1) * 32]
+    model = _model(device)
+    exact = _allreduce_average(model, x, y, world)
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=0.001)
+    state = AtomoHookState(make_codec("topk", budget=20), seed=4, start_step=1)
+    ddp.register_comm_hook(state, atomo_hook)
+    total = torch.zeros_like(exact)
+    for step in range(7):
+        ddp.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        if step >= state.start_step:
+            total += _flat_grad(model)
+    residuals = {}
+    for pointers, policy in state.policies.items():
+        for index, pointer in enumerate(pointers):
+            feedback = policy.feedback(index)
+            residuals[pointer] = feedback.residual.reshape(-1) if feedback is not None else None
+    residual = torch.cat(
+        [
+            residuals[p.data_ptr()] if residuals[p.data_ptr()] is not None else torch.zeros(p.numel(), device=device)
+            for p in model.parameters()
+        ]
+    ).double()
+    dist.all_reduce(residual)
+    steps = 7 - state.start_step
+    return {
+        "buckets": len(state.policies),
+        "with_memory": sum(r is not None for r in residuals.values()),
+        "invariant_error": float((total + residual.cpu() / world - steps * exact).norm() / (steps * exact.norm())),
+        "residual": float(residual.norm() / world / exact.norm()),
+        "digest": _digest(total),
+    }
+
+
 def scenario_mismatch(rank, world, device):
     """The last rank alone uses another budget, then (a fresh model) another start_step: the errors raised."""
     (train_x, train_y), _ = _digits(device)
@@ -174,7 +214,7 @@ def scenario_mismatch(rank, world, device):
 
 SCENARIOS = {
     f.__name__.removeprefix("scenario_"): f
-    for f in (scenario_train, scenario_unbiased, scenario_start_step, scenario_mismatch)
+    for f in (scenario_train, scenario_unbiased, scenario_start_step, scenario_feedback, scenario_mismatch)
 }
 
 
@@ -247,7 +287,7 @@ def _need_gpus(backend, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_hook_trains_like_allreduce_unbiased_and_identical_on_every_rank(world, backend, tmp_path):
     _need_gpus(backend, world)
-    ranks = run_ranks(world, ["train", "unbiased", "start_step"], tmp_path, backend)
+    ranks = run_ranks(world, ["train", "unbiased", "start_step", "feedback"], tmp_path, backend)
 
     # Training: ATOMO reaches allreduce's test accuracy within 5 points, and the replicas never drift.
     train = [r["train"] for r in ranks]
@@ -277,6 +317,12 @@ def test_hook_trains_like_allreduce_unbiased_and_identical_on_every_rank(world, 
     assert all(s["distance"] < 1e-6 and s["bytes"] == start["dense_bytes"] for s in steps[:3]), steps
     assert all(s["distance"] > 1e-3 and 0 < s["bytes"] < start["dense_bytes"] / 2 for s in steps[3:]), steps
     assert start["bytes_sent"] == sum(s["bytes"] for s in steps)
+
+    # Error feedback (topk) keeps one memory per layer across the buckets and steps.
+    feedback = ranks[0]["feedback"]
+    assert len({r["feedback"]["digest"] for r in ranks}) == 1
+    assert feedback["buckets"] >= 2 and feedback["with_memory"] == 2, feedback  # the two weight matrices
+    assert feedback["residual"] > 0.1 and feedback["invariant_error"] < 1e-5, feedback
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
