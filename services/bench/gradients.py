@@ -268,7 +268,7 @@ def run_study(out: Path, quick: bool = False, config: StudyConfig | None = None)
         "models": models,
     }
     path = out / "gradients.json"
-    path.write_text(json.dumps(_finite(result), indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(_finite(result), separators=(",", ":")) + "\n", encoding="utf-8")
     log(f"gradients: done in {result['duration_s']:.0f} s: {path}")
     return path
 
