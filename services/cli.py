@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("services.ps.main", "the parameter server: workers' ROUTER port, control port, run directories"),
     "worker": ("services.worker.main", "a worker: connects to the PS, trains on its shard, sends encoded gradients"),
     "train": ("services.train", "train on a local PS and workers, show progress, write results and plots"),
+    "bench": ("services.bench.cli", "every codec over emulated networks: time to accuracy, time split, report"),
     "serve": ("services.control.commands.serve", "the control service (REST API) for a PS control endpoint"),
     "up": ("services.control.commands.up", "a PS, N workers and the control service on this machine"),
     "submit": ("services.control.commands.submit", "submit a run (a RunSpec file and/or flags) to the control service"),

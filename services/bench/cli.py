@@ -1,0 +1,410 @@
+"""`atomo bench`: every codec on the same model, data and seed over emulated networks; results and report.
+
+The default suite (services.bench.suite has each phase and why) measures dense SGD's communication-to-compute
+ratio at each profile and picks the headline profile, tunes each codec's step size on loopback, runs every
+codec end to end over the headline profile (momentum 0.9, downlink atoms; dense and svd s=3 also with downlink
+model), checks the scale model with 2-4 workers, runs every codec with momentum off on loopback, and times
+every codec at the other profiles. Then the gradient study (services.bench.gradients) and the report
+(services.bench.report) if they are installed. `--quick`: one profile, three codecs, no tuning, a few minutes.
+The results folder's schema is in services.bench.runner. Without root or iproute2 everything runs on
+loopback, and bench.json's network.reason says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from services.bench import suite
+from services.bench.netem import PROFILES, LinkProfile, Network
+from services.bench.runner import Group, comm_to_compute, final_accuracy, machine, records
+from services.bench.suite import Case, CodecCase
+from services.common.argtypes import positive_float
+
+DEFAULT_REPORT = Path("docs/benchmarks.md")
+LOOPBACK = "loopback"
+# The duration model behind the estimates (measured here: LeNet-5 on digits, 2 workers, 2 cores), corrected
+# as the suite runs by the ratio of measured to estimated time so far.
+GROUP_START_S = 10.0  # namespaces, PS and workers up, workers registered, the first run's data and model
+RUN_OVERHEAD_S = 1.5  # submission, the PS preparing the run, the last evaluation and checkpoint
+LOOPBACK_STEP_S = 0.012  # a step of LeNet-5 at batch 32 per worker, with its share of evaluations
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    profiles = ", ".join(f"{n} {p.bandwidth_mbit:g} Mbit/s {p.latency_ms:g} ms" for n, p in PROFILES.items())
+    parser.description = (
+        "Benchmark every codec on LeNet-5/digits with a PS and workers in network namespaces behind tc-shaped "
+        f"links (profiles {profiles}). "
+        "The default suite (regime, tuning, end-to-end runs at the headline profile, downlink, scale, momentum "
+        "off, timing at the other profiles, the gradient study, the report) takes about 30-40 minutes on a "
+        "2-core machine; --quick (one profile, dense, qsgd b=4, svd s=3, 120 steps) a few minutes. Needs root "
+        "and iproute2 for the emulated links, else runs on loopback and says so."
+    )
+    parser.add_argument("--quick", action="store_true", help="one profile, three codecs, no tuning (lr 0.05)")
+    parser.add_argument(
+        "--bandwidth", type=positive_float, metavar="MBIT", help="a custom link instead of the profiles"
+    )
+    parser.add_argument("--latency", type=float, default=None, metavar="MS", help="with --bandwidth (default 1 ms)")
+    parser.add_argument("--workers", type=int, default=2, choices=(2, 3, 4), help="workers (default 2)")
+    parser.add_argument("--codecs", help="comma-separated families or labels to keep (dense,svd,'qsgd b=4')")
+    parser.add_argument("--steps", type=int, help="steps of the main runs (default 300; --quick 120)")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results/<timestamp>)")
+    parser.add_argument("--report", type=Path, help=f"report path (default {DEFAULT_REPORT}; --quick: none)")
+    parser.add_argument("--no-netem", action="store_true", help="run on loopback, no emulated network")
+    parser.add_argument("--no-gradients", action="store_true", help="skip the gradient study")
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Bench:
+    """The pipeline: plans cases phase by phase, runs them in groups, prints progress, writes bench.json."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
+        self.workers: int = args.workers
+        if args.bandwidth is not None:
+            self.profiles = {"custom": LinkProfile(args.bandwidth, 1.0 if args.latency is None else args.latency)}
+        elif args.latency is not None:
+            raise SystemExit("atomo bench: --latency needs --bandwidth")
+        else:
+            self.profiles = dict(PROFILES)
+        reason = "--no-netem given" if args.no_netem else Network.check()
+        self.emulated = reason is None
+        self.network = {
+            "emulated": self.emulated,
+            "reason": reason,
+            "latency_emulated": self.emulated and Network.latency_unavailable() is None,
+            "latency_reason": Network.latency_unavailable() if self.emulated else None,
+            "profiles": {
+                n: {"bandwidth_mbit": p.bandwidth_mbit, "latency_ms": p.latency_ms} for n, p in self.profiles.items()
+            },
+        }
+        self.started = time.time()
+        self.phases: dict[str, float] = {}
+        self.skipped: dict[str, str] = {}
+        self.lrs: dict[str, float] = {}
+        self.lrs_off: dict[str, float] = {}
+        self.ratios: dict[str, float | None] = {}
+        self.headline: str = LOOPBACK
+        self.nbytes: dict[str, float] = {}
+        self.comparable: dict = {}
+        self.estimated_done = 0.0
+        self.remaining: list[Case] = []
+        self.steps = {
+            "tune": suite.TUNE_STEPS,
+            "main": args.steps or (suite.QUICK_STEPS if args.quick else suite.MAIN_STEPS),
+            "timing": suite.TIMING_STEPS,
+        }
+        self.steps["momentum_off"] = self.steps["downlink"] = self.steps["main"]
+        self.steps["scale"] = suite.TIMING_STEPS
+
+    # -- the codecs ------------------------------------------------------------------------------------------
+
+    def select_codecs(self) -> list[CodecCase]:
+        """The suite's codecs, less those --quick or --codecs leave out and those RunSpec refuses (skipped with
+        a warning). Entrywise, Fourier and top-k budgets are matched to svd s=3's bytes only when they run."""
+        placeholder = {name: 1 for name in suite.BYTE_MATCHED}
+        families = {c.family for c in self._filter(suite.codec_cases(placeholder))}
+        self.comparable = suite.comparable_budgets() if families & set(suite.BYTE_MATCHED) else {}
+        budgets = {**placeholder, **self.comparable.get("budgets", {})}
+        usable = []
+        for case in self._filter(suite.codec_cases(budgets)):
+            why = suite.valid(case)
+            if why is None:
+                usable.append(case)
+            else:
+                self.skipped[case.label] = why
+                print(f"warning: skipping {case.label}: this installation's RunSpec refuses it ({why})", flush=True)
+        self.nbytes = {c.label: suite.message_nbytes(c.codec) for c in usable}
+        return usable
+
+    def _filter(self, cases: list[CodecCase]) -> list[CodecCase]:
+        if self.args.quick:
+            cases = [c for c in cases if c.label in suite.QUICK_LABELS]
+        if self.args.codecs:
+            keep = {k.strip() for k in self.args.codecs.split(",") if k.strip()}
+            known = {c.family for c in cases} | {c.label for c in cases} | set(suite.BYTE_MATCHED)
+            if keep - known:
+                raise SystemExit(f"atomo bench: --codecs: no codec or family {', '.join(sorted(keep - known))}")
+            cases = [c for c in cases if c.family in keep or c.label in keep]
+        return cases
+
+    # -- estimates and progress ------------------------------------------------------------------------------
+
+    def step_estimate(self, case: Case) -> float:
+        """Seconds per step: a loopback step plus what the PS's link carries, W messages down to it and W*W
+        up from it (downlink atoms: every worker gets every message; model: the dense model)."""
+        if case.bandwidth_mbit is None:
+            return LOOPBACK_STEP_S
+        message = self.nbytes.get(case.codec.label, 250_000)
+        down = (
+            self.nbytes.get("dense", 250_000) * case.workers if case.downlink == "model" else message * case.workers**2
+        )
+        return LOOPBACK_STEP_S + max(message * case.workers, down) * 8 / (case.bandwidth_mbit * 1e6)
+
+    def estimate(self, cases: list[Case]) -> float:
+        groups = {(c.profile, c.workers) for c in cases}
+        return len(groups) * GROUP_START_S + sum(RUN_OVERHEAD_S + c.steps * self.step_estimate(c) for c in cases)
+
+    def correction(self) -> float:
+        elapsed = time.time() - self.started
+        return elapsed / self.estimated_done if self.estimated_done > 30 else 1.0
+
+    def progress(self, case: Case, record: dict, index: int, total: int) -> None:
+        rows = records(self.out / "runs" / case.case_id)
+        done = rows[-1]["step"] if rows else 0
+        eta = self.estimate(self.remaining) * self.correction()
+        accuracy = final_accuracy(self.out / "runs" / case.case_id)
+        acc = f" acc {accuracy:.3f}" if accuracy is not None else ""
+        print(
+            f"[{index}/{total}] {case.phase:<12} {case.codec.label:<16} {case.profile:<8} w{case.workers} "
+            f"lr {case.lr:<6g} {done}/{case.steps} steps {record['state']}{acc} in {record['wall_s']:.1f}s | "
+            f"elapsed {_duration(time.time() - self.started)}, suite ETA {_duration(eta)}"
+            + (f"\n    error: {record['error']}" if record["error"] else ""),
+            flush=True,
+        )
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    def link(self, profile: str) -> LinkProfile | None:
+        return self.profiles[profile] if self.emulated and profile != LOOPBACK else None
+
+    def case(self, phase: str, codec: CodecCase, profile: str, lr: float, **kw) -> Case:
+        link = self.link(profile)
+        return Case(
+            phase=phase,
+            codec=codec,
+            profile=profile if link is not None else LOOPBACK,
+            bandwidth_mbit=link.bandwidth_mbit if link else None,
+            latency_ms=link.latency_ms if link else None,
+            workers=kw.pop("workers", self.workers),
+            momentum=kw.pop("momentum", suite.MOMENTUM),
+            lr=lr,
+            steps=kw.pop("steps", self.steps[phase]),
+            **kw,
+        )
+
+    def run_phase(self, name: str, cases: list[Case], later: list[Case]) -> list[dict]:
+        """Run `cases` grouped by (profile, workers), in order; `later`: what follows, for the ETA."""
+        started = time.time()
+        results = []
+        groups: dict[tuple[str, int], list[Case]] = {}
+        for case in cases:
+            groups.setdefault((case.profile, case.workers), []).append(case)
+        total = len(cases)
+        index = 0
+        for (profile, workers), members in groups.items():
+            with Group(self.out, profile, self.link(profile), workers) as group:
+                for case in members:
+                    index += 1
+                    self.remaining = [c for c in cases[index:]] + later
+                    record = group.run(case)
+                    self.estimated_done += self.estimate([case]) + (GROUP_START_S if case is members[0] else 0)
+                    results.append(record)
+                    self.progress(case, record, index, total)
+        self.phases[name] = self.phases.get(name, 0.0) + time.time() - started
+        return results
+
+    def tune(self, codecs: list[CodecCase], later: list[Case]) -> None:
+        cases = [
+            self.case("tune", c, LOOPBACK, lr, momentum=momentum, eval_every=suite.TUNE_STEPS)
+            for momentum, grid in ((suite.MOMENTUM, suite.LR_GRID), (0.0, suite.LR_GRID_MOMENTUM_OFF))
+            for c in codecs
+            for lr in grid
+        ]
+        self.run_phase("tune", cases, later)
+        for case in cases:
+            accuracy = final_accuracy(self.out / "runs" / case.case_id)
+            table = self.lrs if case.momentum else self.lrs_off
+            best = table.get(case.codec.label)
+            score = -1.0 if accuracy is None else accuracy
+            if best is None or score > self._tuned[case.codec.label, case.momentum]:
+                table[case.codec.label] = case.lr  # the grid is ascending: a tie keeps the smaller lr
+                self._tuned[case.codec.label, case.momentum] = score
+
+    def write_bench(self, finished: float | None = None) -> None:
+        data = {
+            "command": "atomo bench " + shlex.join(self.args.argv),
+            "argv": self.args.argv,
+            "started": self.started,
+            "finished": finished,
+            "machine": self.machine,
+            "network": self.network,
+            "headline_profile": self.headline,
+            "model": suite.MODEL,
+            "dataset": suite.DATASET,
+            "workers": self.workers,
+            "targets": list(suite.TARGETS),
+            "regime": {
+                "dense_comm_to_compute": self.ratios,
+                "paper_comm_to_compute": suite.PAPER_COMM_TO_COMPUTE,
+                "how": suite.PAPER_HOW,
+            },
+            "lr_rule": (
+                f"no tuning: lr {suite.QUICK_LR} for every codec (--quick)"
+                if self.args.quick
+                else suite.LR_RULE.format(
+                    steps=suite.TUNE_STEPS, grid=list(suite.LR_GRID), grid_off=list(suite.LR_GRID_MOMENTUM_OFF)
+                )
+            ),
+            "lrs": self.lrs,
+            "lrs_momentum_off": self.lrs_off,
+            "bytes": {"comparable": self.comparable, "message_nbytes": self.nbytes},
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "phases": self.phases,
+            "quick": self.args.quick,
+        }
+        (self.out / "bench.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+    def execute(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.machine = machine()
+        self._tuned: dict[tuple[str, float], float] = {}
+        if not self.emulated:
+            print(f"atomo bench: no emulated network ({self.network['reason']}): every run on loopback", flush=True)
+            self.profiles = {}
+        elif not self.network["latency_emulated"]:
+            print(f"atomo bench: links are rate-limited only: {self.network['latency_reason']}", flush=True)
+        codecs = self.select_codecs()
+        if not codecs:
+            print("atomo bench: no codec left to run", file=sys.stderr)
+            return 2
+        profiles = list(self.profiles) or [LOOPBACK]
+        dense = next((c for c in codecs if c.family == "dense"), None)
+        if self.args.quick:
+            self.headline = "custom" if "custom" in self.profiles else ("1gbit" if self.emulated else LOOPBACK)
+            self.lrs = {c.label: suite.QUICK_LR for c in codecs}
+            main = [self.case("main", c, self.headline, suite.QUICK_LR) for c in codecs]
+            self._announce(main)
+            self.run_phase("main", main, [])
+            if dense is not None:
+                self.ratios[self.headline] = comm_to_compute(self.out / "runs" / main[codecs.index(dense)].case_id)
+        else:
+            self.run_default(codecs, profiles, dense)
+        self.write_bench()
+        self.finish()
+        self.write_bench(time.time())
+        shutil.rmtree(self.out / ".ps-state", ignore_errors=True)
+        print(f"\nresults: {self.out}  ({_duration(time.time() - self.started)})", flush=True)
+        return 0
+
+    def _announce(self, cases: list[Case]) -> None:
+        total = self.estimate(cases)
+        print(
+            f"atomo bench: {len(cases)} runs of {suite.MODEL} on {suite.DATASET}, {self.workers} workers, "
+            f"estimated {_duration(total)} (plus the gradient study and the report); results in {self.out}",
+            flush=True,
+        )
+
+    def run_default(self, codecs: list[CodecCase], profiles: list[str], dense: CodecCase | None) -> None:
+        lr0 = suite.QUICK_LR
+        regime_codec = dense or codecs[0]
+        # The plan with the provisional headline (the profile whose ratio the duration model puts closest),
+        # for the estimate; the real headline follows from the regime runs.
+        regime = [self.case("timing", regime_codec, p, lr0) for p in profiles]
+        guess = profiles[0] if profiles == [LOOPBACK] else "1gbit" if "1gbit" in profiles else profiles[0]
+        self._announce(regime + self.plan(codecs, profiles, guess, dense, regime_codec, tuned=False))
+        self.run_phase("regime", regime, self.plan(codecs, profiles, guess, dense, regime_codec, tuned=False))
+        for case in regime:
+            self.ratios[case.profile] = comm_to_compute(self.out / "runs" / case.case_id)
+        try:
+            self.headline = suite.closest_profile(self.ratios)
+        except ValueError:
+            self.headline = profiles[0]
+        print(f"dense communication/compute: {self.ratios}; paper {suite.PAPER_COMM_TO_COMPUTE:.2f}: "
+              f"headline profile {self.headline}", flush=True)  # fmt: skip
+        rest = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=False)
+        self.tune(codecs, rest[len(codecs) * 8 :])
+        self.write_bench()
+        plan = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=True)[len(codecs) * 8 :]
+        for phase in ("main", "downlink", "scale", "momentum_off", "timing"):
+            cases = [c for c in plan if c.phase == phase]
+            if cases:
+                self.run_phase(phase, cases, plan[plan.index(cases[-1]) + 1 :])
+                self.write_bench()
+
+    def plan(self, codecs, profiles, headline, dense, regime_codec, tuned: bool) -> list[Case]:
+        """Every case after the regime runs, in order: tune (8 per codec), main, downlink, scale, momentum
+        off, timing (the profiles other than the headline; the regime runs already timed their codec)."""
+        lr = (lambda c: self.lrs.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
+        lr_off = (lambda c: self.lrs_off.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
+        cases = [
+            self.case("tune", c, LOOPBACK, g, momentum=m, eval_every=suite.TUNE_STEPS)
+            for m, grid in ((suite.MOMENTUM, suite.LR_GRID), (0.0, suite.LR_GRID_MOMENTUM_OFF))
+            for c in codecs
+            for g in grid
+        ]
+        cases += [self.case("main", c, headline, lr(c)) for c in codecs]
+        svd3 = next((c for c in codecs if c.label == "svd s=3"), None)
+        cases += [self.case("downlink", c, headline, lr(c), downlink="model") for c in (dense, svd3) if c]
+        scale = [c for c in codecs if c.label in ("dense", "svd s=3", "qsgd b=4")]
+        cases += [
+            self.case("scale", c, headline, lr(c), workers=w, eval_every=suite.TIMING_STEPS)
+            for w in suite.SCALE_WORKERS
+            for c in scale
+        ]
+        cases += [self.case("momentum_off", c, LOOPBACK, lr_off(c), momentum=0.0) for c in codecs]
+        cases += [
+            self.case("timing", c, p, lr(c), eval_every=suite.TIMING_STEPS)
+            for p in profiles
+            if p not in (headline, LOOPBACK)
+            for c in codecs
+            if c is not regime_codec
+        ]
+        return cases
+
+    def finish(self) -> None:
+        """The gradient study and the report, each if its module is installed; a failure keeps the runs."""
+        if not self.args.no_gradients:
+            started = time.time()
+            try:
+                from services.bench.gradients import run_study
+
+                print("gradient study ...", flush=True)
+                run_study(self.out, self.args.quick)
+            except Exception:  # noqa: BLE001 (any failure of the study leaves the runs' results intact)
+                print(f"the gradient study failed; the runs are kept:\n{traceback.format_exc()}", flush=True)
+            self.phases["gradients"] = time.time() - started
+        report = self.args.report or (None if self.args.quick else DEFAULT_REPORT)
+        if report is None:
+            return
+        self.write_bench(time.time())
+        started = time.time()
+        try:
+            from services.bench.report import write_report
+        except ImportError as exc:
+            print(f"no report generator ({exc}); the results are in {self.out}", flush=True)
+            return
+        try:
+            print(f"report: {write_report(self.out, report)}", flush=True)
+        except Exception:  # noqa: BLE001
+            print(f"the report generator failed; the results are kept:\n{traceback.format_exc()}", flush=True)
+        self.phases["report"] = time.time() - started
+
+
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # the groups' processes and namespaces go on the way out
+    args.argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv[1:]
+    bench = Bench(args)
+    try:
+        return bench.execute()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the results so far are in {bench.out}", file=sys.stderr)
+        bench.write_bench()
+        return 130

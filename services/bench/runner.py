@@ -1,0 +1,219 @@
+"""Running `atomo bench`'s cases: a PS and its workers per (network, worker count), one run per case, and the
+results folder.
+
+A group is one emulated network (services.bench.netem: hosts "ps", "worker-0", ..., and an unshaped "ctl")
+or loopback, with one LocalCluster in it (each process started inside its host's namespace through
+`Network.command`, the PS bound to its address there); the group's cases are submitted to that PS one after
+another, as `atomo train` does with a comparison. Control traffic: the driver (this process) stays in the
+host's own namespace, which has no route into the emulated network; a relay started in the "ctl" namespace
+(`Network.forward`) carries the control client's ZeroMQ bytes from a Unix socket to the PS's control port,
+so control requests cross the emulated network from "ctl" as a driver on that network would, and nothing
+but that relay runs outside a namespace. Each run directory at the PS is a link to the case's folder, so the
+PS writes its records straight into the results.
+
+Results folder (what services.bench.report reads):
+
+    <out>/bench.json   {"command", "argv", "started", "finished",
+                        "machine": {cpu, cores, memory_gib, os, python, torch, pyzmq, git_commit},
+                        "network": {"emulated", "reason", "latency_emulated", "latency_reason",
+                                    "profiles": {name: {"bandwidth_mbit", "latency_ms"}}},
+                        "headline_profile", "model", "dataset", "workers", "targets",
+                        "regime": {"dense_comm_to_compute": {profile: ratio}, "paper_comm_to_compute", "how"},
+                        "lr_rule", "lrs": {label: lr}, "lrs_momentum_off": {label: lr},
+                        "bytes": {"comparable": {reference, reference_nbytes, budgets, nbytes},
+                                  "message_nbytes": {label: mean bytes of one worker's message}},
+                        "steps": {phase: steps}, "skipped": {label: why}, "phases": {phase: seconds},
+                        "quick": bool}
+    <out>/runs/<case_id>/case.json   {"case_id", "label", "family", "biased", "codec" (CodecSpec as JSON),
+                        "profile" (name or "loopback"), "bandwidth_mbit", "latency_ms", "workers", "momentum",
+                        "lr", "downlink", "phase" ("tune", "main", "momentum_off", "timing", "scale",
+                        "downlink"), "steps", "state", "error", "wall_s" (submit to end, seconds)}
+    <out>/runs/<case_id>/spec.json, metrics.jsonl, summary.json, events.jsonl   written by the PS: one record
+                        per step (wall_s, loss, bytes_up, bytes_down, compute_s, encode_s, communication_s,
+                        decode_s, update_s, step_s; test_accuracy at evaluation steps)
+    <out>/logs/<group>/   each process's log
+    <out>/gradients.json  services.bench.gradients.run_study(out, quick)
+
+Projections: a momentum_off case's time to accuracy at a profile, and any case's at a profile other than the
+headline one, are steps-to-target (loopback runs) times that codec's mean step time measured at that profile
+(timing runs); only the headline profile's main and downlink runs are end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from services.bench.netem import LinkProfile, Network
+from services.bench.suite import Case
+from services.common.launch import ClusterError, LocalCluster
+from services.common.ps_client import PSError, PSUnavailable
+
+PS_PORT, CONTROL_PORT = 5555, 5556  # inside the PS's own namespace, so always free
+NETWORK_NAME = "atomo-bench"
+CONTROL_TIMEOUT_S = 10.0
+RUN_TIMEOUT_S = 120.0  # on top of TIMEOUT_PER_STEP_S per step
+TIMEOUT_PER_STEP_S = 3.0
+WARMUP_STEPS = 5  # records before this step are left out of step-time statistics (first-step allocations)
+
+
+class Group:
+    """A PS and `workers` workers over `link` (None: loopback); runs cases one after another."""
+
+    def __init__(self, out: Path, profile: str, link: LinkProfile | None, workers: int):
+        self.out, self.profile, self.link, self.workers = out, profile, link, workers
+        self.name = f"{profile}-w{workers}"
+        self.state_dir = out / ".ps-state" / self.name
+        self.network: Network | None = None
+        self.cluster: LocalCluster | None = None
+        self._socket_dir: str | None = None
+
+    def start(self) -> Group:
+        hosts = ["ps", *(f"worker-{i}" for i in range(self.workers))]
+        options: dict = {}
+        try:
+            if self.link is not None:
+                self.network = Network(hosts, self.link, name=NETWORK_NAME, unshaped=["ctl"]).start()
+                ps = self.network.address("ps")
+                self._socket_dir = tempfile.mkdtemp(prefix="atomo-bench-")  # short: a Unix socket path <= 107
+                endpoint = self.network.forward("ctl", Path(self._socket_dir) / "control.sock", ps, CONTROL_PORT)
+                options = dict(
+                    ps_args=("--allow-remote-without-keys",),  # the network exists only in our namespaces
+                    bind_host=ps,
+                    ps_host=ps,
+                    control_endpoint=endpoint,
+                    wrap=self.network.command,
+                    port=PS_PORT,
+                    control_port=CONTROL_PORT,
+                )
+            self.cluster = LocalCluster(
+                self.state_dir, self.workers, log_dir=self.out / "logs" / self.name, metrics=False, **options
+            )
+            self.cluster.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def alive(self) -> bool:
+        cluster = self.cluster
+        return cluster is not None and all(p.poll() is None for p in [cluster.ps, *cluster.workers.values()])
+
+    def run(self, case: Case) -> dict:
+        """Run `case` to its end; write and return its case.json. A failed run is recorded, not raised."""
+        if not self.alive():
+            self.close()
+            self.start()
+        folder = self.out / "runs" / case.case_id
+        folder.mkdir(parents=True, exist_ok=True)
+        spec = case.run_spec()
+        (folder / "spec.json").write_text(spec.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        link = self.state_dir / "runs" / case.case_id
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(folder.resolve(), target_is_directory=True)
+        record = case.record()
+        started = time.monotonic()
+        try:
+            self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).submit(case.case_id, spec.model_dump(mode="json"))
+            run = self.cluster.wait_for_run(case.case_id, RUN_TIMEOUT_S + TIMEOUT_PER_STEP_S * case.steps)
+            state, error = run["state"], run.get("error")
+        except (ClusterError, PSError, PSUnavailable) as exc:
+            state, error = "failed", f"{type(exc).__name__}: {exc}"
+        record.update(state=state, error=error, wall_s=time.monotonic() - started)
+        (folder / "case.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        return record
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+        if self.network is not None:
+            self.network.close()
+            self.network = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # its run directories are only links
+
+    def __enter__(self) -> Group:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# -- reading results ---------------------------------------------------------------------------------------------
+
+
+def records(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def median_timing(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get("step", 0) >= WARMUP_STEPS and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def comm_to_compute(folder: Path) -> float | None:
+    """Median communication_s over median compute_s of a run's steps (after the warm-up)."""
+    rows = records(folder)
+    communication, compute = median_timing(rows, "communication_s"), median_timing(rows, "compute_s")
+    return communication / compute if communication is not None and compute else None
+
+
+def final_accuracy(folder: Path) -> float | None:
+    accuracies = [r["test_accuracy"] for r in records(folder) if r.get("test_accuracy") is not None]
+    return accuracies[-1] if accuracies else None
+
+
+# -- the machine -------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    """What ran the benchmark: CPU model, cores, memory, OS, Python, torch, pyzmq and the git commit."""
+    import torch
+    import zmq
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
+        memory_gib = round(kib / 2**20, 1)
+    except (OSError, IndexError, ValueError):
+        pass
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pyzmq": zmq.__version__,
+        "git_commit": commit or None,
+    }
