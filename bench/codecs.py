@@ -5,7 +5,10 @@ One backward pass (random CIFAR-shaped batch) of each model gives the gradients.
 --repeats; encode time is compared with the backward time measured in the same run. Bytes (mean) and the
 relative variance E||g^ - g||^2 / ||g||^2 over the whole model are estimated from --samples encodings.
 
-    python bench/codecs.py [--models resnet18,vgg11_bn] [--batch 128] [--threads 2] [--out FILE]
+    python bench/codecs.py [--models resnet18,vgg11_bn] [--batch 128] [--threads 2] [--device cuda] [--out FILE]
+
+--device cuda measures on the GPU: the model, the batch, the gradients and the encoders run there (timings
+synchronize the device), and the decoders add into gradient-shaped tensors on the GPU.
 """
 
 from __future__ import annotations
@@ -56,27 +59,39 @@ def codec_configs() -> list[tuple[str, Callable[[tuple[int, ...]], Codec]]]:
     return configs
 
 
-def gradients(model_name: str, batch: int) -> tuple[list[torch.Tensor], float, float]:
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """`fn` followed by waiting for the device, so that wall times include the GPU's work."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
+
+
+def gradients(model_name: str, batch: int, device: torch.device) -> tuple[list[torch.Tensor], float, float]:
     """The model's gradients for one random batch, and the backward wall and CPU times (second of two passes)."""
     torch.manual_seed(0)
-    model = build_model(model_name)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    model = build_model(model_name).to(device)
+    x, y = torch.randn(batch, 3, 32, 32).to(device), torch.randint(0, 10, (batch,)).to(device)
     backward_s = backward_cpu_s = 0.0
     for _ in range(2):
         model.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         start, start_cpu = time.perf_counter(), time.process_time()
-        loss.backward()
+        synchronized(loss.backward, device)()
         backward_s, backward_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     return [p.grad.detach().clone() for p in model.parameters()], backward_s, backward_cpu_s
 
 
 def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, samples: int) -> dict:
     codecs = [make(tuple(g.shape)) if g.dim() >= 2 else make_codec("dense") for g in grads]
-    generator = torch.Generator().manual_seed(0)
-
-    def encode():
-        return [c.encode(g, generator) for c, g in zip(codecs, grads, strict=True)]
+    device = grads[0].device
+    generator = torch.Generator(device=device).manual_seed(0)
+    encode = synchronized(lambda: [c.encode(g, generator) for c, g in zip(codecs, grads, strict=True)], device)
 
     encode()  # warm-up: first calls initialize LAPACK/FFT plans and allocator pools
     encode_s = median_time(encode, repeats)
@@ -84,14 +99,16 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
     wires = [bytes(m) for m in encode()]
     decode_s = median_time(lambda: [atomo_core.decode(w) for w in wires], repeats)
     outs = [torch.zeros_like(g) for g in grads]
-    decode_add_s = median_time(lambda: atomo_core.decode_add_(wires, outs), repeats)
+    decode_add_s = median_time(synchronized(lambda: atomo_core.decode_add_(wires, outs), device), repeats)
     norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
     errors, sizes = [], []
     for _ in range(samples):
         sample = [bytes(m) for m in encode()]
         sizes.append(sum(len(w) for w in sample))
         estimates = [atomo_core.decode(w) for w in sample]
-        errors.append(sum(float((e.double() - g.double()).pow(2).sum()) for e, g in zip(estimates, grads, strict=True)))
+        errors.append(
+            sum(float((e.double() - g.double().cpu()).pow(2).sum()) for e, g in zip(estimates, grads, strict=True))
+        )
     nbytes = statistics.mean(sizes)  # the number of atoms sent is random: its mean is the budget
     headers = sum(len(atomo_core.wire.decode_message(w).header()) for w in wires)
     expected = [
@@ -131,8 +148,9 @@ def probabilities_timing(grads, repeats: int) -> dict:
     flat = torch.cat([g.reshape(-1) for g in grads])
     out = {"entries": flat.numel()}
     for label, budget in [("s=3", 3), ("s=1e-3 n", 1e-3 * flat.numel()), ("s=1e-2 n", 1e-2 * flat.numel())]:
-        out[label + " ms"] = 1e3 * median_time(lambda b=budget: atomic_probabilities(flat, b), repeats)
-        out[label + " cpu ms"] = 1e3 * median_time(lambda b=budget: atomic_probabilities(flat, b), repeats, cpu=True)
+        solve = synchronized(lambda b=budget: atomic_probabilities(flat, b), flat.device)
+        out[label + " ms"] = 1e3 * median_time(solve, repeats)
+        out[label + " cpu ms"] = 1e3 * median_time(solve, repeats, cpu=True)
     return out
 
 
@@ -144,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=5, help="encodings per bytes and variance estimate")
     parser.add_argument("--codecs", default="", help="only the rows whose label starts with one of these (comma list)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = {"threads": args.threads, "batch": args.batch, "torch": torch.__version__, "models": {}}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"threads": args.threads, "batch": args.batch, "torch": torch.__version__, "device": name, "models": {}}
     for model_name in args.models.split(","):
-        grads, backward_s, backward_cpu_s = gradients(model_name, args.batch)
+        grads, backward_s, backward_cpu_s = gradients(model_name, args.batch, device)
         dense = sum(dense_nbytes(tuple(g.shape)) for g in grads)
         print(
             f"\n{model_name}: {sum(g.numel() for g in grads):,} parameters, dense {dense / 1e6:.2f} MB, "
