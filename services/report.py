@@ -253,7 +253,7 @@ def render(runs: dict[str, Curves], name: str) -> bytes:
     return out.getvalue()
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas (no display, no global state); imported here, as it takes a second."""
     from matplotlib.figure import Figure
 
@@ -269,13 +269,13 @@ def _no_data(axes, what: str) -> None:
 
 
 def _accuracy_by_time(runs: dict[str, Curves]):
-    return _accuracy_plot(
+    return accuracy_plot(
         runs, "eval_time_s", "training time (s), from the end of step 1", "Test accuracy against training time"
     )
 
 
 def _accuracy_by_bytes(runs: dict[str, Curves]):
-    return _accuracy_plot(
+    return accuracy_plot(
         runs,
         "eval_mb_total",
         "MB sent, total of both directions (workers->PS + PS->workers), log scale",
@@ -284,8 +284,9 @@ def _accuracy_by_bytes(runs: dict[str, Curves]):
     )
 
 
-def _accuracy_plot(runs: dict[str, Curves], x: str, x_label: str, title: str, log_x: bool = False):
-    fig = _figure(7, 4.5)
+def accuracy_plot(runs: dict[str, Curves], x: str, x_label: str, title: str, log_x: bool = False):
+    """Test accuracy of every run against the curve field `x` (wall time, bytes, step): one line per run."""
+    fig = figure(7, 4.5)
     ax = fig.add_subplot()
     for label, c in runs.items():
         ax.plot(getattr(c, x), c.test_accuracy, marker="o", markersize=3, label=label)
@@ -309,7 +310,7 @@ def _accuracy_plot(runs: dict[str, Curves], x: str, x_label: str, title: str, lo
 
 def _training_loss(runs: dict[str, Curves]):
     """The training loss against step and against time: each step's loss faint, a moving average over it bold."""
-    fig = _figure(11, 4.5)
+    fig = figure(11, 4.5)
     by_step, by_time = fig.subplots(1, 2, sharey=True)
     drawn = any(c.loss for c in runs.values())
     positive = drawn and all(v > 0 for c in runs.values() for v in c.loss)
@@ -347,7 +348,7 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 def _step_time_split(runs: dict[str, Curves]):
     """Stacked bars of the mean per-step compute, encode and communication time in ms (the paper's Figure 2)."""
     labels = list(runs)
-    fig = _figure(max(5.0, 1.6 * len(labels) + 2.5), 4.5)
+    fig = figure(max(5.0, 1.6 * len(labels) + 2.5), 4.5)
     ax = fig.add_subplot()
     bottom = [0.0] * len(labels)
     for key, name in SPLIT:

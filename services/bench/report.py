@@ -227,7 +227,7 @@ def _headline_section(res: Results, targets: list[float], headline: str, plots: 
     name = f"accuracy_vs_time_{_slug(headline)}.png"
     curves = {label: run_report.curves(c.records) for label, c in runs.items()}
     _save(
-        run_report._accuracy_plot(
+        run_report.accuracy_plot(
             curves,
             "eval_time_s",
             "training time (s) from the end of step 1, measured",
@@ -284,7 +284,7 @@ def _projected_section(res: Results, targets: list[float], headline: str, plots:
             curves[label] = c
         name = f"accuracy_vs_time_{_slug(profile)}_projected.png"
         _save(
-            run_report._accuracy_plot(
+            run_report.accuracy_plot(
                 curves,
                 "eval_time_s",
                 "training time (s), PROJECTED: step x measured s/step",
@@ -402,7 +402,7 @@ def _split_section(res: Results, plots: Path, stem: str) -> list[str]:
 
 def _split_plot(parts: dict[str, dict[str, float]], title: str):
     labels = list(parts)
-    fig = run_report._figure(max(5.0, 1.3 * len(labels) + 2.5), 4.5)
+    fig = run_report.figure(max(5.0, 1.3 * len(labels) + 2.5), 4.5)
     ax = fig.add_subplot()
     bottom = [0.0] * len(labels)
     for key, name in (*PARTS, ("other_s", "other")):
@@ -420,7 +420,7 @@ def _split_plot(parts: dict[str, dict[str, float]], title: str):
 
 def _bytes_plot(per_message: dict[str, tuple[float, float]]):
     labels = list(per_message)
-    fig = run_report._figure(max(5.0, 1.2 * len(labels) + 2.5), 4.5)
+    fig = run_report.figure(max(5.0, 1.2 * len(labels) + 2.5), 4.5)
     ax = fig.add_subplot()
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], [per_message[lb][0] / 1e6 for lb in labels], width=0.4, label="up (worker -> PS)")
@@ -487,7 +487,7 @@ def _gradient_section(res: Results, targets: list[float], headline: str, plots: 
 
 
 def _variance_plot(models: dict):
-    fig = run_report._figure(6 * len(models), 4.8)
+    fig = run_report.figure(6 * len(models), 4.8)
     axes = fig.subplots(1, len(models), squeeze=False)[0]
     for ax, model in zip(axes, models.values(), strict=True):
         families: dict[str, list[dict]] = {}
@@ -555,7 +555,7 @@ def _spectrum_section(g: dict, plots: Path, stem: str) -> list[str]:
     if not models:
         return []
     columns = max(len(m["spectra"]) for m in models)
-    fig = run_report._figure(4.2 * columns, 3.6 * len(models))
+    fig = run_report.figure(4.2 * columns, 3.6 * len(models))
     axes = fig.subplots(len(models), columns, squeeze=False)
     for row, model in zip(axes, models, strict=True):
         for ax, spectrum in zip(row, model["spectra"], strict=False):
@@ -699,7 +699,7 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
         "speed-up PER STEP: with equal steps to the target it is the speed-up in time to accuracy.",
         "",
     ]
-    fig = run_report._figure(5.5 * len(scale.PREDICTION_GBIT), 4 * len(g["models"]))
+    fig = run_report.figure(5.5 * len(scale.PREDICTION_GBIT), 4 * len(g["models"]))
     axes = fig.subplots(len(g["models"]), len(scale.PREDICTION_GBIT), squeeze=False)
     statements = []
     for axes_row, (key, model) in zip(axes, g["models"].items(), strict=True):
