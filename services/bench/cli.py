@@ -153,8 +153,9 @@ class Bench:
         )
         return LOOPBACK_STEP_S + max(message * case.workers, down) * 8 / (case.bandwidth_mbit * 1e6)
 
-    def estimate(self, cases: list[Case]) -> float:
-        groups = {(c.profile, c.workers) for c in cases}
+    def estimate(self, cases: list[Case], running: tuple[str, int] | None = None) -> float:
+        """Estimated seconds for `cases`, `running` the group already up (no start-up to count for it)."""
+        groups = {(c.profile, c.workers) for c in cases} - {running}
         return len(groups) * GROUP_START_S + sum(RUN_OVERHEAD_S + c.steps * self.step_estimate(c) for c in cases)
 
     def correction(self) -> float:
@@ -164,7 +165,7 @@ class Bench:
     def progress(self, case: Case, record: dict, index: int, total: int) -> None:
         rows = records(self.out / "runs" / case.case_id)
         done = rows[-1]["step"] if rows else 0
-        eta = self.estimate(self.remaining) * self.correction()
+        eta = self.estimate(self.remaining, (case.profile, case.workers)) * self.correction()
         accuracy = final_accuracy(self.out / "runs" / case.case_id)
         acc = f" acc {accuracy:.3f}" if accuracy is not None else ""
         print(
