@@ -1,0 +1,99 @@
+"""The GPU paths: codecs on CUDA tensors, the DDP hook over NCCL, the PS and workers on `cuda`.
+
+Every test here needs CUDA and is skipped without it (the development machine has no GPU);
+bench/gpu.sh runs this file, with the NCCL cases of tests/test_ddp.py, where one is.
+"""
+
+import pytest
+import torch
+from test_ddp import run_ranks
+
+import atomo_core
+from atomo_core import make_codec
+from atomo_core.codecs import codec_for
+from atomo_core.wire import CODEC_IDS, decode_message
+from services.common.launch import LocalCluster
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: none here")
+
+# One configuration per built-in codec; a codec added without one fails test_every_codec_is_covered.
+CODEC_PARAMS = {
+    "dense": {},
+    "entrywise": {"budget": 40},
+    "svd": {"budget": 2},
+    "fourier": {"budget": 40},
+    "qsgd": {"bits": 4},
+    "terngrad": {},
+    "lq": {"q": 2.0},
+    "topk": {"budget": 40},
+    "powersgd": {"rank": 2},
+}
+RUN_TIMEOUT_S = 180
+
+
+def test_every_codec_is_covered():
+    assert sorted(CODEC_PARAMS) == sorted(CODEC_IDS)  # the built-in codecs, each with its wire id
+
+
+@pytest.mark.parametrize("name", sorted(CODEC_PARAMS))
+def test_codec_encodes_cuda_tensors_and_decodes_onto_the_outputs_device(name):
+    codec = make_codec(name, **CODEC_PARAMS[name])
+    x = torch.randn(24, 40, generator=torch.Generator().manual_seed(0)).cuda()
+    msg = codec.encode(x, torch.Generator(device="cuda").manual_seed(1))
+    from_message = atomo_core.decode(msg)  # the sections as encoded, on the GPU
+    from_bytes = atomo_core.decode(bytes(msg))  # the wire form, parsed on the host
+    assert from_message.device.type == "cuda" and from_bytes.device.type == "cpu"
+    torch.testing.assert_close(from_message.cpu(), from_bytes)
+    out = torch.ones_like(x)  # decode_add_ onto the output's device, as the PS and the DDP hook do
+    codec_for(decode_message(bytes(msg))).decode_add_(bytes(msg), out, alpha=0.5)
+    assert out.device == x.device
+    torch.testing.assert_close(out.cpu(), 1 + 0.5 * from_bytes)
+    if name == "dense":
+        torch.testing.assert_close(from_bytes, x.cpu(), rtol=0, atol=0)
+
+
+def test_svd_on_cuda_is_unbiased():
+    """The mean of 2,000 GPU-encoded estimates is within 5 standard errors of the matrix, entry by entry."""
+    codec = make_codec("svd", budget=2)
+    x = torch.randn(12, 20, generator=torch.Generator().manual_seed(2)).cuda()
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    samples = torch.stack([atomo_core.decode(codec.encode(x, generator)) for _ in range(2000)]).double()
+    standard_error = samples.std(dim=0) / 2000**0.5
+    assert ((samples.mean(dim=0) - x.double()).abs() <= 5 * standard_error + 1e-6).all()
+
+
+def test_ddp_hook_over_nccl(tmp_path):
+    """The hook's start_step scenario over NCCL: 1 rank on one GPU, 2 ranks when there are two."""
+    world = min(2, torch.cuda.device_count())
+    ranks = run_ranks(world, ["start_step"], tmp_path, backend="nccl")
+    for result in ranks:
+        steps = result["start_step"]["steps"]
+        assert all(s["distance"] < 1e-5 for s in steps[:3]) and all(s["distance"] > 1e-3 for s in steps[3:])
+        assert [s["distance"] for s in steps] == [s["distance"] for s in ranks[0]["start_step"]["steps"]]
+
+
+def run_cluster(tmp_path, ps_device: str, worker_device: str, spec_device: str) -> tuple[dict, dict]:
+    """A short svd run of the MLP on digits; the run's final state and the cluster's status."""
+    cluster = LocalCluster(
+        tmp_path, workers=2, threads=1, ps_args=("--device", ps_device), worker_args=("--device", worker_device)
+    )
+    with cluster:
+        spec = {"model": "mlp", "steps": 40, "batch_size": 64, "eval_every": 40, "codec": {"name": "svd"}}
+        cluster.client().call("submit", run_id="gpu", spec={**spec, "device": spec_device})
+        run = cluster.wait_for_run("gpu", RUN_TIMEOUT_S)
+        status = cluster.client().call("status")
+    return run, status
+
+
+def test_ps_and_workers_on_cuda(tmp_path):
+    run, status = run_cluster(tmp_path, "cuda", "cuda", "cuda")
+    assert run["state"] == "succeeded", run
+    assert status["ps"]["device"] == "cuda"
+    assert [w["device"] for w in status["workers"]] == ["cuda", "cuda"]
+
+
+def test_workers_on_cuda_with_the_ps_on_the_cpu(tmp_path):
+    run, status = run_cluster(tmp_path, "cpu", "cuda", "auto")
+    assert run["state"] == "succeeded", run
+    assert status["ps"]["device"] == "cpu"
+    assert [w["device"] for w in status["workers"]] == ["cuda", "cuda"]
