@@ -5,7 +5,7 @@ the vector codec. A layer is sent dense (exact) when the codec's expected size w
 `min_compression_rate`, decided from the shape before encoding, so the choice never depends on the sample.
 A message that nevertheless comes out larger than dense (a rare large sample, or a codec whose size is
 not known in advance) is replaced by the dense form of the same sampled estimate: the bytes never exceed
-dense and the estimate stays unbiased.
+dense and the estimate is unchanged (so an unbiased codec's stays unbiased).
 
 Error feedback: a layer whose codec is a `FeedbackCodec` (the BIASED baselines topk and powersgd) is encoded
 with that layer's memory, kept here by layer index, so `encode(tensors)` runs one error-feedback step per

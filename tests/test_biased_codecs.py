@@ -20,7 +20,9 @@ from scipy import stats
 import atomo_core
 from atomo_core import Feedback, LayerPolicy, Message, WireFormatError, WireLimits, dense_nbytes, make_codec
 from atomo_core.biased import TopKCodec
+from atomo_core.models import build_model
 from atomo_core.wire import CODEC_IDS
+from services.common.spec import CodecSpec
 
 BIASED = [("topk", {"budget": 7}), ("powersgd", {"rank": 2})]
 SHAPES = [(6, 2, 3, 3), (10, 24), (40,)]
@@ -427,8 +429,8 @@ def test_without_feedback_the_biased_codecs_miss_the_gradient_by_many_standard_e
 
 @pytest.mark.slow
 def test_both_codecs_train_over_a_real_ps(tmp_path):
-    """A short `atomo train --compare` (one PS, two workers): both runs succeed, learn, and send fewer bytes
-    than dense by what the codecs' sizes say."""
+    """A short `atomo train --compare` (one PS, two workers; LeNet-5 on digits): both runs succeed, learn,
+    and send fewer bytes than dense by what the codecs' sizes say."""
     steps = 60
     result = subprocess.run(
         [sys.executable, "-m", "services", "train", "--compare", "topk", "powersgd:rank=2", "--steps", str(steps)]
@@ -442,8 +444,13 @@ def test_both_codecs_train_over_a_real_ps(tmp_path):
     (comparison,) = (tmp_path / "runs").iterdir()
     summaries = {p.parent.name: json.loads(p.read_text()) for p in comparison.glob("*/summary.json")}
     assert len(summaries) == 2, sorted(summaries)
+    shapes = [tuple(p.shape) for p in build_model("lenet5", in_channels=1).parameters()]
     for folder, summary in summaries.items():
         assert summary["state"] == "succeeded" and summary["step"] == steps, (folder, summary["error"])
-        assert summary["test_accuracy"] > 0.5, (folder, summary["test_accuracy"])  # chance: 0.1
-        assert summary["compression_ratio"] > 5, (folder, summary["compression_ratio"])
+        assert summary["test_accuracy"] > 0.5, (folder, summary["test_accuracy"])  # chance 0.1; measured 0.78, 0.84
+        codec = summary["spec"]["codec"]
+        policy = LayerPolicy(make_codec(codec["name"], **CodecSpec(**codec).codec_params()))
+        sizes = [policy.codec_for_shape(s).expected_nbytes(s) or dense_nbytes(s) for s in shapes]
+        expected = sum(dense_nbytes(s) for s in shapes) / sum(sizes)  # the payloads; the PS also counts headers
+        assert 0.9 * expected < summary["compression_ratio"] <= expected, (folder, summary["compression_ratio"])
     assert {s["spec"]["codec"]["name"] for s in summaries.values()} == {"topk", "powersgd"}
