@@ -59,7 +59,7 @@ def test_the_results_folder_follows_the_schema(results):
     bench = json.loads((out / "bench.json").read_text())
     assert set(bench) >= BENCH_KEYS
     assert set(bench["machine"]) >= MACHINE_KEYS
-    assert bench["quick"] is True and bench["workers"] == 2 and bench["finished"] >= bench["started"]
+    assert bench["quick"] is True and bench["workers"] == 2 and bench["finished"] >= bench["started"]  # ISO 8601
     assert bench["network"]["emulated"] is True and bench["network"]["reason"] is None
     assert bench["network"]["profiles"] == {"custom": {"bandwidth_mbit": BANDWIDTH_MBIT, "latency_ms": 1.0}}
     assert bench["headline_profile"] == "custom"
@@ -77,7 +77,8 @@ def test_the_results_folder_follows_the_schema(results):
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
         assert all(set(r) >= RECORD_KEYS for r in rows)
         assert rows[-1]["test_accuracy"] is not None
-        assert re.search(rf"\] main +{re.escape(case['label'])} +custom +w2 .* {STEPS}/{STEPS} steps succeeded", stdout)
+        line = rf"\] main +{re.escape(case['label'])} +custom +w2 momentum 0.9 .* {STEPS}/{STEPS} steps succeeded"
+        assert re.search(line, stdout)  # one progress line per run
     assert "suite ETA" in stdout and "estimated" in stdout
 
 

@@ -30,11 +30,12 @@ from services.common.argtypes import positive_float
 
 DEFAULT_REPORT = Path("docs/benchmarks.md")
 LOOPBACK = "loopback"
-# The duration model behind the estimates (measured here: LeNet-5 on digits, 2 workers, 2 cores), corrected
-# as the suite runs by the ratio of measured to estimated time so far.
-GROUP_START_S = 10.0  # namespaces, PS and workers up, workers registered, the first run's data and model
-RUN_OVERHEAD_S = 1.5  # submission, the PS preparing the run, the last evaluation and checkpoint
-LOOPBACK_STEP_S = 0.012  # a step of LeNet-5 at batch 32 per worker, with its share of evaluations
+# The duration model behind the estimates (measured here: LeNet-5 on digits, 2 workers, 2 cores, 100-step
+# loopback runs and 30-step runs at each profile), corrected as the suite runs by the ratio of measured to
+# estimated time so far.
+GROUP_START_S = 7.0  # namespaces, PS and workers up, workers registered, the first run's data and model
+RUN_OVERHEAD_S = 0.4  # submission, the PS preparing the run, the last evaluation and checkpoint
+LOOPBACK_STEP_S = 0.013  # a step of LeNet-5 at batch 32 per worker, with its share of evaluations
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Benchmark every codec on LeNet-5/digits with a PS and workers in network namespaces behind tc-shaped "
         f"links (profiles {profiles}). "
         "The default suite (regime, tuning, end-to-end runs at the headline profile, downlink, scale, momentum "
-        "off, timing at the other profiles, the gradient study, the report) takes about 30-40 minutes on a "
-        "2-core machine; --quick (one profile, dense, qsgd b=4, svd s=3, 120 steps) a few minutes. Needs root "
+        "off, timing at the other profiles: about 200 runs, estimated at 9 minutes on a 2-core machine and printed "
+        "at the start), then the gradient study and the report (minutes more); --quick (one profile, dense, "
+        "qsgd b=4, svd s=3, 120 steps, the quick gradient study) about a minute. Needs root "
         "and iproute2 for the emulated links, else runs on loopback and says so."
     )
     parser.add_argument("--quick", action="store_true", help="one profile, three codecs, no tuning (lr 0.05)")
@@ -59,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, help=f"report path (default {DEFAULT_REPORT}; --quick: none)")
     parser.add_argument("--no-netem", action="store_true", help="run on loopback, no emulated network")
     parser.add_argument("--no-gradients", action="store_true", help="skip the gradient study")
+
+
+def _iso(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(timestamp))
 
 
 def _duration(seconds: float) -> str:
@@ -143,15 +149,15 @@ class Bench:
     # -- estimates and progress ------------------------------------------------------------------------------
 
     def step_estimate(self, case: Case) -> float:
-        """Seconds per step: a loopback step plus what the PS's link carries, W messages down to it and W*W
-        up from it (downlink atoms: every worker gets every message; model: the dense model)."""
+        """Seconds per step: a loopback step plus what the PS's link carries one after the other, W messages in
+        and W*W out (downlink atoms: every worker gets every message; model: W dense models)."""
         if case.bandwidth_mbit is None:
             return LOOPBACK_STEP_S
         message = self.nbytes.get(case.codec.label, 250_000)
         down = (
             self.nbytes.get("dense", 250_000) * case.workers if case.downlink == "model" else message * case.workers**2
         )
-        return LOOPBACK_STEP_S + max(message * case.workers, down) * 8 / (case.bandwidth_mbit * 1e6)
+        return LOOPBACK_STEP_S + (message * case.workers + down) * 8 / (case.bandwidth_mbit * 1e6)
 
     def estimate(self, cases: list[Case], running: tuple[str, int] | None = None) -> float:
         """Estimated seconds for `cases`, `running` the group already up (no start-up to count for it)."""
@@ -170,7 +176,8 @@ class Bench:
         acc = f" acc {accuracy:.3f}" if accuracy is not None else ""
         print(
             f"[{index}/{total}] {case.phase:<12} {case.codec.label:<16} {case.profile:<8} w{case.workers} "
-            f"lr {case.lr:<6g} {done}/{case.steps} steps {record['state']}{acc} in {record['wall_s']:.1f}s | "
+            f"momentum {case.momentum:<3g} lr {case.lr:<6g} {done}/{case.steps} steps {record['state']}{acc} "
+            f"in {record['wall_s']:.1f}s | "
             f"elapsed {_duration(time.time() - self.started)}, suite ETA {_duration(eta)}"
             + (f"\n    error: {record['error']}" if record["error"] else ""),
             flush=True,
@@ -238,8 +245,8 @@ class Bench:
         data = {
             "command": "atomo bench " + shlex.join(self.args.argv),
             "argv": self.args.argv,
-            "started": self.started,
-            "finished": finished,
+            "started": _iso(self.started),
+            "finished": _iso(finished) if finished is not None else None,
             "machine": self.machine,
             "network": self.network,
             "headline_profile": self.headline,

@@ -13,7 +13,7 @@ PS writes its records straight into the results.
 
 Results folder (what services.bench.report reads):
 
-    <out>/bench.json   {"command", "argv", "started", "finished",
+    <out>/bench.json   {"command", "argv", "started", "finished" (ISO 8601 local times; finished null until done),
                         "machine": {cpu, cores, memory_gib, os, python, torch, pyzmq, git_commit},
                         "network": {"emulated", "reason", "latency_emulated", "latency_reason",
                                     "profiles": {name: {"bandwidth_mbit", "latency_ms"}}},
