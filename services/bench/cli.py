@@ -243,7 +243,7 @@ class Bench:
 
     def write_bench(self, finished: float | None = None) -> None:
         data = {
-            "command": "atomo bench " + shlex.join(self.args.argv),
+            "command": shlex.join(["atomo", "bench", *self.args.argv]),
             "argv": self.args.argv,
             "started": _iso(self.started),
             "finished": _iso(finished) if finished is not None else None,

@@ -681,8 +681,14 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
     if not g or not g.get("models"):
         return out + ["No gradient study: no message sizes for ResNet-18 and VGG-11-BN.", ""]
     link = cal.links.get(headline)
-    efficiency = link.efficiency if link and link.efficiency else 1.0
-    fitted = f"fitted at {headline}" if link and link.efficiency else "assumed: no emulated link was fitted"
+    # A token bucket lets a short burst through faster than its rate, so small messages can fit an efficiency
+    # above 1; the sustained transfers of the predictions cannot exceed the link's rate.
+    efficiency = min(1.0, link.efficiency) if link and link.efficiency else 1.0
+    fitted = (
+        f"fitted at {headline}: {link.efficiency:.2f}, capped at 1 for sustained transfers"
+        if link and link.efficiency
+        else "assumed: no emulated link was fitted"
+    )
     overhead = link.overhead_s if link else 0.0
     out += [
         f"Each worker computes a batch of {scale.DEFAULT_BATCH_PER_WORKER} on a GPU in "
@@ -984,15 +990,19 @@ def _header(res: Results, results: Path) -> list[str]:
     out += [f"- Command: `{b.get('command', '(unknown: bench.json is missing)')}`"]
     out += [
         f"- Started {b.get('started', '-')}, finished {b.get('finished', '-')}; phases (s): "
-        + (", ".join(f"{k} {v:g}" for k, v in (b.get("phases") or {}).items()) or "-")
+        + (", ".join(f"{k} {v:.0f}" for k, v in (b.get("phases") or {}).items()) or "-")
     ]
     out += ["- Machine: " + (", ".join(f"{k} {v}" for k, v in machine.items()) or "unknown")]
     out += [f"- Model {b.get('model', '-')} on {b.get('dataset', '-')}, {b.get('workers', '-')} workers"]
     if network:
         emulated = "emulated (network namespaces, tc)" if network.get("emulated") else "loopback, not emulated"
         out += [f"- Network: {emulated}" + (f": {network['reason']}" if network.get("reason") else "")]
+        no_latency = network.get("emulated") and network.get("latency_emulated") is False
+        if no_latency:
+            out += [f"- Latency NOT emulated (bandwidth only): {network.get('latency_reason') or 'no netem qdisc'}"]
         for name, p in (network.get("profiles") or {}).items():
-            out += [f"  - `{name}`: {p.get('bandwidth_mbit')} Mbit/s, {p.get('latency_ms')} ms"]
+            latency = f"{p.get('latency_ms')} ms" + (" (not applied)" if no_latency else "")
+            out += [f"  - `{name}`: {p.get('bandwidth_mbit')} Mbit/s, {latency}"]
     out += [f"- Headline profile: `{b.get('headline_profile', '-')}`"]
     if regime:
         ratios = ", ".join(f"`{k}` {v:.3g}" for k, v in (regime.get("dense_comm_to_compute") or {}).items())
