@@ -288,8 +288,10 @@ def accuracy_plot(runs: dict[str, Curves], x: str, x_label: str, title: str, log
     """Test accuracy of every run against the curve field `x` (wall time, bytes, step): one line per run."""
     fig = figure(7, 4.5)
     ax = fig.add_subplot()
-    for label, c in runs.items():
-        ax.plot(getattr(c, x), c.test_accuracy, marker="o", markersize=3, label=label)
+    styles = ("-", "--", ":")  # matplotlib's color cycle has 10 colors: runs beyond it change line style
+    for i, (label, c) in enumerate(runs.items()):
+        style = styles[(i // 10) % len(styles)]
+        ax.plot(getattr(c, x), c.test_accuracy, style, marker="o", markersize=3, label=label)
     if not any(c.test_accuracy for c in runs.values()):
         _no_data([ax], "no evaluation yet")
     elif log_x:
@@ -304,7 +306,7 @@ def accuracy_plot(runs: dict[str, Curves], x: str, x_label: str, title: str, log
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if any(c.test_accuracy for c in runs.values()):
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize="small" if len(runs) > 10 else None)
     return fig
 
 
