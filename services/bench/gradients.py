@@ -38,6 +38,7 @@ from atomo_core import LayerPolicy, codec_names, dense_nbytes, make_codec
 from atomo_core.analysis import matrix_view, relative_variance, singular_values, theorem6_ratio
 from atomo_core.data import DatasetUnavailableError, load_dataset
 from atomo_core.models import build_model
+from services.bench.suite import CodecCase
 
 MODEL_TITLES = {"resnet18": "ResNet-18", "vgg11_bn": "VGG-11-BN"}
 BIASED = ("topk", "powersgd")
@@ -68,34 +69,24 @@ DEFAULT = StudyConfig()
 QUICK = StudyConfig(capture_steps=(0, 10), batch_size=16, encodings=3, train_size=1_000)
 
 
-@dataclass(frozen=True)
-class CodecCase:
-    """One codec setting of the study: its label (as `atomo bench` labels runs), name and parameters."""
-
-    label: str
-    name: str
-    params: dict
-    biased: bool = False
-
-    @property
-    def family(self) -> str:
-        return "svd paper" if self.params.get("reshape") == "paper" else self.name
-
-
 def codec_grid() -> list[CodecCase]:
-    """Every codec and budget of the study; top-k and PowerSGD only when they are registered."""
-    grid = [CodecCase("dense", "dense", {})]
-    grid += [CodecCase(f"qsgd b={b}", "qsgd", {"bits": b}) for b in (2, 4, 8)]
-    grid += [CodecCase("terngrad", "terngrad", {})]
-    grid += [CodecCase(f"svd s={s}", "svd", {"budget": s}) for s in (1, 2, 3, 4)]
-    grid += [CodecCase(f"svd s={s} paper", "svd", {"budget": s, "reshape": "paper"}) for s in (1, 2, 3, 4)]
-    grid += [CodecCase(f"entrywise s={s}", "entrywise", {"budget": s}) for s in (300, 3000, 30000)]
-    grid += [CodecCase(f"fourier s={s}", "fourier", {"budget": s}) for s in (300, 3000, 30000)]
+    """Every codec and budget of the study (labelled as `atomo bench` labels its runs); top-k and PowerSGD only
+    when they are registered. Each is built from its RunSpec codec fields, so its defaults are a run's."""
+    grid = [CodecCase("dense", {"name": "dense"}, "dense")]
+    grid += [CodecCase(f"qsgd b={b}", {"name": "qsgd", "bits": b}, "qsgd") for b in (2, 4, 8)]
+    grid += [CodecCase("terngrad", {"name": "terngrad"}, "terngrad")]
+    grid += [CodecCase(f"svd s={s}", {"name": "svd", "budget": s}, "svd") for s in (1, 2, 3, 4)]
+    grid += [
+        CodecCase(f"svd s={s} paper", {"name": "svd", "budget": s, "reshape": "paper"}, "svd paper")
+        for s in (1, 2, 3, 4)
+    ]
+    for name in ("entrywise", "fourier"):
+        grid += [CodecCase(f"{name} s={s}", {"name": name, "budget": s}, name) for s in (300, 3000, 30000)]
     names = codec_names()
     if "topk" in names:
-        grid += [CodecCase(f"topk k={k}", "topk", {"budget": k}, biased=True) for k in (300, 3000)]
+        grid += [CodecCase(f"topk k={k}", {"name": "topk", "budget": k}, "topk", True) for k in (300, 3000)]
     if "powersgd" in names:
-        grid += [CodecCase(f"powersgd r={r}", "powersgd", {"rank": r}, biased=True) for r in (1, 4)]
+        grid += [CodecCase(f"powersgd r={r}", {"name": "powersgd", "rank": r}, "powersgd", True) for r in (1, 4)]
     return grid
 
 
@@ -212,11 +203,12 @@ def _representative(matrices: list[int], params: list[torch.Tensor]) -> list[int
 
 def _measure(case: CodecCase, gradient: list[torch.Tensor], config: StudyConfig, log, model: str) -> dict:
     """The variance-per-byte row of one codec setting; an error is recorded, not raised (the study goes on)."""
-    row = {"label": case.label, "name": case.name, "params": case.params, "family": case.family}
-    row["biased"] = case.biased
+    spec = case.spec()
+    params = spec.codec_params()
+    row = {"label": case.label, "name": spec.name, "params": params, "family": case.family, "biased": case.biased}
     try:
         estimate = relative_variance(
-            lambda: LayerPolicy(make_codec(case.name, **case.params)), gradient, config.encodings, config.seed
+            lambda: LayerPolicy(make_codec(spec.name, **params)), gradient, config.encodings, config.seed
         )
     except (ValueError, RuntimeError) as exc:
         log(f"gradients: {MODEL_TITLES.get(model, model)} {case.label}: failed: {exc}")
