@@ -16,7 +16,7 @@ from services.report import load_metrics
 SAMPLE = Path(__file__).parent / "data" / "bench-sample"
 SECTIONS = (
     "## How it was run",
-    "## The issue's targets",
+    "## Targets",
     "## Time to accuracy at the headline profile",
     "## Time to accuracy at the other profiles (PROJECTED)",
     "## Momentum on (0.9) and off",

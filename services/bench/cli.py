@@ -58,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codecs", help="comma-separated families or labels to keep (dense,svd,'qsgd b=4')")
     parser.add_argument("--steps", type=int, help="steps of the main runs (default 300; --quick 120)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<timestamp>)")
-    parser.add_argument("--report", type=Path, help=f"report path (default {DEFAULT_REPORT}; --quick: none)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help=f"report path (default: {DEFAULT_REPORT} for the whole default suite run from a checkout, else "
+        "<out>/report.md)",
+    )
     parser.add_argument("--no-netem", action="store_true", help="run on loopback, no emulated network")
     parser.add_argument("--no-gradients", action="store_true", help="skip the gradient study")
 
@@ -385,9 +390,7 @@ class Bench:
             except Exception:  # noqa: BLE001 (any failure of the study leaves the runs' results intact)
                 print(f"the gradient study failed; the runs are kept:\n{traceback.format_exc()}", flush=True)
             self.phases["gradients"] = time.time() - started
-        report = self.args.report or (None if self.args.quick else DEFAULT_REPORT)
-        if report is None:
-            return
+        report = self.args.report or self.default_report()
         self.write_bench(time.time())
         started = time.time()
         try:
@@ -396,10 +399,32 @@ class Bench:
             print(f"no report generator ({exc}); the results are in {self.out}", flush=True)
             return
         try:
-            print(f"report: {write_report(self.out, report)}", flush=True)
+            written = write_report(self.out, report)
         except Exception:  # noqa: BLE001
             print(f"the report generator failed; the results are kept:\n{traceback.format_exc()}", flush=True)
+        else:
+            print(_targets_section(written.read_text(encoding="utf-8")), flush=True)
+            print(f"report: {written}", flush=True)
         self.phases["report"] = time.time() - started
+
+    def default_report(self) -> Path:
+        """docs/benchmarks.md for the whole default suite run from a checkout (it is that file's source);
+        any other run (--quick, a subset, a custom link) reports into its own results folder."""
+        a = self.args
+        partial = a.quick or a.codecs or a.bandwidth is not None or a.steps or a.no_netem or a.workers != 2
+        if partial or not DEFAULT_REPORT.parent.is_dir():
+            return self.out / "report.md"
+        return DEFAULT_REPORT
+
+
+def _targets_section(markdown: str) -> str:
+    """The report's table of targets (its most telling part), to print at the end of a run."""
+    lines = markdown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("## Targets")), None)
+    if start is None:
+        return ""
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[start:end]).strip()
 
 
 def _interrupt(*_args) -> None:

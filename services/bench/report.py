@@ -789,7 +789,8 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
 
 
 def evaluate_targets(res: Results, targets: list[float], headline: str) -> list[dict]:
-    """The issue's four targets at the headline profile: name, measured value, PASS/MISS (or n/a), blame."""
+    """The four targets (spectral ATOMO against dense and QSGD, accuracy, encode share) at the headline profile:
+    name, measured value, PASS/MISS (or n/a), blame."""
     main = res.runs("main", headline)
     dense = main.get("dense")
     spectral = {lb: c for lb, c in main.items() if lb.startswith("svd")}
@@ -921,7 +922,7 @@ def _largest_part(parts: dict[str, float], step: float) -> str:
 def _targets_section(res: Results, targets: list[float], headline: str) -> list[str]:
     rows = [[r["target"], r["value"], r["result"], r["blame"] or "-"] for r in evaluate_targets(res, targets, headline)]
     out = [
-        "## The issue's targets",
+        "## Targets",
         "",
         f"At the headline profile `{headline}`; the target accuracy is the highest of "
         f"{', '.join(_fmt_acc(t) for t in targets)} that dense reached; the spectral run is the fastest `svd` run "
