@@ -35,6 +35,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        parser.error("start it with torchrun, e.g. torchrun --nproc_per_node 2 examples/ddp_train.py")
+    codec = None
+    if args.codec != "allreduce":
+        params = {k: v for k, v in (("budget", args.budget), ("bits", args.bits)) if v is not None}
+        try:
+            codec = make_codec(args.codec, **params)
+        except ValueError as exc:  # an unknown codec or a bad parameter: say so before any process group exists
+            parser.error(str(exc))
 
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -49,9 +58,8 @@ def main() -> None:
     model = LeNet5(num_classes=info.num_classes, in_channels=info.in_channels).to(device)
     ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
     state = None
-    if args.codec != "allreduce":
-        params = {k: v for k, v in (("budget", args.budget), ("bits", args.bits)) if v is not None}
-        state = AtomoHookState(make_codec(args.codec, **params), seed=args.seed, start_step=args.start_step)
+    if codec is not None:
+        state = AtomoHookState(codec, seed=args.seed, start_step=args.start_step)
         ddp.register_comm_hook(state, atomo_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     batches = BatchStream(train.to(device), rank, world, args.batch, seed=args.seed)

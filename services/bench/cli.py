@@ -26,7 +26,7 @@ from services.bench import suite
 from services.bench.netem import PROFILES, LinkProfile, Network
 from services.bench.runner import Group, comm_to_compute, final_accuracy, machine, records
 from services.bench.suite import Case, CodecCase
-from services.common.argtypes import positive_float
+from services.common.argtypes import non_negative_float, positive_float, positive_int
 
 DEFAULT_REPORT = Path("docs/benchmarks.md")
 LOOPBACK = "loopback"
@@ -53,10 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bandwidth", type=positive_float, metavar="MBIT", help="a custom link instead of the profiles"
     )
-    parser.add_argument("--latency", type=float, default=None, metavar="MS", help="with --bandwidth (default 1 ms)")
+    parser.add_argument(
+        "--latency", type=non_negative_float, default=None, metavar="MS", help="with --bandwidth (default 1 ms)"
+    )
     parser.add_argument("--workers", type=int, default=2, choices=(2, 3, 4), help="workers (default 2)")
     parser.add_argument("--codecs", help="comma-separated families or labels to keep (dense,svd,'qsgd b=4')")
-    parser.add_argument("--steps", type=int, help="steps of the main runs (default 300; --quick 120)")
+    parser.add_argument("--steps", type=positive_int, help="steps of the main runs (default 300; --quick 120)")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<timestamp>)")
     parser.add_argument(
         "--report",

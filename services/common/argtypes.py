@@ -48,6 +48,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value:g}")
+    return value
+
+
 def fraction(text: str) -> float:
     """A number in (0, 1], such as a target accuracy."""
     value = _number(text, float, "a number in (0, 1]")
