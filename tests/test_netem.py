@@ -213,3 +213,25 @@ def test_bad_profiles_are_refused():
 
 def test_no_network_left_from_this_process():
     assert not [ns for ns in _namespaces() if f"-{os.getpid()}-" in ns]
+
+
+@pytest.mark.parametrize("fails", ["veth", "tbf", "timeout"])
+def test_the_probe_deletes_its_namespace_whatever_fails(monkeypatch, fails):
+    import services.bench.netem as netem
+
+    calls = []
+
+    def fake_run(argv, check=True):
+        calls.append(argv)
+        if fails == "veth" and "veth" in argv:
+            raise netem.NetworkUnavailable("no veth")
+        if fails == "tbf" and "tbf" in argv:
+            raise netem.NetworkUnavailable("no tbf")
+        if fails == "timeout" and "veth" in argv:
+            raise subprocess.TimeoutExpired(argv, 1)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(netem, "_run", fake_run)
+    reason, _ = Network._probe()
+    assert reason is not None and "not available" in reason
+    assert calls[-1][:3] == ["ip", "netns", "delete"]

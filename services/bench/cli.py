@@ -23,10 +23,12 @@ import traceback
 from pathlib import Path
 
 from services.bench import suite
-from services.bench.netem import PROFILES, LinkProfile, Network
-from services.bench.runner import Group, comm_to_compute, final_accuracy, machine, records
+from services.bench.netem import PROFILES, LinkProfile, Network, NetworkUnavailable
+from services.bench.runner import Group, comm_to_compute, final_accuracy, machine, records, write_case
 from services.bench.suite import Case, CodecCase
 from services.common.argtypes import non_negative_float, positive_float, positive_int
+from services.common.launch import ClusterError
+from services.train import _interrupt
 
 DEFAULT_REPORT = Path("docs/benchmarks.md")
 LOOPBACK = "loopback"
@@ -104,6 +106,7 @@ class Bench:
             },
         }
         self.started = time.time()
+        self.machine: dict = {}  # machine() fills it; a Ctrl-C during its torch import still writes bench.json
         self.phases: dict[str, float] = {}
         self.skipped: dict[str, str] = {}
         self.lrs: dict[str, float] = {}
@@ -220,24 +223,27 @@ class Bench:
         total = len(cases)
         index = 0
         for (profile, workers), members in groups.items():
-            with Group(self.out, profile, self.link(profile), workers) as group:
+            group = Group(self.out, profile, self.link(profile), workers)
+            try:
+                group.start()
+                error = None
+            except (ClusterError, NetworkUnavailable) as exc:  # its cases fail; the suite goes on
+                error = f"{type(exc).__name__}: {exc}"
+            try:
                 for case in members:
                     index += 1
                     self.remaining = [c for c in cases[index:]] + later
-                    record = group.run(case)
+                    record = group.run(case) if error is None else write_case(self.out, case, "failed", error, 0.0)
                     self.estimated_done += self.estimate([case]) + (GROUP_START_S if case is members[0] else 0)
                     results.append(record)
                     self.progress(case, record, index, total)
+            finally:
+                group.close()
         self.phases[name] = self.phases.get(name, 0.0) + time.time() - started
         return results
 
-    def tune(self, codecs: list[CodecCase], later: list[Case]) -> None:
-        cases = [
-            self.case("tune", c, LOOPBACK, lr, momentum=momentum, eval_every=suite.TUNE_STEPS)
-            for momentum, grid in ((suite.MOMENTUM, suite.LR_GRID), (0.0, suite.LR_GRID_MOMENTUM_OFF))
-            for c in codecs
-            for lr in grid
-        ]
+    def tune(self, cases: list[Case], later: list[Case]) -> None:
+        """Run the tune `cases` (plan's); keep each codec's best lr, with momentum and without."""
         self.run_phase("tune", cases, later)
         for case in cases:
             accuracy = final_accuracy(self.out / "runs" / case.case_id)
@@ -308,9 +314,7 @@ class Bench:
                 self.ratios[self.headline] = comm_to_compute(self.out / "runs" / main[codecs.index(dense)].case_id)
         else:
             self.run_default(codecs, profiles, dense)
-        self.write_bench()
         self.finish()
-        self.write_bench(time.time())
         shutil.rmtree(self.out / ".ps-state", ignore_errors=True)
         print(f"\nresults: {self.out}  ({_duration(time.time() - self.started)})", flush=True)
         return 0
@@ -341,9 +345,10 @@ class Bench:
         print(f"dense communication/compute: {self.ratios}; paper {suite.PAPER_COMM_TO_COMPUTE:.2f}: "
               f"headline profile {self.headline}", flush=True)  # fmt: skip
         rest = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=False)
-        self.tune(codecs, rest[len(codecs) * 8 :])
+        self.tune([c for c in rest if c.phase == "tune"], [c for c in rest if c.phase != "tune"])
         self.write_bench()
-        plan = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=True)[len(codecs) * 8 :]
+        plan = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=True)
+        plan = [c for c in plan if c.phase != "tune"]
         for phase in ("main", "downlink", "scale", "momentum_off", "timing"):
             cases = [c for c in plan if c.phase == phase]
             if cases:
@@ -351,8 +356,9 @@ class Bench:
                 self.write_bench()
 
     def plan(self, codecs, profiles, headline, dense, regime_codec, tuned: bool) -> list[Case]:
-        """Every case after the regime runs, in order: tune (8 per codec), main, downlink, scale, momentum
-        off, timing (the profiles other than the headline; the regime runs already timed their codec)."""
+        """Every case after the regime runs, in order: tune (each codec at each lr of both grids), main,
+        downlink, scale, momentum off, timing (the profiles other than the headline; the regime runs already
+        timed their codec)."""
         lr = (lambda c: self.lrs.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
         lr_off = (lambda c: self.lrs_off.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
         cases = [
@@ -393,7 +399,7 @@ class Bench:
                 print(f"the gradient study failed; the runs are kept:\n{traceback.format_exc()}", flush=True)
             self.phases["gradients"] = time.time() - started
         report = self.args.report or self.default_report()
-        self.write_bench(time.time())
+        self.write_bench(time.time())  # once, finished: the report reads it
         started = time.time()
         try:
             from services.bench.report import write_report
@@ -406,8 +412,7 @@ class Bench:
             print(f"the report generator failed; the results are kept:\n{traceback.format_exc()}", flush=True)
         else:
             print(_targets_section(written.read_text(encoding="utf-8")), flush=True)
-            print(f"report: {written}", flush=True)
-        self.phases["report"] = time.time() - started
+            print(f"report: {written} ({_duration(time.time() - started)})", flush=True)
 
     def default_report(self) -> Path:
         """docs/benchmarks.md for the whole default suite run from a checkout (it is that file's source);
@@ -427,10 +432,6 @@ def _targets_section(markdown: str) -> str:
         return ""
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     return "\n".join(lines[start:end]).strip()
-
-
-def _interrupt(*_args) -> None:
-    raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:

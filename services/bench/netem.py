@@ -295,19 +295,20 @@ class Network:
             _run(["ip", "netns", "add", probe])
         except (NetworkUnavailable, OSError, subprocess.TimeoutExpired) as exc:
             return f"cannot create a network namespace: {exc}", None
-        try:
-            _run(["ip", "-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
-            tc = ["tc", "-n", probe, "qdisc", "add", "dev"]
-            _run([*tc, "probe0", "root", "tbf", "rate", "1mbit", "burst", "16384", "limit", "131072"])
-        except NetworkUnavailable as exc:
-            return f"veth pairs or the tbf qdisc are not available: {exc}", None
-        try:
-            _run([*tc, "probe1", "root", "netem", "delay", "1ms"])
-        except NetworkUnavailable as exc:
-            return None, f"the kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): links add no latency ({exc})"
+        try:  # everything after the namespace exists deletes it, whatever fails
+            try:
+                _run(["ip", "-n", probe, "link", "add", "probe0", "type", "veth", "peer", "name", "probe1"])
+                tc = ["tc", "-n", probe, "qdisc", "add", "dev"]
+                _run([*tc, "probe0", "root", "tbf", "rate", "1mbit", "burst", "16384", "limit", "131072"])
+            except (NetworkUnavailable, OSError, subprocess.TimeoutExpired) as exc:
+                return f"veth pairs or the tbf qdisc are not available: {exc}", None
+            try:
+                _run([*tc, "probe1", "root", "netem", "delay", "1ms"])
+            except (NetworkUnavailable, OSError, subprocess.TimeoutExpired) as exc:
+                return None, f"the kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): links add no latency ({exc})"
+            return None, None
         finally:
             _run(["ip", "netns", "delete", probe], check=False)
-        return None, None
 
     @staticmethod
     def sweep(name: str) -> list[str]:

@@ -7,9 +7,9 @@ or loopback, with one LocalCluster in it (each process started inside its host's
 another, as `atomo train` does with a comparison. Control traffic: the driver (this process) stays in the
 host's own namespace, which has no route into the emulated network; a relay started in the "ctl" namespace
 (`Network.forward`) carries the control client's ZeroMQ bytes from a Unix socket to the PS's control port,
-so control requests cross the emulated network from "ctl" as a driver on that network would, and nothing
-but that relay runs outside a namespace. Each run directory at the PS is a link to the case's folder, so the
-PS writes its records straight into the results.
+so control requests cross the emulated network from "ctl" as a driver on that network would. The PS, the
+workers and that relay each run inside a namespace; only the driver runs outside them. Each run directory at
+the PS is a link to the case's folder, so the PS writes its records straight into the results.
 
 Results folder (what services.bench.report reads):
 
@@ -34,9 +34,11 @@ Results folder (what services.bench.report reads):
     <out>/logs/<group>/   each process's log
     <out>/gradients.json  services.bench.gradients.run_study(out, quick)
 
-Projections: a momentum_off case's time to accuracy at a profile, and any case's at a profile other than the
-headline one, are steps-to-target (loopback runs) times that codec's mean step time measured at that profile
-(timing runs); only the headline profile's main and downlink runs are end to end.
+Projections (services.bench.report): a codec's time to accuracy at a profile other than the headline one is
+the steps to the target of its main run at the headline profile times its mean step time at that profile (its
+timing run there); with momentum off, the steps to the target of its momentum_off run (loopback) times the
+mean step time of its main run at the headline profile. Only the headline profile's main runs measure time to
+accuracy end to end; the downlink runs report step time, bytes and communication time.
 """
 
 from __future__ import annotations
@@ -52,16 +54,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.bench.netem import LinkProfile, Network
+from services.bench.netem import LinkProfile, Network, NetworkUnavailable
 from services.bench.suite import Case
 from services.common.launch import ClusterError, LocalCluster
 from services.common.ps_client import PSError, PSUnavailable
+from services.report import summarize
+from services.train import load_records as records
 
 PS_PORT, CONTROL_PORT = 5555, 5556  # inside the PS's own namespace, so always free
 NETWORK_NAME = "atomo-bench"
 CONTROL_TIMEOUT_S = 10.0
 RUN_TIMEOUT_S = 120.0  # on top of TIMEOUT_PER_STEP_S per step
 TIMEOUT_PER_STEP_S = 3.0
+CANCEL_TIMEOUT_S = 30.0  # for a timed-out run to end once cancelled
 WARMUP_STEPS = 5  # records before this step are left out of step-time statistics (first-step allocations)
 
 
@@ -108,10 +113,15 @@ class Group:
         return cluster is not None and all(p.poll() is None for p in [cluster.ps, *cluster.workers.values()])
 
     def run(self, case: Case) -> dict:
-        """Run `case` to its end; write and return its case.json. A failed run is recorded, not raised."""
+        """Run `case` to its end; write and return its case.json. A failed run (or a failed restart of the
+        group's processes) is recorded, not raised."""
         if not self.alive():
             self.close()
-            self.start()
+            started = time.monotonic()
+            try:
+                self.start()
+            except (ClusterError, NetworkUnavailable) as exc:
+                return write_case(self.out, case, "failed", f"{type(exc).__name__}: {exc}", time.monotonic() - started)
         folder = self.out / "runs" / case.case_id
         folder.mkdir(parents=True, exist_ok=True)
         spec = case.run_spec()
@@ -120,7 +130,6 @@ class Group:
         link.parent.mkdir(parents=True, exist_ok=True)
         link.unlink(missing_ok=True)
         link.symlink_to(folder.resolve(), target_is_directory=True)
-        record = case.record()
         started = time.monotonic()
         try:
             self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).submit(case.case_id, spec.model_dump(mode="json"))
@@ -128,9 +137,19 @@ class Group:
             state, error = run["state"], run.get("error")
         except (ClusterError, PSError, PSUnavailable) as exc:
             state, error = "failed", f"{type(exc).__name__}: {exc}"
-        record.update(state=state, error=error, wall_s=time.monotonic() - started)
-        (folder / "case.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        return record
+            self._end(case.case_id)
+        return write_case(self.out, case, state, error, time.monotonic() - started)
+
+    def _end(self, run_id: str) -> None:
+        """After a failed wait: cancel `run_id` at the PS and wait for it to end, so that the next case is not
+        refused (the PS serves one run at a time); if that fails too, stop the group (the next run restarts it)."""
+        if self.cluster is None:
+            return
+        try:
+            self.cluster.client(timeout_s=CONTROL_TIMEOUT_S).cancel(run_id)
+            self.cluster.wait_for_run(run_id, CANCEL_TIMEOUT_S)
+        except (ClusterError, PSError, PSUnavailable):
+            self.close()
 
     def close(self) -> None:
         if self.cluster is not None:
@@ -151,14 +170,16 @@ class Group:
         self.close()
 
 
+def write_case(out: Path, case: Case, state: str, error: str | None, wall_s: float) -> dict:
+    """Write and return `case`'s case.json with its outcome."""
+    folder = out / "runs" / case.case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {**case.record(), "state": state, "error": error, "wall_s": wall_s}
+    (folder / "case.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
 # -- reading results ---------------------------------------------------------------------------------------------
-
-
-def records(folder: Path) -> list[dict]:
-    path = folder / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def median_timing(rows: list[dict], key: str) -> float | None:
@@ -174,8 +195,7 @@ def comm_to_compute(folder: Path) -> float | None:
 
 
 def final_accuracy(folder: Path) -> float | None:
-    accuracies = [r["test_accuracy"] for r in records(folder) if r.get("test_accuracy") is not None]
-    return accuracies[-1] if accuracies else None
+    return summarize(records(folder))["final_test_accuracy"]
 
 
 # -- the machine -------------------------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from services.common.spec import CodecSpec, RunSpec
+from services.train import slug
 
 MODEL, DATASET = "lenet5", "digits"
 SEED = 0
@@ -106,10 +106,6 @@ def valid(case: CodecCase) -> str | None:
     except ValueError as exc:
         return str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
     return None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
 
 
 @dataclass
