@@ -28,7 +28,7 @@ SECTIONS = (
     "## The singular value spectrum over training",
     "## Reshape policies: `rows` against `paper`",
     "## Scale beyond this machine",
-    "### Predicted against measured",
+    "### Fit residuals (in-sample): predicted against measured",
     "### Predicted speed-up over dense per step, 8 to 256 workers",
     "### Where the single PS becomes the bottleneck",
     "## Runs",
@@ -215,3 +215,18 @@ def test_scale_predictions_are_monotone():
         scale.predict(svd, 0, 1.25e9, **args)
     with pytest.raises(ValueError, match="no measured run"):
         scale.fit([])
+
+
+def test_a_failed_regime_run_and_a_null_variance_still_give_a_report(tmp_path):
+    """bench.json stores a None ratio for a regime run that failed; gradients.json null variance/stderr."""
+    results = tmp_path / "results"
+    shutil.copytree(SAMPLE, results)
+    bench = json.loads((results / "bench.json").read_text())
+    bench.setdefault("regime", {})["dense_comm_to_compute"] = {"loopback": None, "1gbit": 0.5}
+    (results / "bench.json").write_text(json.dumps(bench))
+    grads = json.loads((results / "gradients.json").read_text())
+    codec = next(c for m in grads["models"].values() for c in m["codecs"] if not c.get("error"))
+    codec.update(relative_variance=None, stderr=None)
+    (results / "gradients.json").write_text(json.dumps(grads))
+    markdown = write_report(results, tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "`loopback` -" in markdown and "`1gbit` 0.5" in markdown

@@ -7,7 +7,8 @@ dense model), over a PS link of R bytes/s that all workers share, both direction
     T = C(n) + E + 2 L + (n U + W) / R + n d + P + A + o
 
 - C(n): a worker's forward and backward pass on its share of the batch, a + b / n (fitted to the runs'
-  compute_s; with one worker count, b / n alone). E: the codec's encode time (the runs' encode_s).
+  compute_s; with one worker count a and b / n cannot be told apart and the fit takes the constant a alone,
+  b = 0). E: the codec's encode time (the runs' encode_s).
 - L: the link's one-way latency (its profile's). R: fitted per profile to the runs' step times; the link
   efficiency is R over the nominal bandwidth (loopback has no nominal one).
 - n d: the PS decodes and adds n messages, d each (the runs' decode_s / k); P: the PS's optimizer step
@@ -65,6 +66,15 @@ class RunTiming:
         return self.bytes_up + self.bytes_down
 
 
+def step_time(records: Sequence[dict]) -> float | None:
+    """Mean wall-clock seconds per step after step 1 (its time holds the start-up): from the end of the first
+    record's step to the end of the last's (the clock of services.report.training_time); None with fewer than
+    2 records. The one step time of the bench's report and of this model."""
+    if len(records) < 2:
+        return None
+    return (records[-1]["wall_s"] - records[0]["wall_s"]) / (len(records) - 1)
+
+
 def run_timing(case: dict, records: Sequence[dict]) -> RunTiming | None:
     """A RunTiming from a case.json and its per-step records; None with fewer than 3 steps."""
     rows = list(records)[1:]
@@ -89,7 +99,7 @@ def run_timing(case: dict, records: Sequence[dict]) -> RunTiming | None:
         encode_s=mean("encode_s"),
         decode_s=mean("decode_s"),
         update_s=mean("update_s"),
-        step_s=(rows[-1]["wall_s"] - rows[0]["wall_s"]) / (len(rows) - 1),
+        step_s=step_time(records),
         messages=mean("k") or float(case["workers"]),
         bytes_up=mean("bytes_up"),
         bytes_down=mean("bytes_down"),
