@@ -28,18 +28,33 @@ Per bucket and step, one rank's part of the exchange is:
 4. When the gather completes (a future callback, no collective in it): parse every rank's messages,
    sum their decoded estimates into the bucket's buffer, divide by the world size.
 
+A failure on one rank never leaves the others waiting. An encode that raises on one rank only (an
+eigensolver that did not converge, a non-finite gradient given to a feedback codec) does not leave the hook
+there: that rank still takes part in step 2, with a buffer length of -1 and the exception's type and text
+(truncated to `_DESCRIPTION_BYTES` UTF-8 bytes) in place of the policy's description, and then every rank
+raises the same RuntimeError naming each failing rank, the bucket, the step and the error (on the failing
+rank chained to the original exception). Nothing is sent for that bucket and the step is not counted; the
+policy's error-feedback memory is left as it was (LayerPolicy.encode keeps it only when every layer encoded).
+The buffer lengths are checked before anything is allocated from them: each must lie between the index
+alone, 8 (1 + tensors) bytes, and the index plus every tensor's dense message (`dense_nbytes`: the policy
+never sends more), or every rank raises the same RuntimeError. A received index whose lengths do not add up
+to the rank's buffer length, or overrun it, raises WireFormatError (as a malformed message does, on every
+rank, since every rank parses the same bytes).
+
 Error feedback: the biased baselines (topk, powersgd; the hook's average is then biased too) keep a memory
 per layer in the policy. The state keeps one copy of the policy per bucket (keyed by its parameters), so each
-layer keeps its own memory. DDP regroups its buckets once, at the start of the second step: the memory left
-by the first step belongs to the old buckets and is dropped; with start_step >= 1 nothing is dropped (the
-allreduce steps keep no memory).
+layer keeps its own memory. DDP regroups its buckets once, at the start of the second step: a layer whose
+bucket changed starts again from zero memory, and at the end of every step the copies no bucket of that step
+used (the old buckets', with their memory) are dropped, so `state.policies` holds one copy per bucket in use.
+With start_step >= 1 nothing is lost (the allreduce steps keep no memory).
 
 The first `start_step` steps are a plain allreduce (as PowerSGD's `start_powerSGD_iter`). At step 0 the
 fingerprint of step 2 is exchanged whatever the mode, so a start_step that differs across ranks fails there.
 
 gloo (CPU tensors) and NCCL (CUDA tensors): with NCCL the exchanged buffers are uint8 CUDA tensors; the
-gathered bytes are copied to the host once to be parsed, and the estimates are decoded onto the bucket's
-device.
+gathered bytes are copied to the host once to be parsed, and each message is added into the bucket with its
+codec's `decode_add_`: svd, topk and powersgd copy their factors or values to the bucket's device and add
+them there; the other codecs decode the estimate on the host and copy it to the device to add it.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations against the real objects.
@@ -53,7 +68,7 @@ import torch
 import torch.distributed as dist
 
 from atomo_core.codecs import Codec
-from atomo_core.policy import LayerPolicy, decode_add_
+from atomo_core.policy import LayerPolicy, decode_add_, dense_nbytes
 from atomo_core.wire import DEFAULT_LIMITS, Message, WireFormatError, WireLimits
 
 _DESCRIPTION_BYTES = 192  # the policy's description in the fingerprint, truncated to this many UTF-8 bytes
@@ -81,7 +96,8 @@ class AtomoHookState:
     encode_seconds, sync_seconds: cumulative time spent encoding, and waiting in the synchronous
         fingerprint exchange (step 2 of the module docstring; it includes waiting for slower ranks).
     policies: the copy of `policy` used for each bucket, keyed by the data pointers of its parameters
-        (where a biased codec's error-feedback memory lives).
+        (where a biased codec's error-feedback memory lives); at the end of each step the copies that no
+        bucket of that step used are dropped.
     """
 
     def __init__(
@@ -112,6 +128,7 @@ class AtomoHookState:
         self.sync_seconds = 0.0
         self._step_bytes = 0
         self.policies: dict[tuple[int, ...], LayerPolicy] = {}
+        self._used: set[tuple[int, ...]] = set()  # the keys of `policies` used in the current step
         self._description = (
             f"{self.policy.codec!r}, vectors {self.policy.vector_codec!r}, "
             f"min rate {self.policy.min_compression_rate:g}"
@@ -123,6 +140,7 @@ class AtomoHookState:
         key = tuple(p.data_ptr() for p in bucket.parameters())
         if key not in self.policies:
             self.policies[key] = dataclasses.replace(self.policy)
+        self._used.add(key)
         return self.policies[key]
 
     def _end_of_step_call(self, bucket: dist.GradBucket, nbytes: int) -> None:
@@ -131,6 +149,9 @@ class AtomoHookState:
         if bucket.is_last():
             self.last_step_bytes, self._step_bytes = self._step_bytes, 0
             self.step += 1
+            # Free the memory of buckets DDP no longer uses (it regroups them after the first step).
+            self.policies = {key: policy for key, policy in self.policies.items() if key in self._used}
+            self._used = set()
 
 
 def sampling_generator(seed: int, rank: int, step: int, bucket: int, device: torch.device) -> torch.Generator:
@@ -152,18 +173,23 @@ def atomo_hook(state: AtomoHookState, bucket: dist.GradBucket) -> torch.futures.
         work = dist.all_reduce(buffer.div_(world), group=group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
-    # 1. Encode every gradient of the bucket with this rank's (seed, rank, step, bucket) generator.
+    # 1. Encode every gradient of the bucket with this rank's (seed, rank, step, bucket) generator. An
+    # exception is not raised here: it would leave the other ranks waiting in step 2; it is sent instead.
     start = time.perf_counter()
     gradients = bucket.gradients()
     outs = _views(buffer, gradients)
     generator = sampling_generator(state.seed, rank, step, bucket.index(), buffer.device)
-    messages = state._bucket_policy(bucket).encode([g.detach() for g in gradients], generator)
-    lengths = [len(m) for m in messages]
+    error = None
+    try:
+        messages = state._bucket_policy(bucket).encode([g.detach() for g in gradients], generator)
+        lengths = [len(m) for m in messages]
+        nbytes = 8 * (1 + len(lengths)) + sum(lengths)
+    except Exception as exc:  # raised again on every rank after the exchange of step 2
+        error, messages, lengths, nbytes = exc, [], [], -1
     state.encode_seconds += time.perf_counter() - start
-    nbytes = 8 * (1 + len(lengths)) + sum(lengths)
 
     # 2. The buffer lengths and the configuration fingerprints, synchronously.
-    sizes = _check_fingerprints(state, bucket, group, world, nbytes)
+    sizes = _check_fingerprints(state, bucket, group, world, nbytes, error=error, check_sizes=True)
     state._end_of_step_call(bucket, sum(lengths))
 
     # 3. All-gather the byte buffers, padded to the largest.
@@ -216,25 +242,41 @@ def _serialize(messages: list[Message], lengths: list[int], padded: int) -> torc
 
 
 def _parse(data: torch.Tensor, nbytes: int, count: int, rank: int) -> list[memoryview]:
-    """Rank `rank`'s messages from its gathered buffer (its first `nbytes` bytes); WireFormatError if malformed."""
+    """Rank `rank`'s messages from its gathered buffer (its first `nbytes` bytes); WireFormatError if malformed.
+
+    The index's lengths are checked one by one, in Python integers, against what is left of the buffer, so a
+    huge length (one that would wrap a uint64 sum) or an index that overruns or under-fills the buffer is
+    refused before any slice is taken."""
+    if not 0 <= nbytes <= data.numel():
+        raise WireFormatError(f"rank {rank}'s length of {nbytes} bytes does not fit its {data.numel()}-byte buffer")
     view = memoryview(data.numpy()).cast("B")[:nbytes]
-    if nbytes < 8 * (1 + count):
+    header = 8 * (1 + count)
+    if nbytes < header:
         raise WireFormatError(f"rank {rank}'s buffer of {nbytes} bytes cannot index {count} messages")
-    index = np.frombuffer(view[: 8 * (1 + count)], dtype="<u8")
-    if int(index[0]) != count:
-        raise WireFormatError(f"rank {rank} sent {int(index[0])} messages for a bucket of {count} tensors")
-    ends = 8 * (1 + count) + np.cumsum(index[1:], dtype=np.uint64)
-    if count and int(ends[-1]) != nbytes:
-        raise WireFormatError(f"rank {rank}'s index describes {int(ends[-1])} bytes, its buffer has {nbytes}")
-    starts = np.concatenate([[8 * (1 + count)], ends[:-1]]).astype(np.int64)
-    return [view[int(s) : int(e)] for s, e in zip(starts, ends, strict=True)]
+    index = [int(n) for n in np.frombuffer(view[:header], dtype="<u8")]
+    if index[0] != count:
+        raise WireFormatError(f"rank {rank} sent {index[0]} messages for a bucket of {count} tensors")
+    messages, offset = [], header
+    for i, length in enumerate(index[1:]):
+        if length > nbytes - offset:
+            raise WireFormatError(
+                f"rank {rank}'s index gives message {i} {length} bytes at offset {offset}: past the end of its "
+                f"{nbytes}-byte buffer"
+            )
+        messages.append(view[offset : offset + length])
+        offset += length
+    if offset != nbytes:
+        raise WireFormatError(f"rank {rank}'s index describes {offset} bytes, its buffer has {nbytes}")
+    return messages
 
 
-def _fingerprint(state: AtomoHookState, bucket: dist.GradBucket, nbytes: int) -> torch.Tensor:
-    """This rank's block of the step-2 exchange: the fields of `_FIELDS`, then the policy's description."""
+def _fingerprint(state: AtomoHookState, bucket: dist.GradBucket, nbytes: int, error: str | None) -> torch.Tensor:
+    """This rank's block of the step-2 exchange: the fields of `_FIELDS`, then the policy's description (the
+    error's text instead when this rank's encode failed, with nbytes -1)."""
     shapes = [tuple(p.shape) for p in bucket.parameters()]
     digest = hashlib.blake2b(repr(shapes).encode(), digest_size=8).digest()
-    text = state._description.encode()[:_DESCRIPTION_BYTES].ljust(_DESCRIPTION_BYTES, b"\0")
+    text = (state._description if error is None else error).encode()
+    text = text[:_DESCRIPTION_BYTES].ljust(_DESCRIPTION_BYTES, b"\0")
     fields = [nbytes, state.step, state.start_step, len(shapes), sum(math.prod(s) for s in shapes)]
     block = np.concatenate(
         [np.array(fields, dtype=np.int64), np.frombuffer(digest, np.int64), np.frombuffer(text, np.int64)]
@@ -242,16 +284,33 @@ def _fingerprint(state: AtomoHookState, bucket: dist.GradBucket, nbytes: int) ->
     return torch.from_numpy(block)
 
 
-def _check_fingerprints(state: AtomoHookState, bucket, group, world: int, nbytes: int) -> list[int]:
+def _check_fingerprints(
+    state: AtomoHookState,
+    bucket,
+    group,
+    world: int,
+    nbytes: int,
+    *,
+    error: BaseException | None = None,
+    check_sizes: bool = False,
+) -> list[int]:
     """All-gather the fingerprints (waiting for them); every rank's buffer length, or the same RuntimeError on
-    every rank naming what differs."""
+    every rank: naming the ranks whose encode failed (nbytes -1 and `error` here), else what differs, else
+    (with `check_sizes`) the buffer lengths outside [index, index + dense bytes of the bucket's tensors]."""
     start = time.perf_counter()
-    mine = _fingerprint(state, bucket, nbytes).to(_collective_device(group, bucket.buffer()))
+    text = None if error is None else f"{type(error).__name__}: {error}"
+    mine = _fingerprint(state, bucket, nbytes, text).to(_collective_device(group, bucket.buffer()))
     blocks = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(blocks, mine, group=group)
     table = torch.stack(blocks).cpu().numpy()
     state.sync_seconds += time.perf_counter() - start
     described = [bytes(row[len(_FIELDS) :].tobytes()).rstrip(b"\0").decode(errors="replace") for row in table]
+    failed = [r for r in range(world) if table[r, 0] < 0]
+    if failed:
+        raise RuntimeError(
+            f"atomo_hook: encoding failed (bucket {bucket.index()}, step {int(table[failed[0], 1])}); "
+            + "; ".join(f"rank {r}: {described[r]}" for r in failed)
+        ) from error
     columns = [*(table[:, i].tolist() for i in range(1, len(_FIELDS))), described]
     names = [*_FIELDS[1:], "policy"]
     differ = [
@@ -263,4 +322,15 @@ def _check_fingerprints(state: AtomoHookState, bucket, group, world: int, nbytes
         raise RuntimeError(
             f"atomo_hook: the ranks' configurations differ (bucket {bucket.index()}); " + "; ".join(differ)
         )
-    return table[:, 0].tolist()
+    sizes = table[:, 0].tolist()
+    if check_sizes:
+        shapes = [tuple(p.shape) for p in bucket.parameters()]
+        low = 8 * (1 + len(shapes))
+        high = low + sum(dense_nbytes(shape) for shape in shapes)
+        wrong = [f"rank {r}: {size}" for r, size in enumerate(sizes) if not low <= size <= high]
+        if wrong:
+            raise RuntimeError(
+                f"atomo_hook: buffer lengths outside [{low}, {high}] bytes (the index, plus at most every tensor "
+                f"sent dense) in bucket {bucket.index()}: " + ", ".join(wrong)
+            )
+    return sizes

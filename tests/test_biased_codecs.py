@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -208,6 +209,59 @@ def test_round_trip_from_the_bytes_alone_with_the_expected_size(name, params, sh
     for dtype in (torch.float16, torch.float64):
         estimate = atomo_core.decode(bytes(codec.encode(x.to(dtype), torch.Generator().manual_seed(0))))
         assert estimate.dtype == dtype and estimate.shape == shape
+
+
+@pytest.mark.parametrize("name,params", BIASED)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_decode_add_equals_decode_plus_add(name, params, shape, dtype):
+    """The aggregation without a dense estimate (topk: index_add_ of the values; powersgd: one addmm_ of the
+    factors, on out's device) adds what decode returns: exactly for topk, to float rounding for powersgd."""
+    wire = bytes(message(name, params, gradient(shape, 3).to(dtype)))
+    start = gradient(shape, 4).to(dtype)
+    estimate = atomo_core.decode(wire)
+    codec = atomo_core.codec_for(atomo_core.wire.decode_message(wire))
+    for alpha in (1.0, -0.25, 0.3):
+        expected = start.clone().add_(estimate.to(dtype), alpha=alpha)
+        out = start.clone()
+        assert codec.decode_add_(wire, out, alpha) is out
+        if name == "topk" and alpha != 0.3:  # alpha * value is exact: the same sums bit for bit
+            assert torch.equal(out, expected)
+        torch.testing.assert_close(out, expected)
+    if len(shape) == 2:  # a non-contiguous output takes the generic path
+        out = start.T.contiguous().T
+        codec.decode_add_(wire, out, 0.5)
+        torch.testing.assert_close(out, start + 0.5 * estimate)
+
+
+def test_decode_add_validates_like_decode_and_adds_nothing_to_a_bad_message():
+    topk = message("topk", {"budget": 5}, gradient((10, 24), 0))
+    index, values = topk.sections
+    powersgd = message("powersgd", {"rank": 2}, gradient((10, 24), 0))
+    p, q = powersgd.sections
+    bad = [
+        with_sections(topk, [index.clone().index_fill_(0, torch.tensor([4]), 240), values]),
+        with_sections(topk, [index.flip(0).contiguous(), values]),
+        with_sections(topk, [index, values.clone().index_fill_(0, torch.tensor([2]), math.inf)]),
+        with_sections(topk, [index[:4].contiguous(), values[:4].contiguous()]),
+        with_sections(powersgd, [p[:-1].contiguous(), q]),
+        with_sections(powersgd, [p, q.clone().index_fill_(0, torch.tensor([0]), math.nan)]),
+    ]
+    for wire in bad:
+        with pytest.raises(WireFormatError) as decoded:
+            atomo_core.decode(wire)
+        codec = atomo_core.codec_for(atomo_core.wire.decode_message(wire))
+        out = torch.ones(10, 24)
+        with pytest.raises(WireFormatError, match=re.escape(str(decoded.value))):
+            codec.decode_add_(wire, out)
+        assert torch.equal(out, torch.ones(10, 24))
+    for name, msg in (("topk", topk), ("powersgd", powersgd)):
+        codec = atomo_core.codec_for(msg)
+        with pytest.raises(WireFormatError, match=r"message shape \(10, 24\) does not match \(24, 10\)"):
+            codec.decode_add_(bytes(msg), torch.zeros(24, 10))
+        other = powersgd if name == "topk" else topk
+        with pytest.raises(WireFormatError, match="codec id"):
+            codec.decode_add_(bytes(other), torch.zeros(10, 24))
 
 
 def test_bytes_formulas():

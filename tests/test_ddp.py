@@ -5,10 +5,12 @@ each rank returns plain data, and the assertions are made here, across ranks. Th
 scikit-learn's digits pooled to 8x8 (64 features), so that a few hundred steps take seconds.
 """
 
+import dataclasses
 import hashlib
 import math
 import multiprocessing
 import queue
+import time
 import traceback
 
 import numpy as np
@@ -18,9 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from atomo_core import make_codec, register_codec
+from atomo_core import LayerPolicy, WireFormatError, make_codec, register_codec
 from atomo_core.data import BatchStream, Split, load_dataset
-from atomo_core.ddp import AtomoHookState, atomo_hook
+from atomo_core.ddp import AtomoHookState, _parse, _serialize, atomo_hook
 from atomo_core.decompositions.spectral import SpectralCodec, SpectralDecomposition
 
 SPAWN_TIMEOUT_S = 120
@@ -41,6 +43,22 @@ class UnscaledSpectralCodec(SpectralCodec):
     name = "svd-unscaled-test"
     codec_id = 201
     decomposition_type = UnscaledSpectralDecomposition
+
+
+@dataclasses.dataclass
+class RankLocalFailurePolicy(LayerPolicy):
+    """A LayerPolicy whose encode misbehaves on rank `rank` only: "raise" raises a RuntimeError (as an
+    eigensolver that did not converge), "oversize" returns messages far larger than the bucket's dense size."""
+
+    rank: int = 1
+    mode: str = "raise"
+
+    def encode(self, tensors, generator=None):
+        if dist.get_rank() != self.rank:
+            return super().encode(tensors, generator)
+        if self.mode == "raise":
+            raise RuntimeError("linalg.eigh: the algorithm failed to converge (test)")
+        return [self._dense.encode(torch.zeros(100_000)) for _ in tensors]
 
 
 def _model(device) -> nn.Module:
@@ -195,6 +213,61 @@ def scenario_feedback(rank, world, device):
     }
 
 
+def scenario_regroup(rank, world, device):
+    """topk from step 0 in small buckets: per step, the buckets the hook saw and the state's policy keys (DDP
+    regroups the buckets after the first step; the old buckets' policies must go)."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[rank * 16 : (rank + 1) * 16], train_y[rank * 16 : (rank + 1) * 16]
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = nn.parallel.DistributedDataParallel(_model(device), device_ids=ids, bucket_cap_mb=0.001)
+    state = AtomoHookState(make_codec("topk", budget=5), seed=6)
+    seen = []
+
+    def recording_hook(hook_state, bucket):
+        seen.append(tuple(p.data_ptr() for p in bucket.parameters()))
+        return atomo_hook(hook_state, bucket)
+
+    ddp.register_comm_hook(state, recording_hook)
+    steps = []
+    for _ in range(4):
+        seen.clear()
+        ddp.zero_grad()
+        F.cross_entropy(ddp(x), y).backward()
+        steps.append({"buckets": sorted(seen), "policies": sorted(state.policies)})
+    return steps
+
+
+def scenario_failures(rank, world, device):
+    """One rank's encode raises (a test policy; a NaN gradient given to topk), or one rank's buffer is far
+    larger than dense: the error each rank raises, then a normal step in the same group."""
+    (train_x, train_y), _ = _digits(device)
+    x, y = train_x[rank * 16 : (rank + 1) * 16], train_y[rank * 16 : (rank + 1) * 16]
+    nan_x = x.clone()
+    if rank == 1:
+        nan_x[0, 0, 0, 0] = math.nan
+    cases = {
+        "raise": (RankLocalFailurePolicy(make_codec("svd", budget=2)), x),
+        "nan": (LayerPolicy(make_codec("topk", budget=5)), nan_x),
+        "oversize": (RankLocalFailurePolicy(make_codec("svd", budget=2), mode="oversize"), x),
+    }
+    out = {}
+    for label, (policy, inputs) in cases.items():
+        ddp = _ddp(_model(device), device)
+        state = AtomoHookState(policy, seed=7)
+        ddp.register_comm_hook(state, atomo_hook)
+        try:
+            F.cross_entropy(ddp(inputs), y).backward()
+            out[label] = {"error": None}
+        except RuntimeError as exc:
+            out[label] = {"error": str(exc), "cause": type(exc.__cause__).__name__ if exc.__cause__ else None}
+        out[label]["step"] = state.step
+    ddp = _ddp(_model(device), device)
+    ddp.register_comm_hook(AtomoHookState(make_codec("svd", budget=2), seed=7), atomo_hook)
+    F.cross_entropy(ddp(x), y).backward()
+    out["after"] = _digest(_flat_grad(ddp.module))
+    return out
+
+
 def scenario_mismatch(rank, world, device):
     """The last rank alone uses another budget, then (a fresh model) another start_step: the errors raised."""
     (train_x, train_y), _ = _digits(device)
@@ -214,7 +287,15 @@ def scenario_mismatch(rank, world, device):
 
 SCENARIOS = {
     f.__name__.removeprefix("scenario_"): f
-    for f in (scenario_train, scenario_unbiased, scenario_start_step, scenario_feedback, scenario_mismatch)
+    for f in (
+        scenario_train,
+        scenario_unbiased,
+        scenario_start_step,
+        scenario_feedback,
+        scenario_regroup,
+        scenario_failures,
+        scenario_mismatch,
+    )
 }
 
 
@@ -232,9 +313,11 @@ def _rank_main(rank, world, backend, init_file, scenarios, results):
         results.put((rank, {"error": traceback.format_exc()}))
 
 
-def run_ranks(world: int, scenarios: list[str], tmp_path, backend: str = "gloo") -> list[dict]:
+def run_ranks(
+    world: int, scenarios: list[str], tmp_path, backend: str = "gloo", timeout: float = SPAWN_TIMEOUT_S
+) -> list[dict]:
     """Spawn `world` ranks that run `scenarios`; their results in rank order. Fails (and kills the ranks) on a
-    rank's exception or when they do not all answer within SPAWN_TIMEOUT_S."""
+    rank's exception or when they do not all answer within `timeout` seconds of the start."""
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     init_file = tmp_path / f"init-{backend}-{world}"
@@ -245,13 +328,14 @@ def run_ranks(world: int, scenarios: list[str], tmp_path, backend: str = "gloo")
     for process in ranks:
         process.start()
     answers = {}
+    deadline = time.monotonic() + timeout
     try:
         for _ in range(world):
-            rank, out = results.get(timeout=SPAWN_TIMEOUT_S)
+            rank, out = results.get(timeout=max(0.0, deadline - time.monotonic()))
             assert "error" not in out, f"rank {rank} failed:\n{out['error']}"
             answers[rank] = out
     except queue.Empty:
-        pytest.fail(f"ranks {sorted(set(range(world)) - set(answers))} gave no answer within {SPAWN_TIMEOUT_S} s")
+        pytest.fail(f"ranks {sorted(set(range(world)) - set(answers))} gave no answer within {timeout} s")
     finally:
         for process in ranks:
             process.join(timeout=10)
@@ -287,7 +371,7 @@ def _need_gpus(backend, world):
 @pytest.mark.parametrize("world", [2, 3])
 def test_hook_trains_like_allreduce_unbiased_and_identical_on_every_rank(world, backend, tmp_path):
     _need_gpus(backend, world)
-    ranks = run_ranks(world, ["train", "unbiased", "start_step", "feedback"], tmp_path, backend)
+    ranks = run_ranks(world, ["train", "unbiased", "start_step", "feedback", "regroup"], tmp_path, backend)
 
     # Training: ATOMO reaches allreduce's test accuracy within 5 points, and the replicas never drift.
     train = [r["train"] for r in ranks]
@@ -323,6 +407,66 @@ def test_hook_trains_like_allreduce_unbiased_and_identical_on_every_rank(world, 
     assert len({r["feedback"]["digest"] for r in ranks}) == 1
     assert feedback["buckets"] >= 2 and feedback["with_memory"] == 2, feedback  # the two weight matrices
     assert feedback["residual"] > 0.1 and feedback["invariant_error"] < 1e-5, feedback
+
+    # After DDP regroups its buckets, the old buckets' policies (and their memory) are dropped: at the end of
+    # every step the state holds one policy per bucket of that step.
+    regroup = ranks[0]["regroup"]
+    assert all(s["policies"] == s["buckets"] for s in regroup), regroup
+    assert len(regroup[-1]["policies"]) >= 2
+    assert regroup[0]["buckets"] != regroup[1]["buckets"], "DDP did not regroup: the test checks nothing"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_failure_on_one_rank_raises_the_same_error_on_every_rank(backend, tmp_path):
+    """Rank 1's encode raises, or its buffer length is out of bounds: both ranks raise the same RuntimeError
+    promptly (no rank is left waiting in a collective), and the group still works afterwards."""
+    _need_gpus(backend, 2)
+    ranks = run_ranks(2, ["failures"], tmp_path, backend, timeout=60)
+    results = [r["failures"] for r in ranks]
+    for label in ("raise", "nan", "oversize"):
+        errors = [r[label]["error"] for r in results]
+        assert errors[0] is not None and errors[0] == errors[1], (label, errors)
+        assert all(r[label]["step"] == 0 for r in results), label
+    raised = results[0]["raise"]["error"]
+    assert raised.startswith("atomo_hook: encoding failed (bucket 0, step 0); rank 1: RuntimeError: linalg.eigh")
+    assert "rank 0:" not in raised
+    assert [r["raise"]["cause"] for r in results] == [None, "RuntimeError"]  # chained on the failing rank
+    nan = results[0]["nan"]["error"]
+    assert "encoding failed" in nan and "rank 1: ValueError: topk: the gradient plus residual has non-finite" in nan
+    assert [r["nan"]["cause"] for r in results] == [None, "ValueError"]
+    oversize = results[0]["oversize"]["error"]
+    assert oversize.startswith("atomo_hook: buffer lengths outside [40, ") and "rank 1: " in oversize  # 4 tensors
+    assert "rank 0:" not in oversize
+    assert results[0]["after"] == results[1]["after"]
+
+
+def test_parse_refuses_hostile_indices():
+    """The byte-buffer index of step 3, parsed directly: lengths that would wrap a uint64 sum, overrun or
+    under-fill the buffer, or a wrong count, raise WireFormatError; a good index round-trips."""
+    messages = [make_codec("svd", budget=1).encode(torch.randn(4, 3)), make_codec("dense").encode(torch.ones(3))]
+    lengths = [len(m) for m in messages]
+    good = _serialize(messages, lengths, 8 * 3 + sum(lengths) + 5)
+    parsed = _parse(good, 8 * 3 + sum(lengths), 2, 0)
+    assert [bytes(p) for p in parsed] == [bytes(m) for m in messages]
+
+    def hostile(index, nbytes, size=None):
+        data = torch.zeros(size or max(nbytes, 8 * len(index)), dtype=torch.uint8)
+        data[: 8 * len(index)] = torch.from_numpy(np.array(index, dtype="<u8").view(np.uint8))
+        return data, nbytes
+
+    cases = [
+        (hostile([2, 2**64 - 5, 15], 34), "gives message 0 18446744073709551611 bytes at offset 24"),  # wraps
+        (hostile([2, 5, 2**64 - 1], 34), "past the end"),
+        (hostile([2, 11, 0], 34), "past the end"),  # overruns by one byte
+        (hostile([2, 5, 4], 34), "describes 33 bytes, its buffer has 34"),  # under-fills
+        (hostile([3, 5, 5], 34), "rank 0 sent 3 messages for a bucket of 2 tensors"),
+        (hostile([2, 5, 5], 20), "cannot index 2 messages"),
+        (hostile([2, 5, 5], 34, size=30), "does not fit its 30-byte buffer"),
+        (hostile([2, 5, 5], -1, size=30), "does not fit"),
+    ]
+    for (data, nbytes), error in cases:
+        with pytest.raises(WireFormatError, match=error):
+            _parse(data, nbytes, 2, 0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

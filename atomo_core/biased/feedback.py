@@ -12,8 +12,12 @@ so that after T steps  sum_t Delta_t + e_T = sum_t g_t  exactly: nothing is lost
 in gradient units, before the PS's learning rate and momentum, as PowerSGD's Algorithm 2 keeps it (EF-SGD
 scales g_t by the step size first; the two agree for a constant learning rate).
 
-The residual is p_t minus the decoded message (what the PS adds), never minus an intermediate of the encoder,
-so (3) holds to the float rounding of one subtraction whatever the codec computes internally.
+The residual is p_t minus the message as the codec's own `decode_message` reads it, never minus an
+intermediate of the encoder, so (3) holds to the float rounding of one subtraction against that decode,
+whatever the codec computes internally. An aggregator that computes the estimate otherwise can round it
+differently: PowerSGD's `decode_add_` forms P Q^T in one addmm_ on the output's device and dtype, which may
+differ from the encoder's float32 product by a few ulps per entry (more on a GPU or in a lower precision);
+top-k's values are added unchanged either way.
 
 The decoder needs none of this: a message alone decodes to Delta_t. `LayerPolicy` keeps one `Feedback` per
 layer (atomo_core/policy.py); the worker keeps its policy for the run (services/worker/worker.py).

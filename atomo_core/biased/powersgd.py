@@ -31,7 +31,7 @@ from atomo_core.biased.feedback import FeedbackCodec, check_whole
 from atomo_core.codecs import register_codec
 from atomo_core.decompositions.base import check_finite, meta, section_counts
 from atomo_core.decompositions.spectral import matrix_shape
-from atomo_core.wire import CODEC_IDS, Message, WireFormatError
+from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
 
 MAX_RANK = 1024
 
@@ -80,7 +80,8 @@ class PowerSGDCodec(FeedbackCodec):
         except ValueError as exc:
             raise WireFormatError(str(exc)) from exc
 
-    def decode_message(self, msg):
+    def _factors(self, msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
+        """The message's validated factors, P (n x r) and Q (m x r)."""
         rows, columns, r = self.factor_shapes(msg.shape)
         counts = section_counts(msg.sections, [torch.float32, torch.float32], self.name)
         if counts != [rows * r, columns * r]:
@@ -91,7 +92,28 @@ class PowerSGDCodec(FeedbackCodec):
         p, q = msg.sections
         check_finite(p, "powersgd: P")
         check_finite(q, "powersgd: Q")
-        return (p.reshape(rows, r) @ q.reshape(columns, r).T).reshape(msg.shape).to(msg.dtype)
+        return p.reshape(rows, r), q.reshape(columns, r)
+
+    def decode_message(self, msg):
+        p, q = self._factors(msg)
+        return (p @ q.T).reshape(msg.shape).to(msg.dtype)
+
+    def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
+        """out += alpha * P Q^T without the dense estimate: the factors are copied to out's device and added
+        there in one addmm_ (in out's dtype; it may round differently from decode's float32 product)."""
+        msg = decode_message(data, limits)
+        if msg.codec_id != self.codec_id:
+            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
+        if tuple(msg.shape) != tuple(out.shape):
+            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        if not out.is_contiguous():
+            return super().decode_add_(msg, out, alpha, limits)
+        p, q = self._factors(msg)
+        device, dtype = out.device, out.dtype
+        out.view(p.shape[0], q.shape[0]).addmm_(
+            p.to(device=device, dtype=dtype), q.to(device=device, dtype=dtype).T, alpha=alpha
+        )
+        return out
 
     def expected_nbytes(self, shape):
         rows, columns, r = self.factor_shapes(tuple(shape))

@@ -18,7 +18,7 @@ import torch
 from atomo_core.biased.feedback import FeedbackCodec, check_whole
 from atomo_core.codecs import register_codec
 from atomo_core.decompositions.base import check_finite, section_counts
-from atomo_core.wire import CODEC_IDS, Message, WireFormatError
+from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
 
 MAX_INDEX = 2**31 - 1  # int32 indices
 
@@ -55,7 +55,8 @@ class TopKCodec(FeedbackCodec):
         except ValueError as exc:
             raise WireFormatError(str(exc)) from exc
 
-    def decode_message(self, msg):
+    def _entries(self, msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
+        """The message's validated flat indices (int64, strictly increasing, in range) and values."""
         n = msg.numel
         k = self.entries(n)
         counts = section_counts(msg.sections, [torch.int32, torch.float32], self.name)
@@ -71,9 +72,28 @@ class TopKCodec(FeedbackCodec):
                 raise WireFormatError(f"topk: indices must lie in [0, {n}), got {int(index[0])}..{int(index[-1])}")
             if k > 1 and not bool((index[1:] > index[:-1]).all()):
                 raise WireFormatError("topk: indices must be strictly increasing")
-        estimate = torch.zeros(n, dtype=torch.float32, device=values.device)
+        return index, values
+
+    def decode_message(self, msg):
+        index, values = self._entries(msg)
+        estimate = torch.zeros(msg.numel, dtype=torch.float32, device=values.device)
         estimate[index] = values
         return estimate.reshape(msg.shape).to(msg.dtype)
+
+    def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
+        """out += alpha * decode(data) without the dense estimate: the k values are added on out's device
+        (index_add_; the indices are strictly increasing, so each entry receives one addition)."""
+        msg = decode_message(data, limits)
+        if msg.codec_id != self.codec_id:
+            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
+        if tuple(msg.shape) != tuple(out.shape):
+            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        if not out.is_contiguous():
+            return super().decode_add_(msg, out, alpha, limits)
+        index, values = self._entries(msg)
+        values = values.to(msg.dtype).to(device=out.device, dtype=out.dtype)
+        out.view(-1).index_add_(0, index.to(out.device), values, alpha=alpha)
+        return out
 
     def expected_nbytes(self, shape):
         k = self.entries(math.prod(shape))
