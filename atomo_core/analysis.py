@@ -61,7 +61,10 @@ def relative_variance(
     """Encode `gradient` (one tensor per parameter) `encodings` times independently and measure each estimate.
 
     `policy` is a LayerPolicy, or a function returning a fresh one per encoding (for codecs that keep state
-    between calls, such as a warm start, so that every encoding is a first compression). Encoding e draws
+    between calls, such as a warm start, so that every encoding is a first compression). A LayerPolicy's
+    error-feedback memory is reset before every encoding, so with a biased codec each encoding is one
+    compression without memory either way (a LayerPolicy passed in ends with the memory of the last
+    encoding). Encoding e draws
     from a generator seeded with `seed + e`. The relative error is summed over all layers, so it is the
     whole gradient's ||g^ - g||^2 / ||g||^2.
     """
@@ -76,6 +79,7 @@ def relative_variance(
     errors, nbytes, encode_s, decode_s = [], [], [], []
     for e in range(encodings):
         layer_policy = policy if isinstance(policy, LayerPolicy) else policy()
+        layer_policy.reset_feedback()  # one compression without memory, whichever the argument
         generator = torch.Generator().manual_seed(seed + e)
         start = time.perf_counter()
         messages = layer_policy.encode(g, generator)

@@ -85,6 +85,18 @@ def test_bytes_are_the_policys_messages(lenet_gradient):
     assert set(dense.nbytes) == {sum(dense_nbytes(tuple(t.shape)) for t in lenet_gradient)}
 
 
+@pytest.mark.parametrize("name,params", [("topk", {"budget": 20}), ("powersgd", {"rank": 1})])
+def test_a_policy_with_feedback_encodes_every_sample_without_memory(lenet_gradient, name, params):
+    """A LayerPolicy passed in (not a factory) keeps no error-feedback memory from one encoding to the next:
+    the same errors as a fresh policy per encoding (topk, deterministic: the same error every time)."""
+    policy = LayerPolicy(make_codec(name, **params))
+    kept = relative_variance(policy, lenet_gradient, 3, seed=4)
+    fresh = relative_variance(lambda: LayerPolicy(make_codec(name, **params)), lenet_gradient, 3, seed=4)
+    assert kept.errors == fresh.errors and kept.nbytes == fresh.nbytes
+    if name == "topk":
+        assert len(set(kept.errors)) == 1
+
+
 def test_relative_variance_refuses_bad_input(lenet_gradient):
     policy = LayerPolicy(make_codec("dense"))
     with pytest.raises(ValueError, match="encodings"):
