@@ -1,11 +1,14 @@
 """Train LeNet-5 on the digits set with DistributedDataParallel and the ATOMO communication hook.
 
     torchrun --nproc_per_node 2 examples/ddp_train.py --codec svd --budget 3
+    torchrun --nproc_per_node 2 examples/ddp_train.py --codec powersgd --rank 2   # a biased baseline
     torchrun --nproc_per_node 2 examples/ddp_train.py --codec allreduce      # DDP's own allreduce
 
 On GPUs (one per process) it uses NCCL, otherwise gloo on the CPU. Each rank trains on its own shard of the
 1,497 training images; every --log-every steps rank 0 prints the mean training loss, and at the end the test
-accuracy and the bytes this rank sent per step (ATOMO: its encoded messages; allreduce: its dense gradients).
+accuracy and the bytes rank 0 sent per step: with a codec, the mean length of its encoded messages over the
+compressed steps (those from --start-step on; the allreduce steps before them are not counted); with
+allreduce, its dense gradients.
 """
 
 import argparse
@@ -28,6 +31,7 @@ def main() -> None:
     parser.add_argument("--codec", default="svd", help="a codec name (svd, qsgd, ...) or allreduce")
     parser.add_argument("--budget", type=float, help="the codec's sparsity budget s (ATOMO codecs)")
     parser.add_argument("--bits", type=int, help="bits per entry (qsgd)")
+    parser.add_argument("--rank", type=int, help="the rank r of P Q^T (powersgd)")
     parser.add_argument("--start-step", type=int, default=0, help="steps of plain allreduce first")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32, help="per-rank batch size")
@@ -39,7 +43,8 @@ def main() -> None:
         parser.error("start it with torchrun, e.g. torchrun --nproc_per_node 2 examples/ddp_train.py")
     codec = None
     if args.codec != "allreduce":
-        params = {k: v for k, v in (("budget", args.budget), ("bits", args.bits)) if v is not None}
+        options = (("budget", args.budget), ("bits", args.bits), ("rank", args.rank))
+        params = {k: v for k, v in options if v is not None}
         try:
             codec = make_codec(args.codec, **params)
         except ValueError as exc:  # an unknown codec or a bad parameter: say so before any process group exists
@@ -67,7 +72,10 @@ def main() -> None:
     if rank == 0:
         print(f"{world} ranks ({dist.get_backend()}, {device.type}), codec {args.codec}, {args.steps} steps")
     start, running = time.perf_counter(), 0.0
+    allreduce_bytes = 0  # the hook's bytes before its first compressed step
     for step in range(1, args.steps + 1):
+        if state is not None and state.step == args.start_step:
+            allreduce_bytes = state.bytes_sent
         x, y = next(batches)
         optimizer.zero_grad()
         loss = F.cross_entropy(ddp(x), y)
@@ -84,10 +92,19 @@ def main() -> None:
         logits = model(test.x.to(device))
         accuracy = float((logits.argmax(1) == test.y.to(device)).float().mean())
     dense = sum(p.numel() * p.element_size() for p in model.parameters())
-    sent = state.bytes_sent / state.step if state is not None else dense
+    compressed_steps = state.step - args.start_step if state is not None else 0
     if rank == 0:
         print(f"test accuracy {accuracy:.4f}  ({elapsed:.1f} s, {1e3 * elapsed / args.steps:.1f} ms/step)")
-        print(f"bytes sent per step by rank 0: {sent:,.0f} (dense {dense:,}, {dense / sent:.1f}x less)")
+        if state is None:
+            print(f"bytes sent per step by rank 0: {dense:,} (dense allreduce)")
+        elif compressed_steps <= 0:
+            print(f"no compressed step: --start-step {args.start_step} >= --steps {args.steps}")
+        else:
+            sent = (state.bytes_sent - allreduce_bytes) / compressed_steps
+            print(
+                f"bytes sent per compressed step by rank 0: {sent:,.0f} over {compressed_steps} steps "
+                f"(dense {dense:,}, {dense / sent:.1f}x less)"
+            )
     dist.destroy_process_group()
 
 
