@@ -40,9 +40,12 @@ def test_codec_encodes_cuda_tensors_and_decodes_onto_the_outputs_device(name):
     codec = make_codec(name, **CODEC_PARAMS[name])
     x = torch.randn(24, 40, generator=torch.Generator().manual_seed(0)).cuda()
     msg = codec.encode(x, torch.Generator(device="cuda").manual_seed(1))
-    from_message = atomo_core.decode(msg)  # the sections as encoded, on the GPU
+    # The sections as encoded: on the GPU, except the bit-coded quantizers' (qsgd, terngrad, lq), which pack
+    # their levels into bytes with numpy on the host, where their in-memory message then also decodes.
+    from_message = atomo_core.decode(msg)
+    assert from_message.device.type == ("cpu" if name in ("qsgd", "terngrad", "lq") else "cuda")
     from_bytes = atomo_core.decode(bytes(msg))  # the wire form, parsed on the host
-    assert from_message.device.type == "cuda" and from_bytes.device.type == "cpu"
+    assert from_bytes.device.type == "cpu"
     torch.testing.assert_close(from_message.cpu(), from_bytes)
     out = torch.ones_like(x)  # decode_add_ onto the output's device, as the PS and the DDP hook do
     codec_for(decode_message(bytes(msg))).decode_add_(bytes(msg), out, alpha=0.5)
