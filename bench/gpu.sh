@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks, in one go (about 5 minutes on one data-centre GPU; each stage is time-limited):
+# The GPU checks, in one go (about 3 minutes on one NVIDIA H200; each stage is time-limited):
 #   1. the CUDA tests (tests/test_cuda.py) and the NCCL cases of the DDP hook's tests (tests/test_ddp.py);
 #   2. bench/codecs.py on the GPU (ResNet-18, batch 128: encode/decode times against the backward pass);
 #   3. a short DDP training run with NCCL (examples/ddp_train.py under torchrun, one process per GPU, at most 2).
