@@ -61,8 +61,8 @@ def _gram_eigen(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     LAPACK's fp32 eigensolver failing (no convergence, or NaN) on such rank-deficient Gram matrices, as it
     did on LeNet-5 and MLP gradients late in training. The Gram matrix is formed from Y / max|Y| (same
     eigenvectors, better scaled; the eigenvalues are scaled back). Should fp32 still fail, it is retried in
-    float64: any orthonormal basis keeps the decomposition exact, so this changes which basis, never
-    unbiasedness.
+    float64 (on CUDA, float64 is used from the start: it is faster there): any orthonormal basis keeps the
+    decomposition exact, so this changes which basis, never unbiasedness.
     """
     rows = torch.nonzero(y.abs().amax(dim=1) > 0).squeeze(1)
     u = torch.zeros(y.shape[0], rows.numel(), dtype=y.dtype, device=y.device)
@@ -71,11 +71,15 @@ def _gram_eigen(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nonzero = y[rows]
     peak = nonzero.abs().max()
     nonzero = nonzero / peak
-    try:
-        eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
-        solved = bool(torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all())
-    except torch.linalg.LinAlgError:
-        solved = False
+    # On CUDA it is solved in float64 from the start: cuSOLVER's float64 eigensolver took 41 ms for
+    # ResNet-18's 21 Gram matrices on an H200, its float32 one 93 ms (and float64 is the more accurate).
+    solved = False
+    if not nonzero.is_cuda:
+        try:
+            eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
+            solved = bool(torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all())
+        except torch.linalg.LinAlgError:
+            solved = False
     if not solved:
         wide = nonzero.to(torch.float64)
         eigenvalues, basis = (t.to(y.dtype) for t in torch.linalg.eigh(wide @ wide.T))
