@@ -53,16 +53,20 @@ class Codec(ABC):
         """Decode a parsed message whose header was already validated; check the sections here."""
 
     def decode(self, data: Message | bytes | bytearray | memoryview, limits: WireLimits = DEFAULT_LIMITS):
+        return self.decode_message(self.parse(data, limits))
+
+    def parse(self, data, limits: WireLimits = DEFAULT_LIMITS, out: torch.Tensor | None = None) -> Message:
+        """The validated header of a message for this codec (and, given `out`, of `out`'s shape)."""
         msg = decode_message(data, limits)
         if msg.codec_id != self.codec_id:
             raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
-        return self.decode_message(msg)
+        if out is not None and tuple(msg.shape) != tuple(out.shape):
+            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        return msg
 
     def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
         """out += alpha * decode(data): the parameter server's aggregation step."""
-        estimate = self.decode(data, limits)
-        if estimate.shape != out.shape:
-            raise WireFormatError(f"message shape {tuple(estimate.shape)} does not match {tuple(out.shape)}")
+        estimate = self.decode_message(self.parse(data, limits, out))
         return out.add_(estimate.to(device=out.device, dtype=out.dtype), alpha=alpha)
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int | None:

@@ -31,7 +31,7 @@ from atomo_core.biased.feedback import FeedbackCodec, check_whole
 from atomo_core.codecs import register_codec
 from atomo_core.decompositions.base import check_finite, meta, section_counts
 from atomo_core.decompositions.spectral import matrix_shape
-from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
+from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits
 
 MAX_RANK = 1024
 
@@ -101,11 +101,7 @@ class PowerSGDCodec(FeedbackCodec):
     def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
         """out += alpha * P Q^T without the dense estimate: the factors are copied to out's device and added
         there in one addmm_ (in out's dtype; it may round differently from decode's float32 product)."""
-        msg = decode_message(data, limits)
-        if msg.codec_id != self.codec_id:
-            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
-        if tuple(msg.shape) != tuple(out.shape):
-            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        msg = self.parse(data, limits, out)
         if not out.is_contiguous():
             return super().decode_add_(msg, out, alpha, limits)
         p, q = self._factors(msg)

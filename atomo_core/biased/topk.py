@@ -18,7 +18,7 @@ import torch
 from atomo_core.biased.feedback import FeedbackCodec, check_whole
 from atomo_core.codecs import register_codec
 from atomo_core.decompositions.base import check_finite, section_counts
-from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
+from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits
 
 MAX_INDEX = 2**31 - 1  # int32 indices
 
@@ -83,11 +83,7 @@ class TopKCodec(FeedbackCodec):
     def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
         """out += alpha * decode(data) without the dense estimate: the k values are added on out's device
         (index_add_; the indices are strictly increasing, so each entry receives one addition)."""
-        msg = decode_message(data, limits)
-        if msg.codec_id != self.codec_id:
-            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
-        if tuple(msg.shape) != tuple(out.shape):
-            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        msg = self.parse(data, limits, out)
         if not out.is_contiguous():
             return super().decode_add_(msg, out, alpha, limits)
         index, values = self._entries(msg)

@@ -20,7 +20,7 @@ import torch
 from atomo_core.codecs import Codec
 from atomo_core.probabilities import atomic_probabilities, check_budget
 from atomo_core.sampling import bernoulli_sample
-from atomo_core.wire import DEFAULT_LIMITS, DTYPE_CODES, Message, WireFormatError, WireLimits, decode_message
+from atomo_core.wire import DEFAULT_LIMITS, DTYPE_CODES, Message, WireFormatError, WireLimits
 
 ATOM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -106,11 +106,7 @@ class AtomicCodec(Codec):
         return self.decomposition.unpack(msg.sections, msg.shape).to(msg.dtype)
 
     def decode_add_(self, data, out: torch.Tensor, alpha: float = 1.0, limits: WireLimits = DEFAULT_LIMITS):
-        msg = decode_message(data, limits)
-        if msg.codec_id != self.codec_id:
-            raise WireFormatError(f"message has codec id {msg.codec_id}, this {self.name} codec reads {self.codec_id}")
-        if tuple(msg.shape) != tuple(out.shape):
-            raise WireFormatError(f"message shape {tuple(msg.shape)} does not match {tuple(out.shape)}")
+        msg = self.parse(data, limits, out)
         return self.decomposition.unpack_add_(msg.sections, out, alpha)
 
     def expected_nbytes(self, shape: tuple[int, ...]) -> int | None:
