@@ -207,6 +207,11 @@ def test_bad_profiles_are_refused():
         LinkProfile(0, 1.0)
     with pytest.raises(ValueError, match="latency_ms"):
         LinkProfile(10, -1)
+    for bandwidth in (1e308, float("inf"), float("nan"), 1e-3):  # tbf cannot be given these (1e308: an overflow)
+        with pytest.raises(ValueError, match="bandwidth_mbit must be"):
+            LinkProfile(bandwidth, 1.0)
+    with pytest.raises(ValueError, match="latency_ms must be from 0 to"):
+        LinkProfile(10, 1e9)
     with pytest.raises(KeyError, match="no host 'x'"):
         Network(["a"], PROFILES["1gbit"]).address("x")
 

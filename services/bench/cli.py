@@ -89,7 +89,10 @@ class Bench:
         self.out: Path = args.out or Path("bench/results") / time.strftime("%Y%m%d-%H%M%S")
         self.workers: int = args.workers
         if args.bandwidth is not None:
-            self.profiles = {"custom": LinkProfile(args.bandwidth, 1.0 if args.latency is None else args.latency)}
+            try:
+                self.profiles = {"custom": LinkProfile(args.bandwidth, 1.0 if args.latency is None else args.latency)}
+            except ValueError as exc:
+                raise SystemExit(f"atomo bench: --bandwidth/--latency: {exc}") from None
         elif args.latency is not None:
             raise SystemExit("atomo bench: --latency needs --bandwidth")
         else:

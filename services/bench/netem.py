@@ -67,6 +67,12 @@ COMMAND_TIMEOUT_S = 30.0
 HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
+# What a token bucket on a veth can emulate sensibly: 10 kbit/s (slower, a run only times out) to 100 Gbit/s
+# (faster than a veth moves; tbf's burst, derived from the rate, must fit an int), and at most 10 s of latency.
+MIN_BANDWIDTH_MBIT, MAX_BANDWIDTH_MBIT = 0.01, 100_000.0
+MAX_LATENCY_MS = 10_000.0
+
+
 @dataclass(frozen=True)
 class LinkProfile:
     """One host's link: `bandwidth_mbit` in each direction (Mbit/s, 10^6 bit/s) and `latency_ms`, the one-way
@@ -78,8 +84,15 @@ class LinkProfile:
     def __post_init__(self) -> None:
         if not self.bandwidth_mbit > 0:
             raise ValueError(f"bandwidth_mbit must be positive, got {self.bandwidth_mbit!r}")
+        if not MIN_BANDWIDTH_MBIT <= self.bandwidth_mbit <= MAX_BANDWIDTH_MBIT:
+            raise ValueError(
+                f"bandwidth_mbit must be from {MIN_BANDWIDTH_MBIT:g} to {MAX_BANDWIDTH_MBIT:g}, "
+                f"got {self.bandwidth_mbit!r}"
+            )
         if not self.latency_ms >= 0:
             raise ValueError(f"latency_ms must be zero or positive, got {self.latency_ms!r}")
+        if not self.latency_ms <= MAX_LATENCY_MS:
+            raise ValueError(f"latency_ms must be from 0 to {MAX_LATENCY_MS:g}, got {self.latency_ms!r}")
 
     @property
     def bytes_per_s(self) -> float:
