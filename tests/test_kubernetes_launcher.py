@@ -140,8 +140,16 @@ def statefulset(name: str = MAIN, replicas: int = 0, labels: dict | None = None)
     }
 
 
-def pod(name: str, owner: str = MAIN, phase: str = "Running", ready: bool = True, node: str | None = "gpu-node-1",
-        conditions: list | None = None, containers: list | None = None, labels: dict | None = None) -> dict:
+def pod(
+    name: str,
+    owner: str = MAIN,
+    phase: str = "Running",
+    ready: bool = True,
+    node: str | None = "gpu-node-1",
+    conditions: list | None = None,
+    containers: list | None = None,
+    labels: dict | None = None,
+) -> dict:
     labels = {**SELECTOR, "atomo.dev/group": owner} if labels is None else labels
     if conditions is None:
         conditions = [
@@ -156,8 +164,14 @@ def pod(name: str, owner: str = MAIN, phase: str = "Running", ready: bool = True
             "namespace": NS,
             "labels": labels,
             "ownerReferences": [
-                {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": owner, "uid": f"uid-{owner}",
-                 "controller": True, "blockOwnerDeletion": True}
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "StatefulSet",
+                    "name": owner,
+                    "uid": f"uid-{owner}",
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
             ],
         },
         "spec": {"nodeName": node, "containers": [{"name": "worker"}]},
@@ -166,14 +180,19 @@ def pod(name: str, owner: str = MAIN, phase: str = "Running", ready: bool = True
 
 
 def pending_unschedulable(name: str) -> dict:
-    conditions = [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}
-    ]
+    conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}]
     return pod(name, phase="Pending", ready=False, node=None, conditions=conditions)
 
 
-def event(name: str, involved: str, reason: str, message: str, kind: str = "Pod", type_: str = "Warning",
-          at: str = "2026-11-27T10:00:00Z") -> dict:
+def event(
+    name: str,
+    involved: str,
+    reason: str,
+    message: str,
+    kind: str = "Pod",
+    type_: str = "Warning",
+    at: str = "2026-11-27T10:00:00Z",
+) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Event",
@@ -222,7 +241,11 @@ def api_client(url: str):
 
 def make_launcher(emu: Emulator, groups=(MAIN,), idle: int = 0, timeout_s: float = 5.0) -> KubernetesLauncher:
     return KubernetesLauncher(
-        NS, list(groups), idle_replicas=idle, api_client=api_client(emu.url), request_timeout_s=timeout_s,
+        NS,
+        list(groups),
+        idle_replicas=idle,
+        api_client=api_client(emu.url),
+        request_timeout_s=timeout_s,
         poll_interval_s=0.01,
     )
 
@@ -253,7 +276,10 @@ def test_workers_fill_the_groups_in_order_up_to_each_groups_max(emulator):
     assert launcher.scale_for_run(5) == {MAIN: 2, extra: 3}
     assert launcher.release() == {MAIN: 0, extra: 0}
     assert emulator.requests() == [
-        scale_request(MAIN, 2), scale_request(extra, 3), scale_request(MAIN, 0), scale_request(extra, 0)
+        scale_request(MAIN, 2),
+        scale_request(extra, 3),
+        scale_request(MAIN, 0),
+        scale_request(extra, 0),
     ]
 
 
@@ -268,8 +294,12 @@ def test_group_and_selector_parsing():
     assert parse_groups(["a", "b=3"])[1].max_replicas == 3
     assert split_workers(parse_groups(["a=1", "b=0", "c"]), 4) == {"a": 1, "b": 0, "c": 3}
     assert split_workers(parse_groups(["a"]), 0) == {"a": 0}
-    for bad, why in [(["A"], "not a valid name"), (["a=x"], "whole number"), (["a", "a=2"], "listed twice"),
-                     ([], "no worker StatefulSet")]:
+    for bad, why in [
+        (["A"], "not a valid name"),
+        (["a=x"], "whole number"),
+        (["a", "a=2"], "listed twice"),
+        ([], "no worker StatefulSet"),
+    ]:
         with pytest.raises(LaunchError, match=why):
             parse_groups(bad)
     selector = {
@@ -298,13 +328,31 @@ def test_a_timed_out_wait_names_the_pending_pod_and_why(emulator):
     emulator.put(PODS, f"{MAIN}-0", pod(f"{MAIN}-0"))
     emulator.put(PODS, f"{MAIN}-1", pending_unschedulable(f"{MAIN}-1"))
     # another StatefulSet's pod with the same labels: not one of ours (its controller is not MAIN)
-    emulator.put(PODS, "other-0", pending_unschedulable("other-0") | {"metadata": {
-        "name": "other-0", "namespace": NS, "labels": {**SELECTOR, "atomo.dev/group": MAIN},
-        "ownerReferences": [{"kind": "StatefulSet", "name": "other", "controller": True}]}})
+    emulator.put(
+        PODS,
+        "other-0",
+        pending_unschedulable("other-0")
+        | {
+            "metadata": {
+                "name": "other-0",
+                "namespace": NS,
+                "labels": {**SELECTOR, "atomo.dev/group": MAIN},
+                "ownerReferences": [{"kind": "StatefulSet", "name": "other", "controller": True}],
+            }
+        },
+    )
     emulator.put(EVENTS, "e1", event("e1", f"{MAIN}-1", "FailedScheduling", UNSCHEDULABLE))  # said already
-    emulator.put(EVENTS, "e2", event("e2", f"{MAIN}-1", "NotTriggerScaleUp",
-                                     "pod didn't trigger scale-up: 2 max node group size reached",
-                                     at="2026-11-27T10:00:05Z"))
+    emulator.put(
+        EVENTS,
+        "e2",
+        event(
+            "e2",
+            f"{MAIN}-1",
+            "NotTriggerScaleUp",
+            "pod didn't trigger scale-up: 2 max node group size reached",
+            at="2026-11-27T10:00:05Z",
+        ),
+    )
     emulator.put(EVENTS, "e3", event("e3", f"{MAIN}-1", "Scheduled", "fine", type_="Normal"))
     launcher = make_launcher(emulator)
 
@@ -322,15 +370,21 @@ def test_a_timed_out_wait_names_the_pending_pod_and_why(emulator):
 
 def test_a_timed_out_wait_names_missing_pods_crashing_containers_and_an_unreachable_ps(emulator):
     emulator.put(STATEFULSETS, MAIN, statefulset(replicas=3))
-    crashing = {"name": "worker", "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
-                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}}}
+    crashing = {
+        "name": "worker",
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+    }
     emulator.put(PODS, f"{MAIN}-0", pod(f"{MAIN}-0", ready=False, containers=[crashing]))
-    pulling = {"name": "worker", "state": {"waiting": {"reason": "ImagePullBackOff",
-                                                      "message": 'Back-off pulling image "atomo:9.9"'}}}
+    pulling = {
+        "name": "worker",
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "atomo:9.9"'}},
+    }
     emulator.put(PODS, f"{MAIN}-1", pod(f"{MAIN}-1", phase="Pending", ready=False, containers=[pulling]))
     quota = 'pods "atomo-workers-2" is forbidden: exceeded quota: gpu, requested: nvidia.com/gpu=1'
-    emulator.put(EVENTS, "q", event("q", MAIN, "FailedCreate", f"create Pod atomo-workers-2 failed: {quota}",
-                                    kind="StatefulSet"))
+    emulator.put(
+        EVENTS, "q", event("q", MAIN, "FailedCreate", f"create Pod atomo-workers-2 failed: {quota}", kind="StatefulSet")
+    )
     launcher = make_launcher(emulator)
 
     def ps_down():
@@ -345,10 +399,13 @@ def test_a_timed_out_wait_names_missing_pods_crashing_containers_and_an_unreacha
         f"StatefulSet {MAIN} has 2 of its 3 pods (events: FailedCreate: create Pod atomo-workers-2 failed: {quota}); "
         f"pod {MAIN}-0 is Running, not ready: container worker CrashLoopBackOff: back-off 40s (last exit code 1, "
         "Error); "
-        f"pod {MAIN}-1 is Pending: container worker ImagePullBackOff: Back-off pulling image \"atomo:9.9\""
+        f'pod {MAIN}-1 is Pending: container worker ImagePullBackOff: Back-off pulling image "atomo:9.9"'
     )
     assert emulator.requests() == [
-        GET_STS, LIST_PODS, events_request("StatefulSet", MAIN), events_request("Pod", f"{MAIN}-0"),
+        GET_STS,
+        LIST_PODS,
+        events_request("StatefulSet", MAIN),
+        events_request("Pod", f"{MAIN}-0"),
         events_request("Pod", f"{MAIN}-1"),
     ]
 
@@ -365,10 +422,22 @@ def test_pods_lists_the_worker_pods_for_the_cluster_view(emulator):
     emulator.put(PODS, f"{MAIN}-1", pending_unschedulable(f"{MAIN}-1"))
     emulator.put(PODS, f"{MAIN}-0", pod(f"{MAIN}-0"))
     assert make_launcher(emulator).pods() == [
-        {"name": f"{MAIN}-0", "statefulset": MAIN, "phase": "Running", "ready": True, "node": "gpu-node-1",
-         "reason": None},
-        {"name": f"{MAIN}-1", "statefulset": MAIN, "phase": "Pending", "ready": False, "node": None,
-         "reason": f"Pending: Unschedulable: {UNSCHEDULABLE}"},
+        {
+            "name": f"{MAIN}-0",
+            "statefulset": MAIN,
+            "phase": "Running",
+            "ready": True,
+            "node": "gpu-node-1",
+            "reason": None,
+        },
+        {
+            "name": f"{MAIN}-1",
+            "statefulset": MAIN,
+            "phase": "Pending",
+            "ready": False,
+            "node": None,
+            "reason": f"Pending: Unschedulable: {UNSCHEDULABLE}",
+        },
     ]
     assert emulator.requests() == [GET_STS, LIST_PODS]
 
@@ -384,15 +453,23 @@ FORBIDDEN = (
 @pytest.mark.parametrize(
     "status, reason, message, hint",
     [
-        (403, "Forbidden", FORBIDDEN, "the control service's ServiceAccount is not allowed to; the chart's Role "
-         "grants get statefulsets, patch statefulsets/scale, list pods and list events in this namespace"),
-        (409, "Conflict", 'Operation cannot be fulfilled on statefulsets.apps "atomo-workers": the object has '
-         "been modified", "another change to it was made at the same time; the next try may succeed"),
+        (
+            403,
+            "Forbidden",
+            FORBIDDEN,
+            "the control service's ServiceAccount is not allowed to; the chart's Role "
+            "grants get statefulsets, patch statefulsets/scale, list pods and list events in this namespace",
+        ),
+        (
+            409,
+            "Conflict",
+            'Operation cannot be fulfilled on statefulsets.apps "atomo-workers": the object has been modified',
+            "another change to it was made at the same time; the next try may succeed",
+        ),
         (500, "InternalError", "etcdserver: request timed out", "the API server failed"),
     ],
 )
-def test_api_errors_become_launch_errors_that_say_what_was_refused_and_why(emulator, status, reason, message,
-                                                                           hint):
+def test_api_errors_become_launch_errors_that_say_what_was_refused_and_why(emulator, status, reason, message, hint):
     emulator.put(STATEFULSETS, MAIN, statefulset())
     emulator.react(("patch", STATEFULSETS), kmock.KubernetesError(status=status, reason=reason, message=message))
     with pytest.raises(LaunchError) as failure:
@@ -437,8 +514,10 @@ def test_forbidden_events_still_explain_the_pod(emulator):
     forbidden = kmock.KubernetesError(status=403, reason="Forbidden", message="events is forbidden")
     emulator.react(("get", EVENTS), forbidden)
     text = make_launcher(emulator).explain(1)
-    assert text.startswith(f"pod {MAIN}-0 is Pending: Unschedulable: {UNSCHEDULABLE} (its events could not be read: "
-                           f"the Kubernetes API refused to list the events of Pod {NS}/{MAIN}-0: 403 Forbidden")
+    assert text.startswith(
+        f"pod {MAIN}-0 is Pending: Unschedulable: {UNSCHEDULABLE} (its events could not be read: "
+        f"the Kubernetes API refused to list the events of Pod {NS}/{MAIN}-0: 403 Forbidden"
+    )
 
 
 def test_a_request_without_an_answer_times_out_as_a_launch_error(emulator):
@@ -463,8 +542,9 @@ def test_a_refused_connection_is_a_launch_error(emulator):
     with pytest.raises(LaunchError) as failure:
         launcher.scale_for_run(2)
     text = str(failure.value)
-    assert text.startswith(f"could not scale StatefulSet {NS}/{MAIN} to 2 replicas: the Kubernetes API at "
-                           f"{emulator.url} failed: ")
+    assert text.startswith(
+        f"could not scale StatefulSet {NS}/{MAIN} to 2 replicas: the Kubernetes API at {emulator.url} failed: "
+    )
     assert text.endswith("failed: Failed to establish a new connection: [Errno 111] Connection refused")
     with pytest.raises(LaunchError, match="Connection refused"):
         launcher.pods()
@@ -484,8 +564,9 @@ def test_from_env_reads_the_charts_variables(emulator):
     assert (launcher.namespace, launcher.idle_replicas) == (NS, 1)
     assert launcher.plan(5) == {MAIN: 2, "atomo-workers-h100": 3}  # the main group first
 
-    only_main = KubernetesLauncher.from_env({"ATOMO_K8S_NAMESPACE": NS, "ATOMO_K8S_WORKER_STATEFULSET": MAIN},
-                                            api_client=api_client(emulator.url))
+    only_main = KubernetesLauncher.from_env(
+        {"ATOMO_K8S_NAMESPACE": NS, "ATOMO_K8S_WORKER_STATEFULSET": MAIN}, api_client=api_client(emulator.url)
+    )
     assert (only_main.plan(7), only_main.idle_replicas) == ({MAIN: 7}, 0)
 
     for bad, why in [

@@ -459,9 +459,12 @@ def _ordinal(pod_name: str) -> tuple[int, str]:
 
 
 def _event_time(event: dict) -> str:
-    return event.get("lastTimestamp") or event.get("eventTime") or (event.get("metadata") or {}).get(
-        "creationTimestamp"
-    ) or ""
+    return (
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or (event.get("metadata") or {}).get("creationTimestamp")
+        or ""
+    )
 
 
 def _pod_ready(pod: dict) -> bool:
