@@ -26,7 +26,9 @@ Per bucket and step, one rank's part of the exchange is:
    (uint64: the message count, then each message's length) followed by the messages' wire bytes
    (atomo_core.wire), written once into the send buffer from the messages' own buffers.
 4. When the gather completes (a future callback, no collective in it): parse every rank's messages,
-   sum their decoded estimates into the bucket's buffer, divide by the world size.
+   its own included, sum their decoded estimates into the bucket's buffer in rank order, divide by the
+   world size, all on one intra-op thread (`one_thread`: multi-threaded CPU kernels round differently with
+   the thread count, which differs across ranks and across the threads that run the callback).
 
 A failure on one rank never leaves the others waiting. An encode that raises on one rank only (an
 eigensolver that did not converge, a non-finite gradient given to a feedback codec) does not leave the hook
@@ -58,6 +60,7 @@ them there; the other codecs decode the estimate on the host and copy it to the 
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations against the real objects.
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -200,16 +203,45 @@ def atomo_hook(state: AtomoHookState, bucket: dist.GradBucket) -> torch.futures.
     received = [torch.empty_like(send) for _ in range(world)]
     work = dist.all_gather(received, send, group=group, async_op=True)
 
-    # 4. Decode every rank's messages in rank order, sum them into the bucket's buffer, divide by the world.
+    # 4. Decode every rank's messages in rank order, sum them into the bucket's buffer, divide by the world,
+    # on one intra-op thread whichever thread runs this callback (bitwise identity; see `one_thread`).
     def decode(fut: torch.futures.Future) -> torch.Tensor:
         fut.wait()
         gathered = list(torch.stack(received).cpu()) if device.type != "cpu" else received
-        buffer.zero_()
-        for r in range(world):
-            decode_add_(_parse(gathered[r], sizes[r], len(outs), r), outs, limits=state.limits)
-        return buffer.div_(world)
+        with one_thread():
+            buffer.zero_()
+            for r in range(world):
+                decode_add_(_parse(gathered[r], sizes[r], len(outs), r), outs, limits=state.limits)
+            return buffer.div_(world)
 
     return work.get_future().then(decode)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the enclosed torch operations on one intra-op thread, in whichever thread enters this.
+
+    Why: the CPU kernels the decoders use round differently with the number of threads they split the work
+    over. MKL's sgemm (the spectral and PowerSGD products) and its FFT (the Fourier synthesis) gave different
+    bits for the same inputs on 1 and 2 threads, and a rank's thread count is not even fixed: the decode
+    runs in a future callback, on the thread that called the hook when the gather had already finished, else
+    on one of gloo's threads, and each thread keeps its own OpenMP and MKL thread counts. Ranks that
+    decoded the same bytes then got averages that differed in their last bits at about one step in six
+    (two ranks at 1 and 2 threads, LeNet-5, svd). On one thread every kernel runs the same sequence of
+    operations on every rank, so the same bytes give the same bits (on the same CPU type and torch build).
+
+    torch.set_num_threads sets the calling thread's OpenMP and MKL counts (and the count new threads start
+    from); the thread's own count is restored on exit.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _views(buffer: torch.Tensor, gradients: list[torch.Tensor]) -> list[torch.Tensor]:

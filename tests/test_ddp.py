@@ -10,6 +10,7 @@ import hashlib
 import math
 import multiprocessing
 import queue
+import threading
 import time
 import traceback
 
@@ -24,9 +25,19 @@ from atomo_core import LayerPolicy, WireFormatError, make_codec, register_codec
 from atomo_core.data import BatchStream, Split, load_dataset
 from atomo_core.ddp import AtomoHookState, _parse, _serialize, atomo_hook
 from atomo_core.decompositions.spectral import SpectralCodec, SpectralDecomposition
+from atomo_core.models import build_model
 
 SPAWN_TIMEOUT_S = 120
 UNBIASED_STEPS = 300
+IDENTITY_STEPS = 300
+IDENTITY_CODECS = {  # every built-in family: products (svd, powersgd), FFT (fourier), sparse, quantized
+    "svd": {"budget": 3},
+    "entrywise": {"budget": 300},
+    "fourier": {"budget": 300},
+    "qsgd": {"bits": 4},
+    "topk": {"budget": 300},
+    "powersgd": {"rank": 4},
+}
 Z_LIMIT = 4.0  # |z| beyond 4 has probability 6e-5 per direction for an unbiased estimator
 
 
@@ -285,6 +296,49 @@ def scenario_mismatch(rank, world, device):
     return errors
 
 
+def scenario_identity(rank, world, device):
+    """Per codec, IDENTITY_STEPS SGD steps of LeNet-5 on random batches (different on every rank), with a
+    thread beside the rank keeping the CPU busy with matmuls: the sha256 of every hooked bucket at every step,
+    as the hook's future hands it to DDP."""
+    stop = threading.Event()
+
+    def busy():
+        a = torch.randn(192, 192)
+        while not stop.is_set():
+            a = torch.tanh(a @ a)
+
+    threading.Thread(target=busy, daemon=True).start()
+    try:
+        out = {}
+        for name, params in IDENTITY_CODECS.items():
+            torch.manual_seed(0)
+            model = build_model("lenet5", 10, 1).to(device)
+            ddp = _ddp(model, device)
+            digests = []
+
+            def recording_hook(hook_state, bucket, digests=digests):
+                def record(fut):
+                    averaged = fut.value()
+                    digests.append((hook_state.step, bucket.index(), _digest(averaged)))
+                    return averaged
+
+                return atomo_hook(hook_state, bucket).then(record)
+
+            ddp.register_comm_hook(AtomoHookState(make_codec(name, **params), seed=11), recording_hook)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+            generator = torch.Generator().manual_seed(100 + rank)
+            for _ in range(IDENTITY_STEPS):
+                x = torch.randn(4, 1, 32, 32, generator=generator).to(device)
+                y = torch.randint(0, 10, (4,), generator=generator).to(device)
+                optimizer.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                optimizer.step()
+            out[name] = digests
+        return out
+    finally:
+        stop.set()
+
+
 SCENARIOS = {
     f.__name__.removeprefix("scenario_"): f
     for f in (
@@ -295,13 +349,14 @@ SCENARIOS = {
         scenario_regroup,
         scenario_failures,
         scenario_mismatch,
+        scenario_identity,
     )
 }
 
 
-def _rank_main(rank, world, backend, init_file, scenarios, results):
+def _rank_main(rank, world, backend, init_file, scenarios, results, threads):
     try:
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)
         device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -314,15 +369,24 @@ def _rank_main(rank, world, backend, init_file, scenarios, results):
 
 
 def run_ranks(
-    world: int, scenarios: list[str], tmp_path, backend: str = "gloo", timeout: float = SPAWN_TIMEOUT_S
+    world: int,
+    scenarios: list[str],
+    tmp_path,
+    backend: str = "gloo",
+    timeout: float = SPAWN_TIMEOUT_S,
+    threads: list[int] | None = None,
 ) -> list[dict]:
-    """Spawn `world` ranks that run `scenarios`; their results in rank order. Fails (and kills the ranks) on a
-    rank's exception or when they do not all answer within `timeout` seconds of the start."""
+    """Spawn `world` ranks that run `scenarios`, rank r with torch.set_num_threads(threads[r]) (default 1);
+    their results in rank order. Fails (and kills the ranks) on a rank's exception or when they do not all
+    answer within `timeout` seconds of the start."""
+    threads = threads or [1] * world
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     init_file = tmp_path / f"init-{backend}-{world}"
     ranks = [
-        context.Process(target=_rank_main, args=(r, world, backend, str(init_file), scenarios, results), daemon=True)
+        context.Process(
+            target=_rank_main, args=(r, world, backend, str(init_file), scenarios, results, threads[r]), daemon=True
+        )
         for r in range(world)
     ]
     for process in ranks:
@@ -438,6 +502,28 @@ def test_a_failure_on_one_rank_raises_the_same_error_on_every_rank(backend, tmp_
     assert oversize.startswith("atomo_hook: buffer lengths outside [40, ") and "rank 1: " in oversize  # 4 tensors
     assert "rank 0:" not in oversize
     assert results[0]["after"] == results[1]["after"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3])
+def test_hooked_average_is_bitwise_identical_on_every_rank_at_every_step(world, backend, tmp_path):
+    """Every codec family, IDENTITY_STEPS steps: the averaged bucket each rank hands DDP has the same bytes on
+    every rank at every step, with the ranks on different torch.set_num_threads and the CPU kept busy. Before
+    the decode ran on one thread, svd and fourier differed at many steps here (MKL's sgemm and FFT round
+    differently with the thread count)."""
+    _need_gpus(backend, world)
+    threads = [1 + r % 2 for r in range(world)]  # 1, 2, 1: two thread counts in every group
+    ranks = run_ranks(world, ["identity"], tmp_path, backend, timeout=600, threads=threads)
+    differ = {}
+    for name in IDENTITY_CODECS:
+        runs = [r["identity"][name] for r in ranks]
+        assert len(runs[0]) >= IDENTITY_STEPS, (name, len(runs[0]))  # one entry per bucket and step
+        assert all([(s, b) for s, b, _ in run] == [(s, b) for s, b, _ in runs[0]] for run in runs), name
+        assert len({digest for _, _, digest in runs[0]}) > len(runs[0]) // 2, f"{name}: the buckets do not change"
+        steps = [(s, b) for i, (s, b, digest) in enumerate(runs[0]) if any(run[i][2] != digest for run in runs)]
+        if steps:
+            differ[name] = f"{len(steps)} of {len(runs[0])} (step, bucket), first {steps[:3]}"
+    assert not differ, f"the averaged bucket differs across ranks: {differ}"
 
 
 def test_parse_refuses_hostile_indices():
