@@ -629,7 +629,12 @@ def test_monitoring(objects):
             }
         ]
     rule = one(docs, "PrometheusRule", "atomo")["spec"]
-    assert rule == yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    # The generator's rules, scoped to this release (its namespace and name in every selector).
+    scoped = (CHART / "files" / "alerts.yaml").read_text()
+    scoped = scoped.replace("RELEASE_NAMESPACE", NAMESPACE).replace("RELEASE_NAME", "atomo")
+    assert rule == yaml.safe_load(scoped)
+    unscoped = yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    assert [r["alert"] for r in rule["groups"][0]["rules"]] == [r["alert"] for r in unscoped["groups"][0]["rules"]]
 
 
 def test_helm_test_hook_checks_readyz(objects):
