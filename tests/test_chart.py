@@ -191,7 +191,11 @@ def env_of(container: dict) -> dict[str, dict]:
 def test_helm_lint_strict(binary):
     version = helm("version", "--short", binary=binary)
     assert version.stdout.startswith(HELMS[binary]), f"{tool(binary)} is {version.stdout}"
-    for values in (RENDERS["defaults"], RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"]):
+    for values in (
+        RENDERS["defaults"],
+        RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"],
+        RENDERS["shared-cluster"] + RENDERS["no-rbac"],
+    ):
         result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values, binary=binary)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "0 chart(s) failed" in result.stdout
