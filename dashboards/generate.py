@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART_FILES = ROOT / "charts" / "atomo" / "files"
 SCHEMA_VERSION = 41  # Grafana 11.x / 12.x dashboard JSON model
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-SEL = 'run=~"$run", codec=~"$codec"'  # the run and codec variables
+# Every series is scoped to the release: `namespace` and `release` are the scrape's target labels (the chart's
+# ServiceMonitor sets `release` from the pods' app.kubernetes.io/instance), so releases sharing a Prometheus
+# stay apart on every panel.
+SCOPE = 'namespace=~"$namespace", release=~"$release"'
+SEL = SCOPE + ', run=~"$run", codec=~"$codec"'  # and the run and codec variables
 RATE = "$__rate_interval"
 
 
@@ -96,7 +100,27 @@ def layout(items: list[dict]) -> list[dict]:
     return panels
 
 
+def query_variable(name: str, label: str, query: str) -> dict:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "definition": query,
+        "query": {"query": query, "refId": name},
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+        "sort": 1,
+        "hide": 0,
+    }
+
+
 def variables(with_runs: bool) -> list[dict]:
+    """The data source, then the release's namespace and name (from a metric every release has: the PS's
+    live workers on the training board, the control service's runs on the control board), then run and codec."""
     out = [
         {
             "name": "datasource",
@@ -108,28 +132,12 @@ def variables(with_runs: bool) -> list[dict]:
             "refresh": 1,
         }
     ]
+    anchor = "atomo_ps_workers" if with_runs else "atomo_control_runs"
+    out.append(query_variable("namespace", "Namespace", f"label_values({anchor}, namespace)"))
+    out.append(query_variable("release", "Release", f'label_values({anchor}{{namespace=~"$namespace"}}, release)'))
     if with_runs:
-        for name, query in (
-            ("run", "label_values(atomo_run_step, run)"),
-            ("codec", 'label_values(atomo_run_step{run=~"$run"}, codec)'),
-        ):
-            out.append(
-                {
-                    "name": name,
-                    "label": name.capitalize(),
-                    "type": "query",
-                    "datasource": DATASOURCE,
-                    "definition": query,
-                    "query": {"query": query, "refId": name},
-                    "refresh": 2,
-                    "multi": True,
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "current": {"text": "All", "value": "$__all"},
-                    "sort": 1,
-                    "hide": 0,
-                }
-            )
+        out.append(query_variable("run", "Run", f"label_values(atomo_run_step{{{SCOPE}}}, run)"))
+        out.append(query_variable("codec", "Codec", f'label_values(atomo_run_step{{{SCOPE}, run=~"$run"}}, codec)'))
     return out
 
 
@@ -156,17 +164,24 @@ def dashboard(uid: str, title: str, description: str, items: list[dict], with_ru
 def training() -> dict:
     items = [
         row("Latency per step (the paper's Figure 2)"),
-        timeseries(
-            "Step time split: compute, encode, communication",
-            "Mean seconds per step of each worker phase, stacked, per codec.",
-            [
-                mean_per_step("atomo_worker_compute_seconds", "compute"),
-                mean_per_step("atomo_worker_encode_seconds", "encode"),
-                mean_per_step("atomo_worker_communication_seconds", "communication"),
-            ],
-            "s",
-            stacked=True,
-        ),
+        # One stack per codec (the panel repeats for each selected codec): stacking two codecs' phases
+        # together would add up times that never happen together.
+        {
+            **timeseries(
+                "Step time split: compute, encode, communication ($codec)",
+                "Mean seconds per step of each worker phase, stacked; one panel per codec.",
+                [
+                    mean_per_step("atomo_worker_compute_seconds", "compute"),
+                    mean_per_step("atomo_worker_encode_seconds", "encode"),
+                    mean_per_step("atomo_worker_communication_seconds", "communication"),
+                ],
+                "s",
+                stacked=True,
+            ),
+            "repeat": "codec",
+            "repeatDirection": "h",
+            "maxPerRow": 2,
+        },
         timeseries(
             "PS step time",
             "Wall time of one synchronous step at the PS, p50 and p95 per codec.",
@@ -258,12 +273,15 @@ def training() -> dict:
         ),
         row("Cluster"),
         timeseries(
-            "Live workers", "Workers registered with the PS and heard from.", [("atomo_ps_workers", "workers")], "short"
+            "Live workers",
+            "Workers registered with the PS and heard from, per release.",
+            [(f"sum by (namespace, release) (atomo_ps_workers{{{SCOPE}}})", "{{namespace}}/{{release}}")],
+            "short",
         ),
         timeseries(
             "Dropped messages by reason",
             "Malformed or stale messages the PS dropped, per second.",
-            [(f"sum by (reason) (rate(atomo_ps_dropped_messages_total[{RATE}]))", "{{reason}}")],
+            [(f"sum by (reason) (rate(atomo_ps_dropped_messages_total{{{SCOPE}}}[{RATE}]))", "{{reason}}")],
             "short",
         ),
     ]
@@ -283,14 +301,14 @@ def control() -> dict:
         timeseries(
             "Requests per second",
             "By route and status.",
-            [(f"sum by (route, status) (rate({metric}_count[{RATE}]))", "{{route}} {{status}}")],
+            [(f"sum by (route, status) (rate({metric}_count{{{SCOPE}}}[{RATE}]))", "{{route}} {{status}}")],
             "reqps",
         ),
-        timeseries("Request latency", "p50 and p95 by route.", quantiles(metric, "route", "", "{{route}}"), "s"),
+        timeseries("Request latency", "p50 and p95 by route.", quantiles(metric, "route", SCOPE, "{{route}}"), "s"),
         timeseries(
             "Errors per second",
             "Responses with a 5xx status, by route (4xx are the clients' errors and are on the requests panel).",
-            [(f'sum by (route) (rate({metric}_count{{status=~"5.."}}[{RATE}]))', "{{route}}")],
+            [(f'sum by (route) (rate({metric}_count{{{SCOPE}, status=~"5.."}}[{RATE}]))', "{{route}}")],
             "reqps",
         ),
         timeseries(
@@ -298,20 +316,24 @@ def control() -> dict:
             "Share of responses with a 5xx status.",
             [
                 (
-                    f'sum(rate({metric}_count{{status=~"5.."}}[{RATE}])) / sum(rate({metric}_count[{RATE}]))',
+                    f'sum(rate({metric}_count{{{SCOPE}, status=~"5.."}}[{RATE}]))'
+                    f" / sum(rate({metric}_count{{{SCOPE}}}[{RATE}]))",
                     "5xx",
                 )
             ],
             "percentunit",
         ),
         row("Runs"),
-        timeseries("Runs by state", "Runs in the store, by state.", [("atomo_control_runs", "{{state}}")], "short"),
+        timeseries(
+            "Runs by state", "Runs in the store, by state.", [(f"atomo_control_runs{{{SCOPE}}}", "{{state}}")], "short"
+        ),
         timeseries(
             "Run duration",
             "Wall time of runs that finished in the last hour, p50 and p95.",
             [
                 (
-                    f"histogram_quantile({q}, sum by (le) (increase(atomo_control_run_duration_seconds_bucket[1h])))",
+                    f"histogram_quantile({q}, sum by (le)"
+                    f" (increase(atomo_control_run_duration_seconds_bucket{{{SCOPE}}}[1h])))",
                     f"p{round(q * 100)}",
                 )
                 for q in (0.5, 0.95)
@@ -328,67 +350,92 @@ def control() -> dict:
     )
 
 
-RUNNING = 'sum(atomo_control_runs{state="running"}) > 0'
+# The chart's copy of the rules is scoped to its own release: these placeholders in label matchers, which the
+# PrometheusRule template replaces with the release's namespace and name (two releases sharing a Prometheus then
+# each alert on their own series only, once).
+CHART_SCOPE = {"namespace": "RELEASE_NAMESPACE", "release": "RELEASE_NAME"}
+BY = "by (namespace, release)"
+ON = "on (namespace, release)"
 
 
-def alerts() -> dict:
+def alerts(scope: dict[str, str] | None = None) -> dict:
+    """The alert rules. Every expression aggregates per (namespace, release), so each alert names the release
+    it concerns and releases sharing a Prometheus stay apart; `scope` (label: value) also limits every selector
+    to one release (the chart's copy)."""
+    matchers = ", ".join(f'{k}="{v}"' for k, v in (scope or {}).items())
+
+    def s(metric: str, *more: str) -> str:
+        inner = ", ".join(m for m in (matchers, *more) if m)
+        return f"{metric}{{{inner}}}" if inner else metric
+
+    running_runs = s("atomo_control_runs", 'state="running"')
+    failed_runs = s("atomo_control_runs", 'state="failed"')
+    running = f"sum {BY} ({running_runs}) > 0"
+    dropped = f"sum {BY} (rate({s('atomo_ps_dropped_messages_total')}[5m]))"
+    decoded = f"sum {BY} (rate({s('atomo_ps_decode_seconds_count')}[5m]))"
+    if scope:  # this release's control service has no series (never scraped, or no longer)
+        control_down = f"absent({s('atomo_control_runs')})"
+    else:  # a release whose control service had series in the last hour has none now
+        control_down = f"group {BY} (max_over_time(atomo_control_runs[1h])) unless {ON} group {BY} (atomo_control_runs)"
     rules = [
         {
             "alert": "AtomoWorkerLost",
-            "expr": f"(max_over_time(atomo_ps_workers[5m]) - atomo_ps_workers > 0) and on() ({RUNNING})",
+            "expr": f"(max_over_time({s('atomo_ps_workers')}[5m]) - {s('atomo_ps_workers')} > 0) and {ON} ({running})",
             "for": "1m",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "A worker was lost during a run",
-                "description": "{{ $value }} fewer live workers than in the last 5 minutes while a run is running "
-                "(the run goes on while at least min_workers remain). A run that starts with fewer workers "
-                "than the previous one also fires this for up to 5 minutes.",
+                "description": "{{ $value }} fewer live workers than in the last 5 minutes while a run of release "
+                "{{ $labels.release }} (namespace {{ $labels.namespace }}) is running (the run goes on while at least "
+                "min_workers remain). A run that starts with fewer workers than the previous one also fires this "
+                "for up to 5 minutes.",
             },
         },
         {
             "alert": "AtomoPSStalled",
-            "expr": f"({RUNNING}) unless on() (sum(changes(atomo_run_step[10m])) > 0)",
+            "expr": f"({running}) unless {ON} (sum {BY} (changes({s('atomo_run_step')}[10m])) > 0)",
             "for": "5m",
             "labels": {"severity": "critical"},
             "annotations": {
                 "summary": "The PS makes no step progress",
-                "description": "A run is running but no run's step has changed for 15 minutes: the PS or its "
-                "workers are stuck, or the PS is no longer scraped.",
+                "description": "A run of release {{ $labels.release }} (namespace {{ $labels.namespace }}) is "
+                "running but no run's step has changed for 15 minutes: the PS or its workers are stuck, or the PS "
+                "is no longer scraped.",
             },
         },
         {
             "alert": "AtomoHighDropRate",
-            "expr": (
-                "sum(rate(atomo_ps_dropped_messages_total[5m])) / (sum(rate(atomo_ps_dropped_messages_total[5m]))"
-                " + (sum(rate(atomo_ps_decode_seconds_count[5m])) or vector(0))) > 0.05"
-            ),
+            # A release whose PS decoded nothing at all drops 100%: its dropped rate times 0 stands in.
+            "expr": f"{dropped} / ({dropped} + ({decoded} or {dropped} * 0)) > 0.05",
             "for": "5m",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "The PS drops more than 5% of the messages it receives",
-                "description": "{{ $value | humanizePercentage }} of the messages reaching the PS are dropped "
+                "description": "{{ $value | humanizePercentage }} of the messages reaching the PS of release "
+                "{{ $labels.release }} (namespace {{ $labels.namespace }}) are dropped "
                 "(atomo_ps_dropped_messages_total by reason says why).",
             },
         },
         {
             "alert": "AtomoRunFailed",
-            "expr": 'delta(atomo_control_runs{state="failed"}[10m]) > 0',
+            "expr": f"delta({failed_runs}[10m]) > 0",
             "labels": {"severity": "warning"},
             "annotations": {
                 "summary": "A run failed",
-                "description": "A run failed in the last 10 minutes: `atomo runs --state failed` and "
-                "`atomo logs RUN_ID` give the reason.",
+                "description": "A run of release {{ $labels.release }} (namespace {{ $labels.namespace }}) failed "
+                "in the last 10 minutes: `atomo runs --state failed` and `atomo logs RUN_ID` give the reason.",
             },
         },
         {
             "alert": "AtomoControlDown",
-            "expr": "absent(atomo_control_runs)",
+            "expr": control_down,
             "for": "2m",
             "labels": {"severity": "critical"},
             "annotations": {
                 "summary": "The control service is down",
-                "description": "No atomo_control_runs series for 2 minutes: the control service is down or "
-                "Prometheus no longer scrapes it.",
+                "description": "No atomo_control_runs series of release {{ $labels.release }} (namespace "
+                "{{ $labels.namespace }}) for 2 minutes: the control service is down or Prometheus no longer "
+                "scrapes it.",
             },
         },
     ]
@@ -403,8 +450,13 @@ def render() -> dict[Path, str]:
     header = "# Generated by dashboards/generate.py: edit that file, then run it.\n"
     files[Path("dashboards") / "alerts.yaml"] = header + yaml.safe_dump(alerts(), sort_keys=False, width=120)
     for path, text in list(files.items()):
-        sub = "dashboards" if path.suffix == ".json" else ""
-        files[CHART_FILES.relative_to(ROOT) / sub / path.name] = text
+        if path.suffix == ".json":
+            files[CHART_FILES.relative_to(ROOT) / "dashboards" / path.name] = text
+    chart_header = (
+        header + "# The chart's copy: templates/prometheusrule.yaml puts in its release for the placeholders.\n"
+    )
+    chart_rules = yaml.safe_dump(alerts(CHART_SCOPE), sort_keys=False, width=120)
+    files[CHART_FILES.relative_to(ROOT) / "alerts.yaml"] = chart_header + chart_rules
     return files
 
 

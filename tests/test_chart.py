@@ -6,9 +6,7 @@ the schema refuses bad values with a clear message; and the rendered objects say
 (restricted pods, probes, threads from the CPU limit, least-privilege RBAC, network policies, monitoring).
 The tools come from scripts/install-test-tools.sh (.tools/bin, or PATH)."""
 
-import base64
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,16 +49,76 @@ RENDERS = {
         'control.ingress.tls=[{"secretName": "atomo-tls", "hosts": ["atomo.example.com"]}]',
     ],
     "worker-groups": [
+        "--set-json",
+        'workers.nodeSelector={"pool": "main"}',
+        "--set-json",
+        'workers.affinity={"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, '
+        '"preference": {"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}}]}}',
         "--set",
         "additionalWorkerGroups.h100.disabled=false",
         "--set",
         "additionalWorkerGroups.h100.replicas=1",
         "--set-json",
-        'additionalWorkerGroups.a10={"disabled": false, "gpu": 2, "maxReplicas": 3, "nodeSelector": {"pool": "a10"}}',
+        'additionalWorkerGroups.a10={"disabled": false, "gpu": 2, "maxReplicas": 3, "nodeSelector": {"pool": "a10"}, '
+        '"affinity": {}, "tolerations": []}',
         "--set-json",
         'additionalWorkerGroups.t4={"disabled": true}',
     ],
     "no-launcher-no-curve": ["--set", "control.launcher=none", "--set", "curve.enabled=false"],
+    # A shared GPU cluster: priorities, a gang scheduler's queues, spreading, cloud identities, MIG slices,
+    # egress policies, and the worker replicas left to the launcher.
+    "shared-cluster": [
+        "--set",
+        "scheduling.priorityClassName=training",
+        "--set",
+        "ps.priorityClassName=training-critical",
+        "--set",
+        "scheduling.schedulerName=volcano",
+        "--set",
+        "scheduling.volcano.queue=team-a",
+        "--set",
+        "scheduling.kueue.queueName=team-a-gpus",
+        "--set",
+        "scheduling.kueue.priorityClass=batch-high",
+        "--set",
+        "scheduling.workerWaitSeconds=900",
+        "--set",
+        "scheduling.releaseAfterSeconds=30",
+        "--set-json",
+        'workers.topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", '
+        '"whenUnsatisfiable": "ScheduleAnyway"}]',
+        "--set-json",
+        'control.topologySpreadConstraints=[{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", '
+        '"whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"team": "a"}}}]',
+        "--set",
+        "workers.gpuResource=nvidia.com/mig-1g.10gb",
+        "--set",
+        "workers.replicas=null",
+        "--set",
+        "ps.serviceAccount.create=true",
+        "--set",
+        "ps.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/atomo-ps",
+        "--set",
+        "workers.serviceAccount.create=true",
+        "--set",
+        "workers.serviceAccount.annotations.iam\\.gke\\.io/gcp-service-account=w@p.iam.gserviceaccount.com",
+        "--set",
+        "additionalWorkerGroups.h100.disabled=false",
+        "--set",
+        "networkPolicy.egress.enabled=true",
+        "--set-json",
+        'networkPolicy.egress.apiServer.cidrs=["10.0.0.1/32"]',
+        "--set-json",
+        'networkPolicy.egress.extra.worker=[{"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], '
+        '"ports": [{"port": 443, "protocol": "TCP"}]}]',
+        "--set",
+        "keygen.image.repository=registry.example.com/python",
+        "--set",
+        "keygen.image.digest=sha256:" + "ab" * 32,
+    ],
+    # Accounts made by the chart, RBAC bound elsewhere (and the reverse).
+    "no-rbac": ["--set", "rbac.create=false"],
+    "no-service-account": ["--set", "serviceAccount.create=false", "--set", "serviceAccount.name=platform-atomo"],
 }
 
 
@@ -133,32 +191,28 @@ def env_of(container: dict) -> dict[str, dict]:
 def test_helm_lint_strict(binary):
     version = helm("version", "--short", binary=binary)
     assert version.stdout.startswith(HELMS[binary]), f"{tool(binary)} is {version.stdout}"
-    for values in (RENDERS["defaults"], RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"]):
+    for values in (
+        RENDERS["defaults"],
+        RENDERS["monitoring"] + RENDERS["ingress"] + RENDERS["worker-groups"],
+        RENDERS["shared-cluster"] + RENDERS["no-rbac"],
+    ):
         result = helm("lint", "--strict", str(CHART), "--namespace", NAMESPACE, *values, binary=binary)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "0 chart(s) failed" in result.stdout
 
 
-# `randAlphaNum 48 | b64enc` in templates/secret-token.yaml: a new API token at each rendering, by either helm.
-GENERATED_TOKEN = re.compile(r"^(  token: )([A-Za-z0-9+/=]+)$", re.MULTILINE)
-
-
-def without_generated_token(manifests: str) -> str:
-    tokens = GENERATED_TOKEN.findall(manifests)
-    assert len(tokens) <= 1, tokens
-    for _, token in tokens:
-        assert re.fullmatch(r"[A-Za-z0-9]{48}", base64.b64decode(token).decode()), "not a generated token"
-    return GENERATED_TOKEN.sub(r"\1GENERATED", manifests)
-
-
-def test_helm_3_renders_exactly_what_helm_4_renders(rendered):
-    """Every rendering, byte for byte, apart from the API token that each `helm template` generates anew."""
+def test_renders_are_deterministic_and_helm_3_renders_exactly_what_helm_4_renders(rendered):
+    """Nothing random and nothing read from a cluster is rendered (the API token and the CURVE keys come from
+    the keygen hook, replicas from values, never `lookup`): every rendering is the same byte for byte, again and
+    with helm 3, so that a GitOps tool sees no change between two renders of the same values."""
     for name, values in RENDERS.items():
+        helm4 = rendered[name].read_text()
+        again = template(*values)
+        assert again.returncode == 0 and again.stdout == helm4, name
         result = template(*values, binary="helm3")
         assert result.returncode == 0, f"{name}: {result.stderr}"
-        helm4 = rendered[name].read_text()
-        assert ("  token: " in helm4) == (name != "existing-secrets"), name
-        assert without_generated_token(result.stdout) == without_generated_token(helm4), name
+        assert result.stdout == helm4, name
+        assert "kind: Secret\n" not in helm4, name  # no Secret is rendered: the hook makes them
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -226,6 +280,20 @@ BAD_VALUES = [
     (["--set", "podSecurityContext.runAsUser=0"], "/podSecurityContext/runAsUser", "minimum"),
     (["--set", "workers.gpus=1"], "gpus", "additional properties"),
     (["--set", "control.persistence.size=lots"], "/control/persistence/size", "does not match pattern"),
+    (["--set", "workers.gpuResource=nvidia com/gpu"], "/workers/gpuResource", "does not match pattern"),
+    (["--set", "scheduling.workerWaitSeconds=0"], "/scheduling/workerWaitSeconds", "exclusiveMinimum"),
+    (["--set", "keygen.activeDeadlineSeconds=10"], "/keygen/activeDeadlineSeconds", "minimum: got 10, want 60"),
+    (
+        ["--set", "ps.podDisruptionBudget.unhealthyPodEvictionPolicy=Never"],
+        "/ps/podDisruptionBudget/unhealthyPodEvictionPolicy",
+        "'AlwaysAllow', 'IfHealthyBudget'",
+    ),
+    (["--set", "scheduling.priorityClassName=Bad_Name"], "/scheduling/priorityClassName", "'anyOf' failed"),
+    (
+        ["--set-json", 'workers.topologySpreadConstraints=[{"maxSkew": 1}]'],
+        "/workers/topologySpreadConstraints/0",
+        "missing properties 'topologyKey', 'whenUnsatisfiable'",
+    ),
 ]
 
 
@@ -250,6 +318,13 @@ BAD_VALUES_HELM3 = [
     "- podSecurityContext.runAsUser: Must be greater than or equal to 1",
     "- workers: Additional property gpus is not allowed",
     "- control.persistence.size: Does not match pattern",
+    "- workers.gpuResource: Does not match pattern",
+    "- scheduling.workerWaitSeconds: Must be greater than 0",
+    "- keygen.activeDeadlineSeconds: Must be greater than or equal to 60",
+    "- ps.podDisruptionBudget.unhealthyPodEvictionPolicy: ps.podDisruptionBudget.unhealthyPodEvictionPolicy "
+    'must be one of the following: "", "AlwaysAllow", "IfHealthyBudget"',
+    "- scheduling.priorityClassName: Must validate at least one schema (anyOf)",
+    "- workers.topologySpreadConstraints.0: topologyKey is required",
 ]
 
 
@@ -266,7 +341,7 @@ def test_helm_3_refuses_the_same_bad_values(values, message):
 
 
 @pytest.mark.parametrize("binary", HELMS)
-def test_renamed_client_keys_need_an_existing_secret(binary):
+def test_renamed_client_keys_need_an_existing_secret(binary):  # the hook generates client-0 and client-1
     result = template("--set", "curve.workerClient=w", binary=binary)
     assert result.returncode != 0 and "the generated Secret holds client-0 (workers)" in result.stderr
 
@@ -355,21 +430,62 @@ def test_curve_keys_are_laid_out_per_role(objects):
     assert {"clients/client-0.key", "clients/client-0.key_secret"} <= items("atomo-workers")
     assert {"clients/client-1.key", "clients/client-1.key_secret"} <= items("atomo-control")
     assert "server.key_secret" not in items("atomo-workers") | items("atomo-control")  # clients: public key only
-    job = one(docs, "Job", "atomo-curve-keygen")
+    job = one(docs, "Job", "atomo-keygen")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["atomo", "atomo-curve", "2"]
-    script = one(docs, "ConfigMap", "atomo-curve-keygen")["data"]["curve-keygen.py"]
-    assert script == (CHART / "files" / "curve-keygen.py").read_text()
-    keygen_role = one(docs, "Role", "atomo-curve-keygen")
+    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "atomo",
+        "--token-secret=atomo-token",
+        "--curve-secret=atomo-curve",
+        "--clients=2",
+    ]
+    script = one(docs, "ConfigMap", "atomo-keygen")["data"]["keygen.py"]
+    assert script == (CHART / "files" / "keygen.py").read_text()
+    keygen_role = one(docs, "Role", "atomo-keygen")
     assert keygen_role["rules"] == [
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"], "resourceNames": ["atomo-curve"]},
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["atomo-token", "atomo-curve"],
+        },
     ]
 
 
+def test_the_keygen_hook_runs_a_small_image_with_a_deadline_for_a_cold_pull(objects):
+    job = one(objects["defaults"], "Job", "atomo-keygen")
+    spec = job["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    # The standard library only: not the multi-GB training image.
+    assert container["image"] == "python:3.13-alpine" and container["command"][0] == "python3"
+    assert job["spec"]["activeDeadlineSeconds"] == 900 and job["spec"]["backoffLimit"] == 3
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "128Mi"}
+    assert {e["name"]: e["value"] for e in container["env"]} == {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    custom = one(objects["shared-cluster"], "Job", "atomo-keygen")["spec"]["template"]["spec"]
+    assert custom["containers"][0]["image"] == "registry.example.com/python@sha256:" + "ab" * 32
+    assert custom["priorityClassName"] == "training"
+    result = template("--set", "keygen.activeDeadlineSeconds=1200", "--set", "keygen.image.tag=3.12-slim")
+    job = one([d for d in yaml.safe_load_all(result.stdout) if d], "Job", "atomo-keygen")
+    assert job["spec"]["activeDeadlineSeconds"] == 1200
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "python:3.12-slim"
+    # Only the token to make (the CURVE keys given): the hook makes the token alone.
+    result = template("--set", "curve.existingSecret=my-curve", "--set", "curve.workerClient=w")
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert one(docs, "Job", "atomo-keygen")["spec"]["template"]["spec"]["containers"][0]["args"] == [
+        "atomo",
+        "--token-secret=atomo-token",
+    ]
+    assert one(docs, "Role", "atomo-keygen")["rules"][1]["resourceNames"] == ["atomo-token"]
+
+
 def test_generated_token_and_existing_secrets(objects):
-    token = one(objects["defaults"], "Secret", "atomo-token")
-    assert len(__import__("base64").b64decode(token["data"]["token"])) == 48
+    # The token is the hook's: the control pod mounts the Secret the hook creates.
+    volumes = {v["name"]: v for v in pod_specs(objects["defaults"])["atomo-control"]["volumes"]}
+    assert volumes["token"]["secret"] == {
+        "secretName": "atomo-token",
+        "defaultMode": 0o440,
+        "items": [{"key": "token", "path": "token"}],
+    }
     docs = objects["existing-secrets"]
     assert "Secret" not in {d["kind"] for d in docs} and "Job" not in {d["kind"] for d in docs}
     volumes = {v["name"]: v for v in pod_specs(docs)["atomo-control"]["volumes"]}
@@ -415,7 +531,7 @@ def test_the_control_role_grants_exactly_what_the_launcher_uses(objects):
     assert env["ATOMO_K8S_IDLE_REPLICAS"]["value"] == "0"
     # Without the Kubernetes launcher: no Role, no token in the pod, no launcher flag.
     docs = objects["no-launcher-no-curve"]
-    assert "Role" not in {d["kind"] for d in docs}
+    assert set(by_kind(docs, "Role")) == {"atomo-keygen"}  # the hook's own (the token), nothing for the launcher
     spec = pod_specs(docs)["atomo-control"]
     assert spec["automountServiceAccountToken"] is False
     assert "--launcher=kubernetes" not in spec["containers"][0]["args"]
@@ -429,11 +545,19 @@ def test_extra_worker_groups(objects):
     assert set(sets) == {"atomo-ps", "atomo-workers", "atomo-workers-a10", "atomo-workers-h100"}
     a10 = sets["atomo-workers-a10"]["spec"]
     assert a10["replicas"] == 2 and a10["serviceName"] == "atomo-workers"
+    # Placement is replaced, never merged: the group's own nodeSelector alone, its empty affinity and
+    # tolerations clear the workers: ones.
+    main = sets["atomo-workers"]["spec"]["template"]["spec"]
+    assert main["nodeSelector"] == {"pool": "main"} and main["affinity"] and main["tolerations"]
     assert a10["template"]["spec"]["nodeSelector"] == {"pool": "a10"}
+    assert "affinity" not in a10["template"]["spec"] and "tolerations" not in a10["template"]["spec"]
     assert a10["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
     h100 = sets["atomo-workers-h100"]["spec"]
     assert h100["replicas"] == 1
     assert h100["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    # A key the group does not set is the workers: one.
+    assert h100["template"]["spec"]["affinity"] == main["affinity"]
+    assert h100["template"]["spec"]["tolerations"] == main["tolerations"]
     selectors = [s["spec"]["selector"]["matchLabels"]["atomo/worker-group"] for n, s in sets.items() if n != "atomo-ps"]
     assert sorted(selectors) == ["a10", "default", "h100"]
     role = one(docs, "Role", "atomo-control")
@@ -499,8 +623,22 @@ def test_monitoring(objects):
     docs = objects["monitoring"]
     monitor = one(docs, "ServiceMonitor", "atomo")["spec"]
     assert {(e["port"], e["path"]) for e in monitor["endpoints"]} == {("metrics", "/metrics"), ("http", "/metrics")}
+    # Every series carries the release (and the operator's `namespace`): the dashboards and rules group by both.
+    for endpoint in monitor["endpoints"]:
+        assert endpoint["relabelings"] == [
+            {
+                "action": "replace",
+                "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+                "targetLabel": "release",
+            }
+        ]
     rule = one(docs, "PrometheusRule", "atomo")["spec"]
-    assert rule == yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    # The generator's rules, scoped to this release (its namespace and name in every selector).
+    scoped = (CHART / "files" / "alerts.yaml").read_text()
+    scoped = scoped.replace("RELEASE_NAMESPACE", NAMESPACE).replace("RELEASE_NAME", "atomo")
+    assert rule == yaml.safe_load(scoped)
+    unscoped = yaml.safe_load((ROOT / "dashboards" / "alerts.yaml").read_text())
+    assert [r["alert"] for r in rule["groups"][0]["rules"]] == [r["alert"] for r in unscoped["groups"][0]["rules"]]
 
 
 def test_helm_test_hook_checks_readyz(objects):
@@ -518,3 +656,181 @@ def test_labels_come_from_the_helpers(objects):
             assert labels["app.kubernetes.io/name"] == "atomo" and labels["app.kubernetes.io/instance"] == "atomo"
             assert labels["app.kubernetes.io/managed-by"] == "Helm" and labels["helm.sh/chart"] == "atomo-0.1.0"
             assert d["metadata"]["namespace"] == NAMESPACE, d["metadata"]["name"]
+
+
+# -- a shared GPU cluster -----------------------------------------------------------------------------------
+
+
+def test_priority_scheduler_and_topology_spread(objects):
+    specs = pod_specs(objects["shared-cluster"])
+    assert specs["atomo-control"]["priorityClassName"] == "training"  # the scheduling: default
+    assert specs["atomo-workers"]["priorityClassName"] == "training"
+    assert specs["atomo-ps"]["priorityClassName"] == "training-critical"  # the role's own wins
+    for owner in ("atomo-control", "atomo-ps", "atomo-workers", "atomo-workers-h100"):
+        assert specs[owner]["schedulerName"] == "volcano", owner
+    # A constraint without a labelSelector gets the group's own pod labels; one with a selector keeps it.
+    workers = specs["atomo-workers"]["topologySpreadConstraints"]
+    assert workers == [
+        {
+            "maxSkew": 1,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {
+                "matchLabels": {
+                    "app.kubernetes.io/name": "atomo",
+                    "app.kubernetes.io/instance": "atomo",
+                    "app.kubernetes.io/component": "worker",
+                    "atomo/worker-group": "default",
+                }
+            },
+        }
+    ]
+    h100 = specs["atomo-workers-h100"]["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]
+    assert h100["atomo/worker-group"] == "h100"
+    assert specs["atomo-control"]["topologySpreadConstraints"][0]["labelSelector"] == {"matchLabels": {"team": "a"}}
+    assert "topologySpreadConstraints" not in specs["atomo-ps"]
+    for spec in pod_specs(objects["defaults"]).values():  # nothing of this by default
+        assert not {"priorityClassName", "schedulerName", "topologySpreadConstraints"} & set(spec)
+
+
+def test_gang_scheduler_labels_and_the_all_or_nothing_wait(objects):
+    docs = objects["shared-cluster"]
+    for name in ("atomo-workers", "atomo-workers-h100"):
+        sts = one(docs, "StatefulSet", name)
+        # Kueue's StatefulSet integration admits the pods of a labelled StatefulSet as one group.
+        assert sts["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-gpus", name
+        assert sts["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "batch-high", name
+        assert sts["spec"]["template"]["metadata"]["annotations"]["scheduling.volcano.sh/queue-name"] == "team-a"
+    assert "kueue.x-k8s.io/queue-name" not in one(docs, "StatefulSet", "atomo-ps")["metadata"]["labels"]
+    # The launcher's wait: a run fails when its workers have not all registered in time, and the workers are
+    # released once the queue is empty.
+    args = pod_specs(docs)["atomo-control"]["containers"][0]["args"]
+    assert "--worker-wait-timeout=900" in args and "--release-after=30" in args
+    default_args = pod_specs(objects["defaults"])["atomo-control"]["containers"][0]["args"]
+    assert "--worker-wait-timeout=600" in default_args and "--release-after=60" in default_args
+    no_launcher = pod_specs(objects["no-launcher-no-curve"])["atomo-control"]["containers"][0]["args"]
+    assert not [a for a in no_launcher if a.startswith(("--worker-wait-timeout", "--release-after"))]
+    for sts in by_kind(objects["defaults"], "StatefulSet").values():
+        assert not [k for k in sts["metadata"]["labels"] if k.startswith("kueue.")]
+
+
+def test_worker_replicas_come_from_values_or_are_left_to_the_launcher(objects):
+    for path in (CHART / "templates").rglob("*.yaml"):  # nothing is read from the cluster at render time
+        assert 'lookup "' not in path.read_text(), path
+    assert one(objects["defaults"], "StatefulSet", "atomo-workers")["spec"]["replicas"] == 2
+    # null: no replicas in the manifest, so no upgrade or GitOps sync resets what the launcher set.
+    assert "replicas" not in one(objects["shared-cluster"], "StatefulSet", "atomo-workers")["spec"]
+    assert one(objects["shared-cluster"], "StatefulSet", "atomo-workers-h100")["spec"]["replicas"] == 0
+    assert one(objects["shared-cluster"], "StatefulSet", "atomo-ps")["spec"]["replicas"] == 1
+
+
+def test_the_ps_has_a_disruption_budget(objects):
+    pdb = one(objects["defaults"], "PodDisruptionBudget", "atomo-ps")["spec"]
+    assert pdb == {
+        "maxUnavailable": 0,
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        "selector": {
+            "matchLabels": {
+                "app.kubernetes.io/name": "atomo",
+                "app.kubernetes.io/instance": "atomo",
+                "app.kubernetes.io/component": "ps",
+            }
+        },
+    }
+    ps_labels = one(objects["defaults"], "StatefulSet", "atomo-ps")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= ps_labels.items()
+    docs = [d for d in yaml.safe_load_all(template("--set", "ps.podDisruptionBudget.enabled=false").stdout) if d]
+    assert not by_kind(docs, "PodDisruptionBudget")
+
+
+def test_gpu_resource_name(objects):
+    for owner in ("atomo-workers", "atomo-workers-h100"):
+        resources = pod_specs(objects["shared-cluster"])[owner]["containers"][0]["resources"]
+        assert resources["limits"]["nvidia.com/mig-1g.10gb"] == 1 and "nvidia.com/gpu" not in resources["limits"]
+        assert resources["requests"]["nvidia.com/mig-1g.10gb"] == 1
+
+
+def test_per_role_service_accounts_and_rbac_apart(objects):
+    docs = objects["shared-cluster"]
+    accounts = by_kind(docs, "ServiceAccount")
+    assert set(accounts) == {"atomo-control", "atomo-ps", "atomo-workers", "atomo-workers-h100", "atomo-keygen"}
+    assert accounts["atomo-ps"]["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/atomo-ps"
+    }
+    gke = {"iam.gke.io/gcp-service-account": "w@p.iam.gserviceaccount.com"}
+    assert accounts["atomo-workers"]["metadata"]["annotations"] == gke
+    assert accounts["atomo-workers-h100"]["metadata"]["annotations"] == gke
+    specs = pod_specs(docs)
+    for owner in ("atomo-ps", "atomo-workers", "atomo-workers-h100"):
+        assert specs[owner]["serviceAccountName"] == owner and specs[owner]["automountServiceAccountToken"] is False
+        assert accounts[owner]["automountServiceAccountToken"] is False
+    for owner in ("atomo-ps", "atomo-workers"):  # by default: the namespace's default account
+        assert "serviceAccountName" not in pod_specs(objects["defaults"])[owner]
+    # rbac.create false: the accounts, no Role or RoleBinding (bound elsewhere).
+    docs = objects["no-rbac"]
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert {"atomo-control", "atomo-keygen"} <= set(by_kind(docs, "ServiceAccount"))
+    assert pod_specs(docs)["atomo-control"]["serviceAccountName"] == "atomo-control"
+    # serviceAccount.create false: the chart's Role bound to an account made elsewhere.
+    docs = objects["no-service-account"]
+    assert "atomo-control" not in by_kind(docs, "ServiceAccount")
+    assert pod_specs(docs)["atomo-control"]["serviceAccountName"] == "platform-atomo"
+    binding = one(docs, "RoleBinding", "atomo-control")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "platform-atomo", "namespace": NAMESPACE}]
+
+
+def test_egress_policies(objects):
+    policies = by_kind(objects["shared-cluster"], "NetworkPolicy")
+    assert policies["atomo-default-deny"]["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    dns = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+            }
+        ],
+        "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+    }
+    api = {
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}],
+    }
+
+    def to(component, port):
+        selector = {"app.kubernetes.io/name": "atomo", "app.kubernetes.io/instance": "atomo"}
+        return {
+            "to": [{"podSelector": {"matchLabels": {**selector, "app.kubernetes.io/component": component}}}],
+            "ports": [{"port": port, "protocol": "TCP"}],
+        }
+
+    egress = {n.removeprefix("atomo-egress-"): p["spec"] for n, p in policies.items() if n.startswith("atomo-egress-")}
+    assert set(egress) == {"control", "ps", "worker", "keygen", "test"}
+    for component, spec in egress.items():
+        assert spec["policyTypes"] == ["Egress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == component
+    storage = {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+    assert egress["worker"]["egress"] == [dns, to("ps", 5555), storage]
+    assert egress["control"]["egress"] == [dns, to("ps", 5556), api]
+    assert egress["ps"]["egress"] == [dns]
+    assert egress["keygen"]["egress"] == [dns, api]
+    assert egress["test"]["egress"] == [dns, to("control", 8080)]
+    # The hook's policy is a hook too: in place before the hook Job runs, on install and on upgrade.
+    keygen = policies["atomo-egress-keygen"]["metadata"]["annotations"]
+    assert keygen["helm.sh/hook"] == "pre-install,pre-upgrade" and int(keygen["helm.sh/hook-weight"]) < int(
+        one(objects["shared-cluster"], "Job", "atomo-keygen")["metadata"]["annotations"]["helm.sh/hook-weight"]
+    )
+    # Each pod the policies select carries the labels they select by.
+    for owner in pod_specs(objects["shared-cluster"]):
+        labels = next(
+            d["spec"]["template"]["metadata"]["labels"] if d["kind"] != "Pod" else d["metadata"]["labels"]
+            for d in objects["shared-cluster"]
+            if d["metadata"]["name"] == owner and d["kind"] in ("Deployment", "StatefulSet", "Job", "Pod")
+        )
+        assert labels["app.kubernetes.io/component"] in egress, owner
+    # Off by default: ingress only, no egress policy.
+    defaults = by_kind(objects["defaults"], "NetworkPolicy")
+    assert defaults["atomo-default-deny"]["spec"]["policyTypes"] == ["Ingress"]
+    assert not [n for n in defaults if "egress" in n]
+    # No API server addresses given: any address on the API server's ports.
+    docs = [d for d in yaml.safe_load_all(template("--set", "networkPolicy.egress.enabled=true").stdout) if d]
+    assert one(docs, "NetworkPolicy", "atomo-egress-keygen")["spec"]["egress"][1] == {"ports": api["ports"]}

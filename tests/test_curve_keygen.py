@@ -1,17 +1,20 @@
-"""charts/atomo/files/curve-keygen.py, the chart's pre-install/pre-upgrade hook, run as the Job runs it (its
-command and arguments taken from the rendered Job) in a real subprocess, against kmock's Kubernetes emulator
-over real HTTPS on loopback.
+"""charts/atomo/files/keygen.py, the chart's pre-install/pre-upgrade hook that creates the API token Secret and
+the CURVE key Secret once, run as the Job runs it (its command and arguments taken from the rendered Job) in a
+real subprocess with the standard library only (`python -S`: no site-packages, as in the hook's small image),
+against kmock's Kubernetes emulator over real HTTPS on loopback.
 
-The script loads the in-cluster configuration as in the pod: KUBERNETES_SERVICE_HOST/PORT, an https URL, the
+The script reaches the API server as a pod does: KUBERNETES_SERVICE_HOST/PORT, an https URL, the
 ServiceAccount's token sent as a bearer token and the cluster CA checked. The emulator serves TLS with a
 certificate from a CA made here; only the folder of `token` and `ca.crt` moves (ATOMO_SERVICE_ACCOUNT_DIR,
 which the chart never sets), since /var/run/secrets/kubernetes.io/serviceaccount is the node's to mount.
 
-Checked: the first run creates the Secret (one GET, one POST, exactly) with the `atomo keys` layout, each pair
-a valid Z85 Curve25519 pair that the PS, the workers and the control service load from the items the chart
-mounts; a second run keeps it (a GET only); a 409 on create (another install won the race) is a success; a 403
-fails with a one-line message and exit status 1; no secret key ever appears in the output; and the hook's Role
-grants exactly the (apiGroup, resource, verb) those requests need, `get` only on this Secret.
+Checked: the first run creates both Secrets (for each one GET, one POST, exactly): a 48-character token, and
+the `atomo keys` layout with each pair a valid Z85 Curve25519 pair (the public key is the secret's, as
+libzmq computes it) that the PS, the workers and the control service load from the items the chart mounts;
+the pure-Python X25519 meets RFC 7748's test vectors; a second run keeps both (GETs only); a 409 on create
+(another install won the race) is a success; a 403 fails with a one-line message and exit status 1; no secret
+key or token ever appears in the output; and the hook's Role grants exactly the (apiGroup, resource, verb)
+those requests need, `get` only on these Secrets.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import importlib.util
 import ipaddress
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -44,9 +49,14 @@ from services.common.transport import CurveKeys
 
 SECRETS = kmock.resource("", "v1", "secrets")
 NAME = "atomo-curve"
+TOKEN_NAME = "atomo-token"
 TOKEN = "keygen-service-account-token"
 GET = ("GET", f"/api/v1/namespaces/{NS}/secrets/{NAME}", {}, None, None)
+GET_TOKEN = ("GET", f"/api/v1/namespaces/{NS}/secrets/{TOKEN_NAME}", {}, None, None)
+POST = ("POST", f"/api/v1/namespaces/{NS}/secrets")
 LABELS = {"app.kubernetes.io/part-of": "atomo", "app.kubernetes.io/component": "curve-keys"}
+TOKEN_LABELS = {"app.kubernetes.io/part-of": "atomo", "app.kubernetes.io/component": "api-token"}
+SCRIPT = CHART / "files" / "keygen.py"
 KEYS = {f"{n}.{s}" for n in ("server", "client-0", "client-1") for s in ("key", "key_secret")}
 
 
@@ -165,10 +175,11 @@ def chart() -> list[dict]:
 @pytest.fixture(scope="module")
 def job_command(chart) -> list[str]:
     """The keygen Job's command line, with this interpreter and the chart's copy of the script."""
-    container = one(chart, "Job", "atomo-curve-keygen")["spec"]["template"]["spec"]["containers"][0]
-    assert container["command"] == ["python", "/opt/atomo-keygen/curve-keygen.py"]
-    assert container["args"] == [NS, NAME, "2"]
-    return [sys.executable, str(CHART / "files" / "curve-keygen.py"), *container["args"]]
+    container = one(chart, "Job", "atomo-keygen")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python3", "/opt/atomo-keygen/keygen.py"]
+    assert container["args"] == [NS, f"--token-secret={TOKEN_NAME}", f"--curve-secret={NAME}", "--clients=2"]
+    # -S: no site-packages (no pyzmq, no kubernetes client), the standard library alone, as in the small image.
+    return [sys.executable, "-S", str(SCRIPT), *container["args"]]
 
 
 @pytest.fixture
@@ -212,18 +223,52 @@ def assert_no_secret_in(result: subprocess.CompletedProcess, secrets: list[str])
 # -- the tests --------------------------------------------------------------------------------------------------
 
 
-def test_first_run_creates_the_secret_with_valid_curve_pairs(emulator, keygen, chart, tmp_path):
+def test_x25519_meets_the_rfc_7748_test_vectors():
+    spec = importlib.util.spec_from_file_location("keygen", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # RFC 7748, section 6.1: Alice's and Bob's key pairs.
+    for secret, public in (
+        (
+            "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a",
+        ),
+        (
+            "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb",
+            "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f",
+        ),
+    ):
+        assert module.x25519_public(bytes.fromhex(secret)).hex() == public
+    for _ in range(20):  # libzmq's own computation, and its Z85
+        secret = os.urandom(32)
+        assert module.z85(secret).encode() == z85.encode(secret)
+        assert zmq.curve_public(z85.encode(secret)) == module.z85(module.x25519_public(secret)).encode()
+
+
+def test_first_run_creates_the_secrets_with_a_token_and_valid_curve_pairs(emulator, keygen, chart, tmp_path):
     result = keygen()
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"Secret {NS}/{NAME}: created with new CURVE keys\n"
+    assert result.stdout == (
+        f"Secret {NS}/{TOKEN_NAME}: created with a new API token\nSecret {NS}/{NAME}: created with new CURVE keys\n"
+    )
     requests = emulator.requests()
-    assert requests[0] == GET  # 404: not there yet
-    method, path, query, content_type, body = requests[1]
-    # The client (kubernetes 37) sends the JSON body without a Content-Type; the API server decodes a body without
-    # one as JSON, its first supported media type.
-    assert (method, path, query, content_type) == ("POST", f"/api/v1/namespaces/{NS}/secrets", {}, None)
-    assert len(requests) == 2
+    assert [r[:2] for r in requests] == [GET_TOKEN[:2], POST, GET[:2], POST]
+    assert requests[0] == GET_TOKEN and requests[2] == GET  # 404: not there yet
+    method, path, query, content_type, token_body = requests[1]
+    assert (method, path, query, content_type) == (*POST, {}, "application/json")
+    assert token_body == {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": TOKEN_NAME, "labels": TOKEN_LABELS},
+        "type": "Opaque",
+        "data": token_body["data"],
+    }
+    api_token = base64.b64decode(token_body["data"]["token"]).decode()
+    assert re.fullmatch(r"[A-Za-z0-9]{48}", api_token) and set(token_body["data"]) == {"token"}
+    assert api_token not in result.stdout + result.stderr
+    method, path, query, content_type, body = requests[3]
+    assert (method, path, query, content_type) == (*POST, {}, "application/json")
     assert body == {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -235,6 +280,7 @@ def test_first_run_creates_the_secret_with_valid_curve_pairs(emulator, keygen, c
     for headers in emulator.headers():  # the ServiceAccount's token, as the in-cluster loader sends it
         assert headers["Authorization"].lower() == f"bearer {TOKEN}"
     assert emulator.get(SECRETS, NAME)["data"] == body["data"]  # stored as sent
+    assert emulator.get(SECRETS, TOKEN_NAME)["data"] == token_body["data"]
 
     keys = created_keys(body)
     publics = set()
@@ -261,6 +307,9 @@ def test_first_run_creates_the_secret_with_valid_curve_pairs(emulator, keygen, c
                     (folder / item["path"]).write_bytes(keys[item["key"]])
                 loaded[owner] = folder
     assert set(loaded) == {"atomo-ps", "atomo-workers", "atomo-control"}
+    token_volume = next(v for v in pod_specs(chart)["atomo-control"]["volumes"] if v["name"] == "token")
+    assert token_volume["secret"]["secretName"] == TOKEN_NAME
+    assert [i["key"] for i in token_volume["secret"]["items"]] == list(token_body["data"])
     server = CurveKeys.load(loaded["atomo-ps"], "server")
     worker = CurveKeys.load(loaded["atomo-workers"], "client")
     control = CurveKeys.load(loaded["atomo-control"], "client")
@@ -268,27 +317,30 @@ def test_first_run_creates_the_secret_with_valid_curve_pairs(emulator, keygen, c
     assert worker.server_public == control.server_public == server.public
 
 
-def test_a_second_run_keeps_the_secret_and_the_role_grants_exactly_what_the_hook_uses(emulator, keygen, chart):
+def test_a_second_run_keeps_the_secrets_and_the_role_grants_exactly_what_the_hook_uses(emulator, keygen, chart):
     assert keygen().returncode == 0
     data = emulator.get(SECRETS, NAME)["data"]
+    token = emulator.get(SECRETS, TOKEN_NAME)["data"]
     first = emulator.requests()
 
     result = keygen()
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"Secret {NS}/{NAME}: exists, kept\n"
-    assert emulator.requests()[len(first) :] == [GET]  # no POST, no PATCH, no PUT
+    assert result.stdout == f"Secret {NS}/{TOKEN_NAME}: exists, kept\nSecret {NS}/{NAME}: exists, kept\n"
+    assert emulator.requests()[len(first) :] == [GET_TOKEN, GET]  # no POST, no PATCH, no PUT
     assert emulator.get(SECRETS, NAME)["data"] == data
+    assert emulator.get(SECRETS, TOKEN_NAME)["data"] == token
 
-    role = one(chart, "Role", "atomo-curve-keygen")
+    role = one(chart, "Role", "atomo-keygen")
     granted = {
         (g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
     }
     assert granted == rbac_rules(emulator.requests()) == {("", "secrets", "get"), ("", "secrets", "create")}
     get_rule = next(rule for rule in role["rules"] if "get" in rule["verbs"])
-    assert get_rule["resourceNames"] == [NAME]  # reading is limited to this Secret
-    binding = one(chart, "RoleBinding", "atomo-curve-keygen")
-    job = one(chart, "Job", "atomo-curve-keygen")["spec"]["template"]["spec"]
+    assert get_rule["resourceNames"] == [TOKEN_NAME, NAME]  # reading is limited to these Secrets
+    assert {r[1].rsplit("/", 1)[1] for r in emulator.requests() if r[0] == "GET"} == {TOKEN_NAME, NAME}
+    binding = one(chart, "RoleBinding", "atomo-keygen")
+    job = one(chart, "Job", "atomo-keygen")["spec"]["template"]["spec"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": job["serviceAccountName"], "namespace": NS}]
     assert job["automountServiceAccountToken"] is True
@@ -296,44 +348,46 @@ def test_a_second_run_keeps_the_secret_and_the_role_grants_exactly_what_the_hook
 
 
 def test_a_conflict_on_create_is_another_install_that_won(emulator, keygen, tmp_path):
-    conflict = kmock.KubernetesError(status=409, reason="AlreadyExists", message=f'secrets "{NAME}" already exists')
+    conflict = kmock.KubernetesError(status=409, reason="AlreadyExists", message="secrets already exists")
     emulator.react(("post", SECRETS), conflict)
 
     result = keygen()
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"Secret {NS}/{NAME}: exists, kept\n"
+    assert result.stdout == f"Secret {NS}/{TOKEN_NAME}: exists, kept\nSecret {NS}/{NAME}: exists, kept\n"
     requests = emulator.requests()
-    assert [r[:2] for r in requests] == [GET[:2], ("POST", f"/api/v1/namespaces/{NS}/secrets")]
-    assert_no_secret_in(result, secret_strings(created_keys(requests[1][4]), tmp_path))
+    assert [r[:2] for r in requests] == [GET_TOKEN[:2], POST, GET[:2], POST]
+    assert_no_secret_in(result, secret_strings(created_keys(requests[3][4]), tmp_path))
 
 
 def test_forbidden_create_fails_with_a_clear_message_and_no_secret(emulator, keygen, tmp_path):
-    message = f'secrets is forbidden: User "system:serviceaccount:{NS}:atomo-curve-keygen" cannot create resource'
+    token = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": TOKEN_NAME, "namespace": NS}, "data": {}}
+    emulator.put(SECRETS, TOKEN_NAME, token)  # made by an earlier install
+    message = f'secrets is forbidden: User "system:serviceaccount:{NS}:atomo-keygen" cannot create resource'
     emulator.react(("post", SECRETS), kmock.KubernetesError(status=403, reason="Forbidden", message=message))
 
     result = keygen()
 
     assert result.returncode == 1
-    assert result.stdout == ""
+    assert result.stdout == f"Secret {NS}/{TOKEN_NAME}: exists, kept\n"
     assert result.stderr == (
-        f"curve-keygen: Secret {NS}/{NAME} not ensured: 403 Forbidden: {message} "
+        f"keygen: Secret {NS}/{NAME} not ensured: 403 Forbidden: {message} "
         "(the hook's Role must allow get and create on Secrets)\n"
     )
     requests = emulator.requests()
-    assert [r[:2] for r in requests] == [GET[:2], ("POST", f"/api/v1/namespaces/{NS}/secrets")]
-    assert_no_secret_in(result, secret_strings(created_keys(requests[1][4]), tmp_path))
+    assert [r[:2] for r in requests] == [GET_TOKEN[:2], GET[:2], POST]
+    assert_no_secret_in(result, secret_strings(created_keys(requests[2][4]), tmp_path))
 
 
-def test_forbidden_read_fails_before_any_key_is_made(emulator, keygen):
-    message = f'secrets "{NAME}" is forbidden: cannot get resource "secrets"'
+def test_forbidden_read_fails_before_anything_is_made(emulator, keygen):
+    message = f'secrets "{TOKEN_NAME}" is forbidden: cannot get resource "secrets"'
     emulator.react(("get", SECRETS), kmock.KubernetesError(status=403, reason="Forbidden", message=message))
 
     result = keygen()
 
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (
-        f"curve-keygen: Secret {NS}/{NAME} not ensured: 403 Forbidden: {message} "
+        f"keygen: Secret {NS}/{TOKEN_NAME} not ensured: 403 Forbidden: {message} "
         "(the hook's Role must allow get and create on Secrets)\n"
     )
-    assert emulator.requests() == [GET]
+    assert emulator.requests() == [GET_TOKEN]

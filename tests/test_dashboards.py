@@ -88,6 +88,16 @@ def test_dashboard_model(boards):
             assert grid["x"] + grid["w"] <= 24
     training = {v["name"] for v in boards["atomo-training"]["templating"]["list"]}
     assert {"run", "codec"} <= training
+    # Every panel and variable is scoped to the releases chosen: each selector of an atomo metric matches the
+    # namespace and release variables (releases sharing a Prometheus never mix on a panel).
+    for uid, board in boards.items():
+        names = [v["name"] for v in board["templating"]["list"]]
+        assert names[1:3] == ["namespace", "release"], uid
+        queries = [v["query"]["query"] for v in board["templating"]["list"] if v["type"] == "query"]
+        for expr in panel_exprs(board) + queries[2:]:  # after the namespace and release variables themselves
+            for selector in re.findall(r"\batomo_[a-z0-9_]+(\{[^}]*\})?", expr):
+                assert 'namespace=~"$namespace"' in selector and 'release=~"$release"' in selector, (uid, expr)
+            assert re.search(r"\batomo_[a-z0-9_]+\{", expr), (uid, expr)
     # Every panel of the training dashboard that has run-labelled series filters by the variables.
     for expr in panel_exprs(boards["atomo-training"]):
         labelled = {resolve(n) for n in metric_names(expr)} & {d.name for d in metrics.ALL_METRICS if "run" in d.labels}
@@ -97,8 +107,14 @@ def test_dashboard_model(boards):
 
 def test_latency_breakdown_covers_every_phase(boards):
     titles = {p["title"]: p for p in boards["atomo-training"]["panels"]}
-    stacked = titles["Step time split: compute, encode, communication"]
+    stacked = titles["Step time split: compute, encode, communication ($codec)"]
     assert stacked["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    # One stack per codec: the panel repeats for each codec chosen (each copy's $codec is that one codec), so
+    # no stack adds up the phases of two codecs.
+    assert stacked["repeat"] == "codec" and stacked["repeatDirection"] == "h"
+    codec = {v["name"]: v for v in boards["atomo-training"]["templating"]["list"]}["codec"]
+    assert codec["multi"] and codec["includeAll"]
+    assert all('codec=~"$codec"' in t["expr"] and t["expr"].count("sum by (codec)") == 2 for t in stacked["targets"])
     quantile_metrics = set()
     for expr in panel_exprs(boards["atomo-training"]):
         if expr.startswith("histogram_quantile("):
@@ -163,3 +179,92 @@ def test_promtool_unit_tests_of_every_alert(promtool):
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout + result.stderr
+
+
+def test_the_charts_rules_alert_only_on_their_own_release(promtool, tmp_path):
+    """The chart's PrometheusRule, rendered for release r1 in namespace ml, run by promtool on the series of two
+    releases: r1's lost worker, drops and missing control service fire with r1's labels; r2's never fire."""
+    from test_chart import template
+
+    result = template(
+        "--set", "monitoring.prometheusRule.enabled=true", "--namespace", "ml", "-s", "templates/prometheusrule.yaml"
+    )
+    assert result.returncode == 0, result.stderr
+    rule = yaml.safe_load(result.stdout)
+    assert rule["metadata"]["namespace"] == "ml"
+    release = "atomo"  # test_chart renders release "atomo"
+    for r in rule["spec"]["groups"][0]["rules"]:
+        assert "RELEASE_NAME" not in r["expr"] and "RELEASE_NAMESPACE" not in r["expr"]
+        assert f'namespace="ml", release="{release}"' in r["expr"], r["expr"]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    mine, other = f'namespace="ml", release="{release}"', 'namespace="ml", release="r2"'
+    tests = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "30s",
+        "tests": [
+            {
+                "interval": "30s",
+                "input_series": [
+                    {"series": f'atomo_ps_workers{{{labels}, instance="ps", job="ps"}}', "values": "4x9 3x20"}
+                    for labels in (mine, other)
+                ]
+                + [
+                    {"series": f'atomo_control_runs{{{labels}, state="running", job="control"}}', "values": "1x30"}
+                    for labels in (mine, other)
+                ]
+                + [
+                    {"series": f'atomo_run_step{{{mine}, run="a", codec="svd", job="ps"}}', "values": "0+10x30"},
+                    {"series": f'atomo_run_step{{{other}, run="b", codec="svd", job="ps"}}', "values": "0+10x30"},
+                ],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "7m",
+                        "alertname": "AtomoWorkerLost",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "namespace": "ml",
+                                    "release": release,
+                                    "instance": "ps",
+                                    "job": "ps",
+                                },
+                                "exp_annotations": {
+                                    "summary": "A worker was lost during a run",
+                                    "description": "1 fewer live workers than in the last 5 minutes while a run of "
+                                    f"release {release} (namespace ml) is running (the run goes on while at least "
+                                    "min_workers remain). A run that starts with fewer workers than the previous one "
+                                    "also fires this for up to 5 minutes.",
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "7m", "alertname": "AtomoControlDown", "exp_alerts": []},
+                ],
+            },
+            {  # only the other release's control service is scraped: this release's is down
+                "interval": "1m",
+                "input_series": [{"series": f'atomo_control_runs{{{other}, state="queued"}}', "values": "0x10"}],
+                "alert_rule_test": [
+                    {
+                        "eval_time": "5m",
+                        "alertname": "AtomoControlDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical", "namespace": "ml", "release": release},
+                                "exp_annotations": {
+                                    "summary": "The control service is down",
+                                    "description": f"No atomo_control_runs series of release {release} (namespace "
+                                    "ml) for 2 minutes: the control service is down or Prometheus no longer "
+                                    "scrapes it.",
+                                },
+                            }
+                        ],
+                    }
+                ],
+            },
+        ],
+    }
+    (tmp_path / "tests.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([promtool, "test", "rules", "tests.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

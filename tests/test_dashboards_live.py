@@ -6,6 +6,9 @@ before its PS is up: the 5xx panels), one malformed message on the PS's worker p
 (the dropped-messages panel and the drop-rate alert), and a run that ends while Prometheus scrapes (the
 run-duration histogram).
 
+Prometheus scrapes the four processes with the target labels the chart's ServiceMonitor adds (`namespace`,
+`release`), which the dashboards' first variables and every selector use.
+
 The rule for each kind of expression:
 - a panel target: a range query over the test's window, with the dashboard variables substituted as Grafana
   does ($run and $codec by the values their own variable queries return, $__rate_interval as Grafana computes
@@ -57,6 +60,7 @@ SPEC = {
     "checkpoint_every": 1000,
     "codec": {"name": "svd"},
 }
+RELEASE_LABELS = {"namespace": "atomo-live", "release": "live"}
 SELECTOR = re.compile(r"\batomo_[a-z0-9_]+(?:\{[^}]*\})?")
 LABEL_VALUES = re.compile(r"^label_values\((.+),\s*(\w+)\)$")
 
@@ -67,8 +71,10 @@ class Prometheus:
 
     def __init__(self, binary: str, tmp: Path, targets: dict[str, list[str]]):
         config = tmp / "prometheus.yml"
+        # The target labels the chart's ServiceMonitor gives every series: the namespace and the release.
+        scope = json.dumps(RELEASE_LABELS)
         jobs = "".join(
-            f"  - {{job_name: {job}, static_configs: [{{targets: {json.dumps(addrs)}}}]}}\n"
+            f"  - {{job_name: {job}, static_configs: [{{targets: {json.dumps(addrs)}, labels: {scope}}}]}}\n"
             for job, addrs in targets.items()
         )
         config.write_text(
@@ -196,6 +202,7 @@ def test_every_dashboard_and_rule_expression_returns_data(tmp_path, prometheus_b
                 values[variable["name"]] = "|".join(grafana_escape(v) for v in result)
                 checked += 1
         assert run_id in found["run"] and found["codec"] == ["svd"]
+        assert found["namespace"] == ["atomo-live"] and found["release"] == ["live"]
 
         def substitute(expr: str) -> str:
             for name, regex in values.items():

@@ -55,13 +55,55 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "atomo.curveSecretName" -}}
 {{- default (printf "%s-curve" (include "atomo.fullname" .)) .Values.curve.existingSecret }}
 {{- end }}
-{{- define "atomo.keygenName" -}}{{ include "atomo.fullname" . }}-curve-keygen{{- end }}
+{{- define "atomo.keygenName" -}}{{ include "atomo.fullname" . }}-keygen{{- end }}
 
 {{- define "atomo.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "atomo.control.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
 {{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The ServiceAccount of the PS or of a worker group (cloud identity: its annotations bind it to a cloud role):
+(dict "account" .Values.ps.serviceAccount "fullname" "atomo-ps"). Empty: the pod keeps the namespace's default.
+*/}}
+{{- define "atomo.roleServiceAccountName" -}}
+{{- if .account.create }}
+{{- default .fullname .account.name }}
+{{- else }}
+{{- .account.name }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling on a shared cluster: a role's own key, else the scheduling: default. (dict "root" $ "role" $ps) */}}
+{{- define "atomo.priorityClassName" -}}
+{{- .role.priorityClassName | default .root.Values.scheduling.priorityClassName }}
+{{- end }}
+
+{{/*
+priorityClassName, schedulerName and topologySpreadConstraints of a pod spec; a constraint without a
+labelSelector gets the pods' own selector labels (its role's, and its worker group's).
+(dict "root" $ "role" $w "selector" (dict ...labels)).
+*/}}
+{{- define "atomo.scheduling" -}}
+{{- with (include "atomo.priorityClassName" .) }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with (.role.schedulerName | default .root.Values.scheduling.schedulerName) }}
+schedulerName: {{ . }}
+{{- end }}
+{{- if .role.topologySpreadConstraints }}
+{{- $out := list }}
+{{- range .role.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" $.selector) }}
+{{- end }}
+{{- $out = append $out $constraint }}
+{{- end }}
+topologySpreadConstraints: {{- toYaml $out | nindent 2 }}
 {{- end }}
 {{- end }}
 
@@ -75,7 +117,8 @@ tcp://{{ include "atomo.ps.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Value
 
 {{/*
 Every enabled worker group as a list of dicts {name, fullname, values}: the main `workers:` group first,
-then each enabled additionalWorkerGroups entry (sorted by name) with its keys over the workers: block.
+then each enabled additionalWorkerGroups entry (sorted by name) with its keys over the workers: block (maps
+merged, except the placement keys below, which a group replaces).
 Returned as YAML; read it with `include "atomo.workerGroups" . | fromYaml`.
 */}}
 {{- define "atomo.workerGroups" -}}
@@ -86,9 +129,17 @@ groups:
 {{- range $name := keys .Values.additionalWorkerGroups | sortAlpha }}
 {{- $group := get $.Values.additionalWorkerGroups $name }}
 {{- if not $group.disabled }}
+{{- $values := mergeOverwrite (deepCopy $.Values.workers) (omit $group "disabled") }}
+{{- /* Where to run is replaced as a whole, never merged: a group's nodeSelector, affinity, tolerations and
+topologySpreadConstraints (even empty ones) stand alone. */}}
+{{- range $key := list "nodeSelector" "affinity" "tolerations" "topologySpreadConstraints" }}
+{{- if hasKey $group $key }}
+{{- $_ := set $values $key (get $group $key) }}
+{{- end }}
+{{- end }}
   - name: {{ $name }}
     fullname: {{ include "atomo.workers.fullname" $ }}-{{ $name }}
-    values: {{- toYaml (mergeOverwrite (deepCopy $.Values.workers) (omit $group "disabled")) | nindent 6 }}
+    values: {{- toYaml $values | nindent 6 }}
 {{- end }}
 {{- end }}
 {{- end }}
