@@ -7,6 +7,7 @@ peer sends can raise out of the loop.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -67,7 +68,7 @@ class ParameterServer:
         allow_remote_without_keys: bool = False,
     ):
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # new: private (run folders are)
         self.heartbeat_s = heartbeat_s
         self.check_every = check_every
         self.worker_timeout_s = worker_timeout_s
@@ -373,8 +374,11 @@ class ParameterServer:
             ]
         if op == "metrics":
             since = _int_field(request, "since", -1)
-            records = run.metrics_since(since) if self._is_current(request) else self._past(request).metrics()
-            records = [r for r in records if r["step"] > since][:MAX_RECORDS_PER_REPLY]
+            if self._is_current(request):
+                records = run.metrics_since(since, MAX_RECORDS_PER_REPLY)
+            else:
+                newer = (r for r in self._past(request).metrics() if r["step"] > since)
+                records = list(itertools.islice(newer, MAX_RECORDS_PER_REPLY))
             return [{"ok": True, "records": [json_safe(r) for r in records]}]
         if op == "events":
             since = _int_field(request, "since", 0)

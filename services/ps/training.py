@@ -21,6 +21,7 @@ the checkpoint on disk is then the last one written, always of finite weights.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import statistics
@@ -169,6 +170,7 @@ class Run:
         self.timed_out: set[str] = set()  # workers out of this run for missing a step's deadline
         self.workers_at_start: int | None = None
         self.events: list[dict] = rundir.events()
+        rundir.claim()
         self.write_error: Exception | None = None  # a failed write outside an entry point (see event())
         if not (rundir.path / "spec.json").exists():
             rundir.create(spec.model_dump(mode="json"))
@@ -221,17 +223,23 @@ class Run:
         self.totals = dict(checkpoint["totals"])
         self.wall_before = float(checkpoint["wall_s"])
         self.started_at = float(checkpoint["started_at"])
-        records = [r for r in self.rundir.metrics() if r["step"] <= self.step]
-        (self.rundir.path / "metrics.jsonl").unlink(missing_ok=True)
-        self.rundir.append_metrics(records)
-        for record in records:
-            self._add_timings(record)
-        self.records.extend(records)
-        if records:
-            self.last_loss = records[-1]["loss"]
-            accuracies = [r["test_accuracy"] for r in records if "test_accuracy" in r]
-            self.last_accuracy = accuracies[-1] if accuracies else None
+        try:
+            self.rundir.rewind_metrics(self.step, self._replay)
+        except BaseException:  # metrics.jsonl is as it was (a full disk): forget the part replayed
+            self.records.clear()
+            self.timing_sums = {k: [0.0, 0] for k in MEAN_TIMINGS}
+            self.last_loss = self.last_accuracy = None
+            raise
         self.event("resumed", {"step": self.step})
+
+    def _replay(self, record: dict) -> None:
+        """A record of an earlier life of this run, read back on resume: its figures count again, and the
+        last RECORDS_IN_MEMORY are kept in memory (metrics_since reads older ones from metrics.jsonl)."""
+        self._add_timings(record)
+        self.records.append(record)
+        self.last_loss = record["loss"]
+        if "test_accuracy" in record:
+            self.last_accuracy = record["test_accuracy"]
 
     def event(self, kind: str, detail: dict) -> None:
         """Record an event. The PS calls this outside the guarded entry points too (a worker rejoining), so a
@@ -779,10 +787,11 @@ class Run:
                 self.timing_sums[key][0] += record[key]
                 self.timing_sums[key][1] += 1
 
-    def metrics_since(self, since: int) -> list[dict]:
-        """Records with step > since: from memory, or from metrics.jsonl for steps no longer held."""
-        if not self.records or since >= self.records[0]["step"] - 1:
-            return [r for r in self.records if r["step"] > since]
-        flushed = [r for r in self.rundir.metrics() if r["step"] > since]
+    def metrics_since(self, since: int, limit: int) -> list[dict]:
+        """The first `limit` records with step > since: from memory, or streamed from metrics.jsonl for
+        steps no longer held."""
+        if self.records and since >= self.records[0]["step"] - 1:
+            return [r for r in self.records if r["step"] > since][:limit]
+        flushed = list(itertools.islice((r for r in self.rundir.metrics() if r["step"] > since), limit))
         last = flushed[-1]["step"] if flushed else since
-        return flushed + [r for r in self.records if r["step"] > last]
+        return (flushed + [r for r in self.records if r["step"] > last])[:limit]
