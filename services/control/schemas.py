@@ -34,6 +34,8 @@ class Run(BaseModel):
     mean_encode_s: float | None = None
     mean_compute_s: float | None = None
     mean_communication_s: float | None = None
+    workers_training: int | None = None  # workers holding a shard now (0 once the run ends)
+    workers_at_start: int | None = None  # workers when training started; fewer than spec.workers: said so
 
 
 class RunList(BaseModel):

@@ -766,6 +766,8 @@ class Run:
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
                 "error": self.error,
+                "workers_training": len(self.shards),
+                "workers_at_start": self.workers_at_start,
             }
         )
 
@@ -776,7 +778,6 @@ class Run:
             "dense_bytes": self.totals["dense_bytes"],
             "replica_checks": self.replica_checks,
             "replica_mismatches": self.replica_mismatches,
-            "workers_at_start": self.workers_at_start,
             "timed_out_workers": sorted(self.timed_out),
             "spec": self.spec.model_dump(mode="json"),
         }

@@ -12,6 +12,7 @@ from services.control.commands.common import (
     printable,
     reports_errors,
     short_time,
+    started_short,
 )
 from services.control.store import STATES
 
@@ -27,11 +28,19 @@ def run(args: argparse.Namespace) -> int:
     with client(args) as api:
         runs = api.runs(args.state, args.limit)["runs"]
     # Fixed widths: counts take at most 6 characters (1.23M) and figures 10 (1.23e+30), so rows stay aligned.
-    print(f"{'ID':<17} {'STATE':<9} {'STEP':>13} {'LOSS':>10} {'ACC':>6}  {'CREATED':<19}  NAME")
+    print(f"{'ID':<17} {'STATE':<9} {'STEP':>13} {'LOSS':>10} {'ACC':>6} {'WORKERS':>7}  {'CREATED':<19}  NAME")
     for r in runs:
         step = f"{compact_count(r['step'])}/{compact_count(r['total_steps'], '?')}"
         loss = compact_float(r["loss"])
         acc = compact_float(r["test_accuracy"], 3)
+        at_start = r.get("workers_at_start")
+        workers = f"{'-' if at_start is None else at_start}/{r['spec']['workers']}"
         created = short_time(r["created_at"])
-        print(f"{r['id']:<17} {r['state']:<9} {step:>13} {loss:>10} {acc:>6}  {created}  {printable(r['name'])}")
+        print(
+            f"{r['id']:<17} {r['state']:<9} {step:>13} {loss:>10} {acc:>6} {workers:>7}  {created}  "
+            + printable(r["name"])
+        )
+    short = [r["id"] for r in runs if started_short(r)]
+    if short:
+        print(f"WORKERS: at the start / requested; started with fewer workers than requested: {', '.join(short)}")
     return 0
