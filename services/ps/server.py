@@ -63,6 +63,7 @@ class ParameterServer:
         check_every: int = 10,
         worker_timeout_s: float = 120.0,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        plugin_decode_timeout_s: float | None = None,
         device: str = "auto",
         data_root: str | None = None,
         allow_remote_without_keys: bool = False,
@@ -73,6 +74,9 @@ class ParameterServer:
         self.check_every = check_every
         self.worker_timeout_s = worker_timeout_s
         self.step_timeout_s = step_timeout_s  # the least deadline of a step (Run.step_deadline_s)
+        # A plugin codec's decode of one gradient holds the loop at most this long (Run.decoding); by default
+        # less than the three heartbeat intervals after which a silent worker is declared lost.
+        self.plugin_decode_timeout_s = plugin_decode_timeout_s or 2 * heartbeat_s
         self.device = resolve_device(device)
         self.data_root = data_root
         self.ctx = zmq.Context()

@@ -13,17 +13,22 @@ leaves this run as a lost worker does, although it still heart-beats.
 
 A run can fail; the PS cannot. Every entry point the PS loop calls (`tick`, `on_gradient`,
 `on_worker_ready`, `on_worker_lost`, `cancel`) is guarded: an exception fails this run with its type and
-message in `error`. A non-finite value (a worker's loss, the aggregated loss or any other figure of a step's
-record, the model after an update, a test loss or accuracy) fails it with "training diverged at step N: ...";
+message in `error`. A plugin codec (another package's code) decodes under a time limit (the PS's
+`plugin_decode_timeout_s`): a decode that runs past it, or that rejects or chokes on its own messages, fails
+the run with an `error` naming the plugin and why, and the PS's loop goes on. A non-finite value (a worker's
+loss, the aggregated loss or any other figure of a step's record, the model after an update, a test loss or
+accuracy) fails it with "training diverged at step N: ...";
 the checkpoint on disk is then the last one written, always of finite weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import math
+import signal
 import statistics
 import threading
 import time
@@ -32,10 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atomo_core.codecs import load_plugin
 from atomo_core.data import BatchStream, load_dataset
 from services.common.protocol import Header, MsgType
 from services.common.replica import GradientError, Replica, learning_rate, run_device
-from services.common.spec import RunSpec
+from services.common.spec import CODECS, RunSpec
 from services.ps.evaluate import Evaluator
 from services.ps.rundir import RunDirectory
 
@@ -64,6 +70,35 @@ def non_finite(record: dict) -> list[str]:
 
 def _describe(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+class DecodeTimeout(BaseException):
+    """A decode ran past its time limit (a BaseException: a plugin's `except Exception` does not swallow it)."""
+
+
+class PluginFailure(Exception):
+    """A plugin codec hung, was too slow, or could not decode its own messages: the run fails with this."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise DecodeTimeout inside the block once it has run `seconds` (SIGALRM, so in the main thread only;
+    elsewhere no limit). Python code is interrupted where it is; a single C call that never returns is not
+    (the supervisor's liveness check restarts such a PS)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def entry_point(method):
@@ -141,6 +176,7 @@ class Run:
         self.rundir = rundir
         self.device = device
         self.labels = (run_id, spec.codec.name)
+        self.plugin = spec.codec.name if spec.codec.name not in CODECS else None  # a plugin codec's name
         self.state = "starting"
         self.error: str | None = None
         self.step = 0
@@ -185,6 +221,8 @@ class Run:
         """Load the data set, build the model (seeded) and resume from the checkpoint, off the PS's loop."""
         try:
             self.device = run_device(self.spec.device, self.device)
+            if self.plugin is not None:  # imported here, off the loop (and not under a decode's time limit)
+                load_plugin(self.plugin)
             train, test, info = load_dataset(self.spec.dataset, self.ps.data_root, seed=self.spec.seed)
             torch.manual_seed(self.spec.seed)
             self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)
@@ -343,9 +381,11 @@ class Run:
             self._end("cancelled")
 
     def crash(self, where: str, exc: Exception) -> None:
-        """An exception inside the run: log its traceback and fail the run with its type and message."""
+        """An exception inside the run: log its traceback and fail the run with its type and message (a
+        PluginFailure's message says it all)."""
         log.error("run %s: %s raised", self.run_id, where, exc_info=exc)
-        self._end("failed", f"{type(exc).__name__} in {where}: {exc}"[:MAX_ERROR_CHARS])
+        error = str(exc) if isinstance(exc, PluginFailure) else f"{type(exc).__name__} in {where}: {exc}"
+        self._end("failed", error[:MAX_ERROR_CHARS])
 
     def _diverged(self, what: str, step: int | None = None) -> None:
         self._end("failed", f"training diverged at step {self.step if step is None else step}: {what}")
@@ -523,12 +563,14 @@ class Run:
             return
         start = time.perf_counter()
         try:
-            messages = self.replica.parse_gradient(received.frames)
-            self.replica.accumulate(messages)
+            with self.decoding(f"worker {w.id}'s gradient of step {header.step}"):
+                messages = self.replica.parse_gradient(received.frames)
+                self.replica.accumulate(messages)
         except GradientError as exc:
             self.ps.drop(exc.reason, w.id, str(exc))
             if exc.reason == "bad_payload" and self.replica.summed:  # the sums may be partial: redo them
-                self.replica.rebuild([a.messages for a in self.current.accepted])
+                with self.decoding(f"the gradients of step {self.step} again"):
+                    self.replica.rebuild([a.messages for a in self.current.accepted])
             return
         decode_s = time.perf_counter() - start
         self.current.decode_s += decode_s
@@ -541,6 +583,33 @@ class Run:
         )
         self._check_digest(w, header.meta)
         self._maybe_finish_step()
+
+    @contextlib.contextmanager
+    def decoding(self, what: str):
+        """Decode `what` inside the block. With a plugin codec, under the PS's time limit, and a failure of the
+        plugin (the time limit, a message it rejects or names the wrong shape of, any exception it raises)
+        is a PluginFailure, which fails the run; a gradient with the wrong frame count or non-finite values
+        is dropped, as with the built-in codecs."""
+        if self.plugin is None:
+            yield
+            return
+        limit = self.ps.plugin_decode_timeout_s
+        try:
+            with time_limit(limit):
+                yield
+        except DecodeTimeout:
+            raise PluginFailure(
+                f"plugin codec {self.plugin!r} did not decode {what} within {limit:g} s (hung or too slow; "
+                "the PS's --plugin-decode-timeout-s)"
+            ) from None
+        except GradientError as exc:
+            if exc.reason in ("bad_frames", "non_finite"):
+                raise
+            raise PluginFailure(f"plugin codec {self.plugin!r} could not decode {what}: {exc}") from exc
+        except Exception as exc:
+            raise PluginFailure(
+                f"plugin codec {self.plugin!r} could not decode {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _reject_reason(self, w: WorkerInfo, header: Header) -> str | None:
         if header.run_id != self.run_id or self.state != "running" or self.finishing:
@@ -578,7 +647,8 @@ class Run:
         if step.k < 1 or len(step.accepted) < step.k or len(step.participants) < self.spec.min_workers:
             return  # below min_workers the run waits for workers to join (tick() fails it after a timeout)
         if not self.replica.sums_finite():  # a finite payload that decodes to inf: find it, leave it out
-            bad = self.replica.rebuild([a.messages for a in step.accepted])
+            with self.decoding(f"the gradients of step {self.step} again"):
+                bad = self.replica.rebuild([a.messages for a in step.accepted])
             for i in bad:
                 self.ps.drop("non_finite", step.accepted[i].worker, "gradient decodes to non-finite values")
                 step.participants.discard(step.accepted[i].worker)
