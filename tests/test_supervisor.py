@@ -1,7 +1,7 @@
 """The supervisor of `atomo up` with real processes, over real HTTP to its control service: a killed worker
 is restarted and takes its shard again mid-run; a run that started with fewer workers than asked says so in
-`atomo status` and `atomo runs`; a PS that hangs mid-run (SIGSTOP: alive but silent) is killed and restarted,
-and the run resumes and succeeds."""
+`atomo status` and `atomo runs` (which shows each run's model and codec); a PS that hangs mid-run (SIGSTOP:
+alive but silent) is killed and restarted, and the run resumes and succeeds."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_a_short_run_says_so_and_a_killed_worker_is_restarted_and_rejoins(up, mo
     assert main(["runs"]) == 0
     listing = capsys.readouterr().out
     row = next(line for line in listing.splitlines() if line.startswith(run_id))
-    assert " 1/2 " in row, listing
+    assert " 1/2 " in row and row.split()[2:4] == ["mlp", "qsgd"], listing
     assert f"started with fewer workers than requested: {run_id}" in listing
 
     (worker,) = api.cluster()["workers"]
