@@ -36,12 +36,14 @@ def run(args: argparse.Namespace) -> int:
     header = f"{'ID':<17} {'STATE':<9} {'MODEL':<9} {'CODEC':<10} {'STEP':>13} {'LOSS':>10} {'ACC':>6}"
     print(f"{header} {'WORKERS':>7}  {'CREATED':<19}  NAME")
     for r in runs:
-        model, codec = fit(r["spec"]["model"], 9), fit(printable(r["spec"]["codec"]["name"]), 10)
+        spec = r["spec"]
+        model = fit(printable(str(spec.get("model", "-"))), 9)
+        codec = fit(printable(str((spec.get("codec") or {}).get("name", "-"))), 10)
         step = f"{compact_count(r['step'])}/{compact_count(r['total_steps'], '?')}"
         loss = compact_float(r["loss"])
         acc = compact_float(r["test_accuracy"], 3)
         at_start = r.get("workers_at_start")
-        workers = f"{'-' if at_start is None else at_start}/{r['spec']['workers']}"
+        workers = f"{'-' if at_start is None else at_start}/{spec.get('workers', '-')}"
         created = short_time(r["created_at"])
         print(
             f"{r['id']:<17} {r['state']:<9} {model:<9} {codec:<10} {step:>13} {loss:>10} {acc:>6} {workers:>7}  "
