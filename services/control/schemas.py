@@ -69,6 +69,7 @@ class PSProcess(BaseModel):
     pid: int | None = None
     restarts: int = 0
     exit_status: int | None = None
+    cause: str | None = None  # "exited with status N", or why the supervisor killed it (hung)
     since: float | None = None
     log_tail: str | None = None
 
