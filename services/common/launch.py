@@ -1,6 +1,7 @@
 """A local cluster: one PS and N worker processes on loopback (`atomo train`, `atomo up`, the tests).
 
-Each process is `python -m services ps|worker ...` with its output in `<log_dir>/<name>.log`. The PS picks
+Each process is `python -m services ps|worker ...` with its output in `<log_dir>/<name>.log` (folder 0700,
+files 0600: see services/common/files.py). The PS picks
 free ports itself and prints them on a ready line, which `start()` reads; it then waits until every worker
 has registered (through the PS's control port). Metrics ports are chosen before anything starts (a base
 port and the next ones, or free ports), so they are known and printable in advance (`metrics_ports`).
@@ -31,6 +32,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from services.common.files import open_private, private_dir
 from services.common.ps_client import PSClient, PSUnavailable
 
 READY_TIMEOUT_S = 60.0
@@ -142,8 +144,8 @@ class LocalCluster:
     # -- processes -------------------------------------------------------------------------------------------
 
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it from here)
+        private_dir(self.log_dir)
+        log = open_private(self.log_dir / f"{name}.log", "ab")  # the child owns it from here
         env = {**self.env, PARENT_FD_ENV: str(self._parent_read)}
         argv = [sys.executable, "-m", "services", *args]
         try:

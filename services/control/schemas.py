@@ -34,6 +34,8 @@ class Run(BaseModel):
     mean_encode_s: float | None = None
     mean_compute_s: float | None = None
     mean_communication_s: float | None = None
+    workers_training: int | None = None  # workers holding a shard now (0 once the run ends)
+    workers_at_start: int | None = None  # workers when training started; fewer than spec.workers: said so
 
 
 class RunList(BaseModel):
@@ -67,6 +69,7 @@ class PSProcess(BaseModel):
     pid: int | None = None
     restarts: int = 0
     exit_status: int | None = None
+    cause: str | None = None  # "exited with status N", or why the supervisor killed it (hung)
     since: float | None = None
     log_tail: str | None = None
 

@@ -31,6 +31,8 @@ PROGRESS_FIELDS = (
     "mean_encode_s",
     "mean_compute_s",
     "mean_communication_s",
+    "workers_training",
+    "workers_at_start",
 )
 
 _SCHEMA = """

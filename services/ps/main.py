@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="least time a worker has to send a step's gradient before it leaves the run (default 60; the "
         "deadline grows to 20 times the median recent step time)",
     )
+    parser.add_argument(
+        "--plugin-decode-timeout-s",
+        type=positive_float,
+        default=_env("ATOMO_PLUGIN_DECODE_TIMEOUT_S", None, positive_float),
+        help="most time a plugin codec may take to decode one gradient; longer fails the run naming the plugin "
+        "(default: twice --heartbeat-s, so that the PS's loop never stalls long enough to lose its workers)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=_env("ATOMO_DEVICE", "auto"))
     parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
     parser.add_argument(
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
             check_every=args.check_every,
             worker_timeout_s=args.worker_timeout_s,
             step_timeout_s=args.step_timeout_s,
+            plugin_decode_timeout_s=args.plugin_decode_timeout_s,
             device=args.device,
             data_root=args.data_root,
             allow_remote_without_keys=args.allow_remote_without_keys,

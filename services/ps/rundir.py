@@ -1,20 +1,27 @@
 """A run's directory, `<state-dir>/runs/<run_id>/` (docs/architecture.md, "Run directory").
 
-spec.json, metrics.jsonl (one record per step), events.jsonl, checkpoint.pt (written to a temporary file,
-then renamed), summary.json (when the run ends). A run with a spec.json and no summary.json is unfinished:
-a restarted PS resumes it from its checkpoint.
+spec.json, metrics.jsonl (one record per step), events.jsonl, checkpoint.pt, summary.json (when the run ends).
+A run with a spec.json and no summary.json is unfinished: a restarted PS resumes it from its checkpoint.
+
+Every file that is replaced rather than appended to (spec.json, checkpoint.pt, summary.json, and
+metrics.jsonl when a resumed run drops the steps after its checkpoint) is written to a temporary file beside
+it, fsynced and renamed over it: a crash at any moment leaves the old file or the new one, and a failed
+write (a full disk) removes its temporary file and leaves the old one as it was. The run directories are
+private to the PS's user (folders 0700, files 0600): checkpoints hold the model.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from services.common.files import FILE_MODE, open_private, private_dir
 
 RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
@@ -33,26 +40,45 @@ def new_run_id(name: str) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _replace_atomically(path: Path, write: Callable) -> None:
+    """Write `path` through `write(file)` into a temporary file, fsync it, rename it over `path` and fsync
+    the folder. On any failure (ENOSPC) the temporary file is removed and `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open_private(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    _replace_atomically(path, lambda f: f.write(data))
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[bytes, dict]]:
+    """Each line of a JSON-lines file with its object, one at a time; a line cut short by a crash ends it."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                return
+            yield line if line.endswith(b"\n") else line + b"\n", obj
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                break  # a line cut short by a crash ends the file
-    return out
+    return [obj for _, obj in _jsonl_lines(path)]
 
 
 class RunDirectory:
@@ -61,7 +87,8 @@ class RunDirectory:
         self.path = Path(state_dir) / "runs" / run_id
 
     def create(self, spec: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
+        private_dir(self.path)
         _write_atomically(self.path / "spec.json", json.dumps(spec, indent=2).encode())
 
     def spec(self) -> dict:
@@ -75,11 +102,41 @@ class RunDirectory:
 
     def _append(self, name: str, objects: list[dict]) -> None:
         if objects:
-            with open(self.path / name, "a", encoding="utf-8") as f:
+            with open_private(self.path / name, "a") as f:
                 f.write("".join(json.dumps(o, allow_nan=False) + "\n" for o in objects))
 
-    def metrics(self) -> list[dict]:
-        return _read_jsonl(self.path / "metrics.jsonl")
+    def claim(self) -> None:
+        """Called by the run that starts or resumes here: the folders made 0700 and the files 0600 (a run
+        directory written before that rule), and the temporary files of a PS killed while writing removed."""
+        private_dir(self.path.parent)
+        private_dir(self.path)
+        for path in self.path.iterdir():
+            if not path.is_file() or path.is_symlink():
+                continue
+            if path.name.startswith(".") and path.name.endswith(".tmp"):
+                path.unlink()
+            else:
+                os.chmod(path, FILE_MODE)
+
+    def metrics(self) -> Iterator[dict]:
+        """The per-step records, read one at a time (a long run's history is never held whole)."""
+        return (record for _, record in _jsonl_lines(self.path / "metrics.jsonl"))
+
+    def rewind_metrics(self, step: int, each: Callable[[dict], None]) -> None:
+        """Keep only the records of steps up to `step` (a run resumed from its checkpoint at `step` redoes the
+        later ones), streaming them from metrics.jsonl into its replacement (see the module's doc), and
+        call `each` with every record kept."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+
+        def write(f) -> None:
+            for line, record in _jsonl_lines(path):
+                if record["step"] <= step:
+                    f.write(line)
+                    each(record)
+
+        _replace_atomically(path, write)
 
     def events(self) -> list[dict]:
         return _read_jsonl(self.path / "events.jsonl")
@@ -89,9 +146,7 @@ class RunDirectory:
         return self.path / "checkpoint.pt"
 
     def save_checkpoint(self, state: dict) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        _write_atomically(self.checkpoint_path, buffer.getvalue())
+        _replace_atomically(self.checkpoint_path, lambda f: torch.save(state, f))
 
     def load_checkpoint(self) -> dict | None:
         if not self.checkpoint_path.exists():

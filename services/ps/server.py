@@ -7,6 +7,7 @@ peer sends can raise out of the loop.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -62,16 +63,20 @@ class ParameterServer:
         check_every: int = 10,
         worker_timeout_s: float = 120.0,
         step_timeout_s: float = STEP_TIMEOUT_S,
+        plugin_decode_timeout_s: float | None = None,
         device: str = "auto",
         data_root: str | None = None,
         allow_remote_without_keys: bool = False,
     ):
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # new: private (run folders are)
         self.heartbeat_s = heartbeat_s
         self.check_every = check_every
         self.worker_timeout_s = worker_timeout_s
         self.step_timeout_s = step_timeout_s  # the least deadline of a step (Run.step_deadline_s)
+        # A plugin codec's decode of one gradient holds the loop at most this long (Run.decoding); by default
+        # less than the three heartbeat intervals after which a silent worker is declared lost.
+        self.plugin_decode_timeout_s = plugin_decode_timeout_s or 2 * heartbeat_s
         self.device = resolve_device(device)
         self.data_root = data_root
         self.ctx = zmq.Context()
@@ -373,8 +378,11 @@ class ParameterServer:
             ]
         if op == "metrics":
             since = _int_field(request, "since", -1)
-            records = run.metrics_since(since) if self._is_current(request) else self._past(request).metrics()
-            records = [r for r in records if r["step"] > since][:MAX_RECORDS_PER_REPLY]
+            if self._is_current(request):
+                records = run.metrics_since(since, MAX_RECORDS_PER_REPLY)
+            else:
+                newer = (r for r in self._past(request).metrics() if r["step"] > since)
+                records = list(itertools.islice(newer, MAX_RECORDS_PER_REPLY))
             return [{"ok": True, "records": [json_safe(r) for r in records]}]
         if op == "events":
             since = _int_field(request, "since", 0)

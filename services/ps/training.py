@@ -13,16 +13,22 @@ leaves this run as a lost worker does, although it still heart-beats.
 
 A run can fail; the PS cannot. Every entry point the PS loop calls (`tick`, `on_gradient`,
 `on_worker_ready`, `on_worker_lost`, `cancel`) is guarded: an exception fails this run with its type and
-message in `error`. A non-finite value (a worker's loss, the aggregated loss or any other figure of a step's
-record, the model after an update, a test loss or accuracy) fails it with "training diverged at step N: ...";
+message in `error`. A plugin codec (another package's code) decodes under a time limit (the PS's
+`plugin_decode_timeout_s`): a decode that runs past it, or that rejects or chokes on its own messages, fails
+the run with an `error` naming the plugin and why, and the PS's loop goes on. A non-finite value (a worker's
+loss, the aggregated loss or any other figure of a step's record, the model after an update, a test loss or
+accuracy) fails it with "training diverged at step N: ...";
 the checkpoint on disk is then the last one written, always of finite weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import logging
 import math
+import signal
 import statistics
 import threading
 import time
@@ -31,10 +37,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from atomo_core.codecs import load_plugin
 from atomo_core.data import BatchStream, load_dataset
 from services.common.protocol import Header, MsgType
 from services.common.replica import GradientError, Replica, learning_rate, run_device
-from services.common.spec import RunSpec
+from services.common.spec import CODECS, RunSpec
 from services.ps.evaluate import Evaluator
 from services.ps.rundir import RunDirectory
 
@@ -63,6 +70,35 @@ def non_finite(record: dict) -> list[str]:
 
 def _describe(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+class DecodeTimeout(BaseException):
+    """A decode ran past its time limit (a BaseException: a plugin's `except Exception` does not swallow it)."""
+
+
+class PluginFailure(Exception):
+    """A plugin codec hung, was too slow, or could not decode its own messages: the run fails with this."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise DecodeTimeout inside the block once it has run `seconds` (SIGALRM, so in the main thread only;
+    elsewhere no limit). Python code is interrupted where it is; a single C call that never returns is not
+    (the supervisor's liveness check restarts such a PS)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise DecodeTimeout
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def entry_point(method):
@@ -140,6 +176,7 @@ class Run:
         self.rundir = rundir
         self.device = device
         self.labels = (run_id, spec.codec.name)
+        self.plugin = spec.codec.name if spec.codec.name not in CODECS else None  # a plugin codec's name
         self.state = "starting"
         self.error: str | None = None
         self.step = 0
@@ -169,6 +206,7 @@ class Run:
         self.timed_out: set[str] = set()  # workers out of this run for missing a step's deadline
         self.workers_at_start: int | None = None
         self.events: list[dict] = rundir.events()
+        rundir.claim()
         self.write_error: Exception | None = None  # a failed write outside an entry point (see event())
         if not (rundir.path / "spec.json").exists():
             rundir.create(spec.model_dump(mode="json"))
@@ -183,6 +221,8 @@ class Run:
         """Load the data set, build the model (seeded) and resume from the checkpoint, off the PS's loop."""
         try:
             self.device = run_device(self.spec.device, self.device)
+            if self.plugin is not None:  # imported here, off the loop (and not under a decode's time limit)
+                load_plugin(self.plugin)
             train, test, info = load_dataset(self.spec.dataset, self.ps.data_root, seed=self.spec.seed)
             torch.manual_seed(self.spec.seed)
             self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)
@@ -221,17 +261,23 @@ class Run:
         self.totals = dict(checkpoint["totals"])
         self.wall_before = float(checkpoint["wall_s"])
         self.started_at = float(checkpoint["started_at"])
-        records = [r for r in self.rundir.metrics() if r["step"] <= self.step]
-        (self.rundir.path / "metrics.jsonl").unlink(missing_ok=True)
-        self.rundir.append_metrics(records)
-        for record in records:
-            self._add_timings(record)
-        self.records.extend(records)
-        if records:
-            self.last_loss = records[-1]["loss"]
-            accuracies = [r["test_accuracy"] for r in records if "test_accuracy" in r]
-            self.last_accuracy = accuracies[-1] if accuracies else None
+        try:
+            self.rundir.rewind_metrics(self.step, self._replay)
+        except BaseException:  # metrics.jsonl is as it was (a full disk): forget the part replayed
+            self.records.clear()
+            self.timing_sums = {k: [0.0, 0] for k in MEAN_TIMINGS}
+            self.last_loss = self.last_accuracy = None
+            raise
         self.event("resumed", {"step": self.step})
+
+    def _replay(self, record: dict) -> None:
+        """A record of an earlier life of this run, read back on resume: its figures count again, and the
+        last RECORDS_IN_MEMORY are kept in memory (metrics_since reads older ones from metrics.jsonl)."""
+        self._add_timings(record)
+        self.records.append(record)
+        self.last_loss = record["loss"]
+        if "test_accuracy" in record:
+            self.last_accuracy = record["test_accuracy"]
 
     def event(self, kind: str, detail: dict) -> None:
         """Record an event. The PS calls this outside the guarded entry points too (a worker rejoining), so a
@@ -335,9 +381,11 @@ class Run:
             self._end("cancelled")
 
     def crash(self, where: str, exc: Exception) -> None:
-        """An exception inside the run: log its traceback and fail the run with its type and message."""
+        """An exception inside the run: log its traceback and fail the run with its type and message (a
+        PluginFailure's message says it all)."""
         log.error("run %s: %s raised", self.run_id, where, exc_info=exc)
-        self._end("failed", f"{type(exc).__name__} in {where}: {exc}"[:MAX_ERROR_CHARS])
+        error = str(exc) if isinstance(exc, PluginFailure) else f"{type(exc).__name__} in {where}: {exc}"
+        self._end("failed", error[:MAX_ERROR_CHARS])
 
     def _diverged(self, what: str, step: int | None = None) -> None:
         self._end("failed", f"training diverged at step {self.step if step is None else step}: {what}")
@@ -515,12 +563,14 @@ class Run:
             return
         start = time.perf_counter()
         try:
-            messages = self.replica.parse_gradient(received.frames)
-            self.replica.accumulate(messages)
+            with self.decoding(f"worker {w.id}'s gradient of step {header.step}"):
+                messages = self.replica.parse_gradient(received.frames)
+                self.replica.accumulate(messages)
         except GradientError as exc:
             self.ps.drop(exc.reason, w.id, str(exc))
             if exc.reason == "bad_payload" and self.replica.summed:  # the sums may be partial: redo them
-                self.replica.rebuild([a.messages for a in self.current.accepted])
+                with self.decoding(f"the gradients of step {self.step} again"):
+                    self.replica.rebuild([a.messages for a in self.current.accepted])
             return
         decode_s = time.perf_counter() - start
         self.current.decode_s += decode_s
@@ -533,6 +583,33 @@ class Run:
         )
         self._check_digest(w, header.meta)
         self._maybe_finish_step()
+
+    @contextlib.contextmanager
+    def decoding(self, what: str):
+        """Decode `what` inside the block. With a plugin codec, under the PS's time limit, and a failure of the
+        plugin (the time limit, a message it rejects or names the wrong shape of, any exception it raises)
+        is a PluginFailure, which fails the run; a gradient with the wrong frame count or non-finite values
+        is dropped, as with the built-in codecs."""
+        if self.plugin is None:
+            yield
+            return
+        limit = self.ps.plugin_decode_timeout_s
+        try:
+            with time_limit(limit):
+                yield
+        except DecodeTimeout:
+            raise PluginFailure(
+                f"plugin codec {self.plugin!r} did not decode {what} within {limit:g} s (hung or too slow; "
+                "the PS's --plugin-decode-timeout-s)"
+            ) from None
+        except GradientError as exc:
+            if exc.reason in ("bad_frames", "non_finite"):
+                raise
+            raise PluginFailure(f"plugin codec {self.plugin!r} could not decode {what}: {exc}") from exc
+        except Exception as exc:
+            raise PluginFailure(
+                f"plugin codec {self.plugin!r} could not decode {what}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _reject_reason(self, w: WorkerInfo, header: Header) -> str | None:
         if header.run_id != self.run_id or self.state != "running" or self.finishing:
@@ -570,7 +647,8 @@ class Run:
         if step.k < 1 or len(step.accepted) < step.k or len(step.participants) < self.spec.min_workers:
             return  # below min_workers the run waits for workers to join (tick() fails it after a timeout)
         if not self.replica.sums_finite():  # a finite payload that decodes to inf: find it, leave it out
-            bad = self.replica.rebuild([a.messages for a in step.accepted])
+            with self.decoding(f"the gradients of step {self.step} again"):
+                bad = self.replica.rebuild([a.messages for a in step.accepted])
             for i in bad:
                 self.ps.drop("non_finite", step.accepted[i].worker, "gradient decodes to non-finite values")
                 step.participants.discard(step.accepted[i].worker)
@@ -758,6 +836,8 @@ class Run:
                 "started_at": self.started_at,
                 "finished_at": self.finished_at,
                 "error": self.error,
+                "workers_training": len(self.shards),
+                "workers_at_start": self.workers_at_start,
             }
         )
 
@@ -768,7 +848,6 @@ class Run:
             "dense_bytes": self.totals["dense_bytes"],
             "replica_checks": self.replica_checks,
             "replica_mismatches": self.replica_mismatches,
-            "workers_at_start": self.workers_at_start,
             "timed_out_workers": sorted(self.timed_out),
             "spec": self.spec.model_dump(mode="json"),
         }
@@ -779,10 +858,11 @@ class Run:
                 self.timing_sums[key][0] += record[key]
                 self.timing_sums[key][1] += 1
 
-    def metrics_since(self, since: int) -> list[dict]:
-        """Records with step > since: from memory, or from metrics.jsonl for steps no longer held."""
-        if not self.records or since >= self.records[0]["step"] - 1:
-            return [r for r in self.records if r["step"] > since]
-        flushed = [r for r in self.rundir.metrics() if r["step"] > since]
+    def metrics_since(self, since: int, limit: int) -> list[dict]:
+        """The first `limit` records with step > since: from memory, or streamed from metrics.jsonl for
+        steps no longer held."""
+        if self.records and since >= self.records[0]["step"] - 1:
+            return [r for r in self.records if r["step"] > since][:limit]
+        flushed = list(itertools.islice((r for r in self.rundir.metrics() if r["step"] > since), limit))
         last = flushed[-1]["step"] if flushed else since
-        return flushed + [r for r in self.records if r["step"] > last]
+        return (flushed + [r for r in self.records if r["step"] > last])[:limit]

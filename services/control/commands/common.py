@@ -85,7 +85,18 @@ def progress_line(run: dict) -> str:
         parts.append(f"test acc {compact_float(run['test_accuracy'])}")
     if run.get("compression_ratio") is not None:
         parts.append(f"compression {compact_float(run['compression_ratio'], 1)}x")
+    requested = run["spec"].get("workers", "?")
+    if run["state"] == "running" and run.get("workers_training") is not None:
+        parts.append(f"workers {run['workers_training']}/{requested}")
+    if started_short(run):
+        parts.append(f"started with {run['workers_at_start']} of {requested} workers")
     return "  ".join(parts)
+
+
+def started_short(run: dict) -> bool:
+    """Whether the run started training with fewer workers than its spec asked for (min_workers allows it)."""
+    at_start, requested = run.get("workers_at_start"), run["spec"].get("workers")
+    return at_start is not None and requested is not None and at_start < requested
 
 
 def short_time(iso: str | None) -> str:

@@ -4,7 +4,9 @@ In this order: resolve the API token (ATOMO_API_TOKEN, else --token-file, else t
 `<state-dir>/api-token`, made with mode 0600 on first use and replaced with --rotate-token), bind the HTTP
 port (a busy port fails here, before anything starts or any token is shown), start the cluster, print the
 URL, the token and every process's metrics endpoint, and serve until interrupted; then stop the workers and
-the PS. The PS is supervised: restarted if it dies (docs/control.md, "The PS supervisor").
+the PS. The processes are supervised (docs/control.md, "The supervisor"): the PS is restarted if it dies or
+stops answering on its control port for --ps-liveness-timeout-s, a worker if it dies. The state directory
+is made private (0700) when this creates it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import socket
 import sys
 from pathlib import Path
 
-from services.common.argtypes import port, positive_int
+from services.common.argtypes import port, positive_float, positive_int
 from services.control.commands.serve import add_server_arguments, serve
 
 TOKEN_FILE = "api-token"
@@ -46,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rotate-token", action="store_true", help=f"replace the token kept in <state-dir>/{TOKEN_FILE}"
     )
+    parser.add_argument(
+        "--ps-liveness-timeout-s",
+        type=positive_float,
+        help="restart the PS when its control port has not answered this long (default 60 s)",
+    )
 
 
 def bind_http(host: str, http_port: int) -> socket.socket:
@@ -60,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     from services.control.launchers import LocalLauncher
 
     state_dir = Path(args.state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     token_path = state_dir / TOKEN_FILE
     try:
         token = load_token(args.token_file)
@@ -78,7 +86,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"atomo up: cannot bind {args.host}:{args.port} ({why}); choose another --port", file=sys.stderr)
         return 1
     launcher = LocalLauncher(
-        state_dir, args.workers, supervise=True, threads=args.threads, metrics_base=args.metrics_port
+        state_dir,
+        args.workers,
+        supervise=True,
+        **({"liveness_timeout_s": args.ps_liveness_timeout_s} if args.ps_liveness_timeout_s else {}),
+        threads=args.threads,
+        metrics_base=args.metrics_port,
     )
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
