@@ -477,10 +477,11 @@ class KubernetesLauncher:
                 raise LaunchError(timed_out) from None
             if isinstance(reason, _TooLong):
                 raise LaunchError(f"could not {what}: the Kubernetes API's reply is longer than {reason}") from None
+            transient = isinstance(reason, NewConnectionError | ProtocolError | ConnectionError)  # refused, reset
+            if isinstance(reason, ProtocolError) and reason.args:  # ('Connection broken: ...', its cause)
+                reason = reason.args[0]
             detail = re.sub(r"^(<[^>]*>|\w+\([^)]*\)): ", "", str(reason)) or type(reason).__name__
-            if isinstance(reason, NewConnectionError | ProtocolError | ConnectionError):
-                raise _Transient(f"{failed}: {detail}") from None  # refused or reset: no answer came
-            raise LaunchError(f"{failed}: {detail}") from None
+            raise (_Transient if transient else LaunchError)(f"{failed}: {detail}") from None
         if deadline.expired:  # cut off mid-answer: what was read is not the whole reply
             raise LaunchError(timed_out)
         if not data:
