@@ -505,7 +505,7 @@ class KubernetesLauncher:
             pass
         if status == 0:  # the client's own failure (e.g. TLS), not an HTTP status
             return f"could not {what}: the Kubernetes API at {self._host()} failed: {reason}"
-        message = message[:MAX_API_MESSAGE_CHARS]
+        reason, message = str(reason)[:MAX_API_MESSAGE_CHARS], str(message)[:MAX_API_MESSAGE_CHARS]
         hint = {
             401: "the control service's credentials were rejected",
             403: "the control service's ServiceAccount is not allowed to; the chart's Role grants get "
