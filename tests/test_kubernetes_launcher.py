@@ -112,11 +112,12 @@ class Emulator:
 
 
 class RawAPI:
-    """An HTTP/1.1 server on 127.0.0.1 that answers each request as `answer(method, path)` says, a tuple
-    (status, body bytes, drip): drip None sends the answer at once, "head" sends all of it a byte every
-    DRIP_S (the status line first), "body" sends the head at once and the body a byte every DRIP_S. Records
-    every request as the emulator does: (method, path, query, content type, JSON body), and in `delivered`
-    whether each answer went out whole (False: the client shut the connection first)."""
+    """An HTTP/1.1 server on 127.0.0.1 that answers each request as `answer(method, path)` says: None closes
+    the connection without an answer, else a tuple (status, body bytes, drip): drip None sends it at once,
+    "head" sends all of it a byte every DRIP_S (the status line first), "body" sends the head at once and the
+    body a byte every DRIP_S. Records every request as the emulator does: (method, path, query, content
+    type, JSON body), and in `delivered` whether each answer went out whole (False: the client shut the
+    connection first)."""
 
     DRIP_S = 0.05
 
@@ -156,7 +157,10 @@ class RawAPI:
                 self.requests.append(
                     (method, url.path, query, headers.get("content-type"), json.loads(body) if body else None)
                 )
-                status, payload, drip = self.answer(method, url.path)
+                answer = self.answer(method, url.path)
+                if answer is None:
+                    return
+                status, payload, drip = answer
                 head = f"HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n"
                 head = (head + f"Content-Length: {len(payload)}\r\n\r\n").encode()
                 at_once = {None: len(head) + len(payload), "head": 0, "body": len(head)}[drip]
@@ -697,6 +701,22 @@ def test_a_long_retry_after_is_capped_and_the_tries_are_bounded(emulator):
         outcome[0],
     )
     assert emulator.requests() == [GET_STS] * 3
+
+
+def test_a_connection_closed_without_an_answer_is_tried_again(raw_api):
+    closed = []
+
+    def answer(method, path):
+        if "/statefulsets/" not in path:
+            return 200, b'{"kind": "PodList", "items": []}', None
+        if not closed:
+            closed.append(path)
+            return None  # the connection closes before any answer (an API server restarting)
+        return 200, json.dumps(statefulset(replicas=1)).encode(), None
+
+    api = raw_api(answer)
+    assert make_launcher(api).pods() == []
+    assert api.requests == [GET_STS, GET_STS, LIST_PODS]
 
 
 @pytest.mark.parametrize("drip", ["head", "body"])

@@ -35,8 +35,9 @@ byte of the answer: an API server (or a proxy) that sends its answer a byte at a
 connection shut. A request refused with 429 or a transient 5xx (500, 502, 503, 504), or whose connection was
 refused or reset, is tried again up to `retries` more times, after a jittered exponential backoff (`backoff_s`
 doubling up to `max_backoff_s`, each wait drawn between half and all of that) or the answer's Retry-After
-when longer, capped at `max_retry_after_s`. A request without a complete answer by its deadline is not
-retried: the next poll tries again. Every request is idempotent (a GET, or a merge patch that sets replicas).
+when longer, capped at `max_retry_after_s`. A request without a complete answer by its deadline is not sent
+again, so that the deadline bounds it. Every request is idempotent (a GET, or a merge patch that sets
+replicas), so sending one again is safe.
 
 Errors. Every failure is a `LaunchError` whose message says what was refused or unreachable and why: an
 API error (401, 403, 404, 409, 422, 429, 5xx: the status, the API's reason and message, a hint, and how
@@ -349,7 +350,8 @@ class KubernetesLauncher:
 
     def pods(self) -> list[dict]:
         """Every worker pod: `name`, `statefulset`, `phase`, `ready`, `node`, `reason` (None when ready),
-        ordered by StatefulSet and ordinal. Raises LaunchError when the API refuses or does not answer."""
+        ordered by StatefulSet and ordinal. Raises LaunchError when the API refuses, does not answer in time or
+        answers with something else than the objects it sends."""
         out = []
         for group in self.groups:
             for pod in self._pods_of(group.name, self._get_statefulset(group.name)):
@@ -478,8 +480,9 @@ class KubernetesLauncher:
             if isinstance(reason, _TooLong):
                 raise LaunchError(f"could not {what}: the Kubernetes API's reply is longer than {reason}") from None
             transient = isinstance(reason, NewConnectionError | ProtocolError | ConnectionError)  # refused, reset
-            if isinstance(reason, ProtocolError) and reason.args:  # ('Connection broken: ...', its cause)
-                reason = reason.args[0]
+            if isinstance(reason, ProtocolError) and len(reason.args) == 2:  # ('Connection aborted.', its cause)
+                what_broke, cause = (str(arg) for arg in reason.args)
+                reason = what_broke if cause in what_broke else f"{what_broke.rstrip('.')}: {cause}"
             detail = re.sub(r"^(<[^>]*>|\w+\([^)]*\)): ", "", str(reason)) or type(reason).__name__
             raise (_Transient if transient else LaunchError)(f"{failed}: {detail}") from None
         if deadline.expired:  # cut off mid-answer: what was read is not the whole reply
