@@ -2,20 +2,30 @@
 
 The real `kubernetes` client talks to the emulator on loopback; every request it sends is recorded, so the
 tests check the exact requests (method, path, query, content type, body), the error paths (403, 404, 409,
-a request that times out, a refused connection) and the (apiGroup, resource, verb) set the code uses, which
-is `REQUIRED_RULES`, the rules the chart's Role must grant.
+429 and 5xx tried again, a request that times out, a refused connection) and the (apiGroup, resource, verb)
+set the code uses, which is `REQUIRED_RULES`, the rules the chart's Role must grant. What the emulator cannot
+do, an API server that answers a byte at a time or with a body that is not a Kubernetes object, a small raw
+HTTP server on loopback does (`RawAPI`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import email.utils
 import itertools
+import json
+import re
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.parse
 
 import kmock
 import pytest
+from helpers import wait_until
 from kubernetes import client as k8s_client
 
 from services.control.kubernetes import (
@@ -99,6 +109,93 @@ class Emulator:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(10)
+
+
+class RawAPI:
+    """An HTTP/1.1 server on 127.0.0.1 that answers each request as `answer(method, path)` says: None closes
+    the connection without an answer, else a tuple (status, body bytes, drip): drip None sends it at once,
+    "head" sends all of it a byte every DRIP_S (the status line first), "body" sends the head at once and the
+    body a byte every DRIP_S. Records every request as the emulator does: (method, path, query, content
+    type, JSON body), and in `delivered` whether each answer went out whole (False: the client shut the
+    connection first)."""
+
+    DRIP_S = 0.05
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.requests: list[tuple] = []
+        self.delivered: list[bool] = []
+        self._closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="raw-api", daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self._server.accept()
+            except OSError:
+                return
+            self._connections.append(connection)
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection):
+        with connection, connection.makefile("rb") as reader:
+            while not self._closed.is_set():
+                line = reader.readline()
+                if not line:
+                    return
+                method, target, _ = line.decode().split(" ", 2)
+                headers = {}
+                while (header := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = header.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                body = reader.read(int(headers.get("content-length", 0)))
+                url = urllib.parse.urlsplit(target)
+                query = dict(urllib.parse.parse_qsl(url.query))
+                self.requests.append(
+                    (method, url.path, query, headers.get("content-type"), json.loads(body) if body else None)
+                )
+                answer = self.answer(method, url.path)
+                if answer is None:
+                    return
+                status, payload, drip = answer
+                head = f"HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n"
+                head = (head + f"Content-Length: {len(payload)}\r\n\r\n").encode()
+                at_once = {None: len(head) + len(payload), "head": 0, "body": len(head)}[drip]
+                message = head + payload
+                try:
+                    connection.sendall(message[:at_once])
+                    for i in range(at_once, len(message)):
+                        if self._closed.wait(self.DRIP_S):
+                            return
+                        connection.sendall(message[i : i + 1])
+                except OSError:  # the client shut the connection mid-answer
+                    self.delivered.append(False)
+                    return
+                self.delivered.append(True)
+
+    def close(self):
+        self._closed.set()
+        self._server.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def raw_api():
+    """A factory of RawAPI servers, each closed after the test."""
+    servers = []
+
+    def start(answer):
+        servers.append(RawAPI(answer))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
 
 
 def rbac_rules(requests) -> set[tuple[str, str, str]]:
@@ -239,7 +336,8 @@ def api_client(url: str):
     return k8s_client.ApiClient(configuration)
 
 
-def make_launcher(emu: Emulator, groups=(MAIN,), idle: int = 0, timeout_s: float = 5.0) -> KubernetesLauncher:
+def make_launcher(emu, groups=(MAIN,), idle: int = 0, timeout_s: float = 5.0, **options) -> KubernetesLauncher:
+    """A launcher on `emu` (an Emulator or a RawAPI); retries back off 10 ms at first."""
     return KubernetesLauncher(
         NS,
         list(groups),
@@ -247,6 +345,7 @@ def make_launcher(emu: Emulator, groups=(MAIN,), idle: int = 0, timeout_s: float
         api_client=api_client(emu.url),
         request_timeout_s=timeout_s,
         poll_interval_s=0.01,
+        **{"backoff_s": 0.01, "max_backoff_s": 0.05} | options,
     )
 
 
@@ -470,17 +569,20 @@ FORBIDDEN = (
     ],
 )
 def test_api_errors_become_launch_errors_that_say_what_was_refused_and_why(emulator, status, reason, message, hint):
+    """A refusal is final at once; a 5xx is tried 3 more times (the default `retries`) before it is."""
     emulator.put(STATEFULSETS, MAIN, statefulset())
     emulator.react(("patch", STATEFULSETS), kmock.KubernetesError(status=status, reason=reason, message=message))
     with pytest.raises(LaunchError) as failure:
         make_launcher(emulator).scale_for_run(2)
-    assert str(failure.value) == (
+    text, tries = str(failure.value), 4 if status >= 500 else 1
+    assert text.startswith(
         f"the Kubernetes API refused to scale StatefulSet {NS}/{MAIN} to 2 replicas: {status} {reason}: {message} "
         f"({hint})"
     )
-    assert TOKEN not in str(failure.value)
+    assert text.endswith(f"({hint})") if tries == 1 else re.search(rf"\({hint}\); tried 4 times in [0-9.]+ s$", text)
+    assert TOKEN not in text
     assert failure.value.__cause__ is None  # raised `from None`: no client exception, headers or body passed on
-    assert emulator.requests() == [scale_request(MAIN, 2)]
+    assert emulator.requests() == [scale_request(MAIN, 2)] * tries
 
 
 def test_a_missing_statefulset_is_a_404_that_names_it(emulator):
@@ -532,8 +634,9 @@ def test_a_request_without_an_answer_times_out_as_a_launch_error(emulator):
         make_launcher(emulator, timeout_s=0.2).scale_for_run(2)
     assert str(failure.value) == (
         f"could not scale StatefulSet {NS}/{MAIN} to 2 replicas: the Kubernetes API at {emulator.url} failed: "
-        "no answer within 0.2 s"
+        "no complete answer within 0.2 s"
     )
+    assert emulator.requests() == [scale_request(MAIN, 2)]  # not sent again: the deadline is the request's budget
 
 
 def test_a_refused_connection_is_a_launch_error(emulator):
@@ -545,9 +648,174 @@ def test_a_refused_connection_is_a_launch_error(emulator):
     assert text.startswith(
         f"could not scale StatefulSet {NS}/{MAIN} to 2 replicas: the Kubernetes API at {emulator.url} failed: "
     )
-    assert text.endswith("failed: Failed to establish a new connection: [Errno 111] Connection refused")
+    assert re.search(
+        r"failed: Failed to establish a new connection: \[Errno 111\] Connection refused; tried 4 times in [0-9.]+ s$",
+        text,
+    )
     with pytest.raises(LaunchError, match="Connection refused"):
         launcher.pods()
+
+
+def status_reply(status: int, reason: str, message: str, retry_after: str | None = None):
+    """A Kubernetes Status answer as the API server sends it with `status`, for an emulator reaction."""
+    body = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "reason": reason}
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    return kmock.Response(status=status, headers=headers, payload=body | {"code": status})
+
+
+@pytest.mark.parametrize("retry_after", ["seconds", "date"])
+def test_throttled_and_unavailable_requests_are_tried_again_after_retry_after_and_backoff(emulator, retry_after):
+    """Retry-After as delta-seconds ("1") or as an HTTP date (2 s ahead, so at least 1 s once sent)."""
+    emulator.put(STATEFULSETS, MAIN, statefulset())
+    wait = "1" if retry_after == "seconds" else email.utils.formatdate(time.time() + 2, usegmt=True)
+    seen = {}  # id(request) -> (its place in order, when it came)
+
+    def nth(n):
+        return lambda request: seen.setdefault(id(request), (len(seen), time.monotonic()))[0] == n
+
+    def react():
+        throttled = status_reply(429, "TooManyRequests", "the server has received too many requests", wait)
+        emulator.handler["patch", STATEFULSETS, nth(0)] << throttled
+        emulator.handler["patch", STATEFULSETS, nth(1)] << status_reply(503, "ServiceUnavailable", "leader changed")
+
+    emulator.call(react)  # the third request: the emulator itself answers
+    assert make_launcher(emulator).scale_for_run(2) == {MAIN: 2}
+    assert emulator.requests() == [scale_request(MAIN, 2)] * 3
+    assert emulator.get(STATEFULSETS, MAIN)["spec"]["replicas"] == 2
+    first, second = sorted(when for _, when in seen.values())[:2]
+    assert second - first >= 0.9  # the 429's Retry-After (at least 1 s) was waited out, not the 10 ms backoff
+
+
+def test_a_long_retry_after_is_capped_and_the_tries_are_bounded(emulator):
+    emulator.put(STATEFULSETS, MAIN, statefulset())
+    emulator.react(("get", STATEFULSETS), status_reply(429, "TooManyRequests", "slow down", retry_after="3600"))
+    launcher = make_launcher(emulator, retries=2, max_retry_after_s=0.05)
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(launcher.explain(1)), daemon=True)
+    caller.start()
+    caller.join(60)  # an hour's Retry-After, capped at 50 ms
+    assert outcome, "the launcher waited out Retry-After: 3600"
+    assert re.fullmatch(
+        rf"the Kubernetes API refused to get StatefulSet {NS}/{MAIN}: 429 TooManyRequests: slow down \(the API "
+        r"server is throttling requests; the next try may succeed\); tried 3 times in [0-9.]+ s",
+        outcome[0],
+    )
+    assert emulator.requests() == [GET_STS] * 3
+
+
+def test_a_connection_closed_without_an_answer_is_tried_again(raw_api):
+    closed = []
+
+    def answer(method, path):
+        if "/statefulsets/" not in path:
+            return 200, b'{"kind": "PodList", "items": []}', None
+        if not closed:
+            closed.append(path)
+            return None  # the connection closes before any answer (an API server restarting)
+        return 200, json.dumps(statefulset(replicas=1)).encode(), None
+
+    api = raw_api(answer)
+    assert make_launcher(api).pods() == []
+    assert api.requests == [GET_STS, GET_STS, LIST_PODS]
+
+
+@pytest.mark.parametrize("drip", ["head", "body"])
+def test_an_answer_that_trickles_in_is_cut_off_at_the_requests_deadline(raw_api, drip):
+    """A byte every 50 ms never trips the socket's timeout; the request's deadline (1 s) ends it all the same,
+    once (a request without a complete answer is not sent again), and explain() says so instead of raising."""
+    api = raw_api(lambda method, path: (200, json.dumps(statefulset(replicas=1)).encode(), drip))
+    launcher = make_launcher(api, timeout_s=1.0)
+    timed_out = (
+        f"could not get StatefulSet {NS}/{MAIN}: the Kubernetes API at {api.url} failed: no complete answer within 1 s"
+    )
+    with pytest.raises(LaunchError) as failure:
+        launcher.pods()
+    assert str(failure.value) == timed_out
+    assert api.requests == [GET_STS]
+    wait_until(lambda: api.delivered, 10, "the server to see the connection shut")
+    assert api.delivered == [False]  # cut off mid-answer, not read to the end
+    assert launcher.explain(1) == timed_out
+    assert api.requests == [GET_STS] * 2
+
+
+POD_0 = pod(f"{MAIN}-0")
+
+
+@pytest.mark.parametrize(
+    "reply, problem",
+    [
+        (b"[]", "is an array, not a JSON object"),
+        (b"null", "is null, not a JSON object"),
+        (b"", "is empty"),
+        (b'{"items": [', "is not JSON"),
+        (b'{"items": "atomo-workers-0"}', "has items as a string, not an array"),
+        (b'{"items": [null]}', "has items[0] null or missing"),
+        (b'{"items": [7]}', "has items[0] as a whole number, not an object"),
+        (b'{"items": [{"metadata": {"labels": {}}}]}', "has items[0].metadata.name null or missing"),
+        (
+            json.dumps({"items": [POD_0 | {"status": {"conditions": "Ready"}}]}).encode(),
+            "has items[0].status.conditions as a string, not an array",
+        ),
+        (
+            json.dumps({"items": [POD_0 | {"status": {"containerStatuses": [{"state": {"waiting": 1}}]}}]}).encode(),
+            "has items[0].status.containerStatuses[0].state.waiting as a whole number, not an object",
+        ),
+        (
+            json.dumps({"items": [POD_0 | {"spec": {"nodeName": True}}]}).encode(),
+            "has items[0].spec.nodeName as a boolean, not a string",
+        ),
+    ],
+)
+def test_a_pod_list_that_is_not_what_the_api_sends_is_a_launch_error(raw_api, reply, problem):
+    def answer(method, path):
+        return (200, json.dumps(statefulset(replicas=1)).encode() if "/statefulsets/" in path else reply, None)
+
+    api = raw_api(answer)
+    launcher = make_launcher(api)
+    with pytest.raises(LaunchError) as failure:
+        launcher.pods()
+    assert str(failure.value) == (
+        f"could not list the pods of StatefulSet {NS}/{MAIN}: the Kubernetes API's reply {problem}"
+    )
+    assert failure.value.__cause__ is None
+    assert launcher.explain(1) == str(failure.value)  # never raises: the reason is the explanation
+    assert api.requests == [GET_STS, LIST_PODS] * 2
+
+
+@pytest.mark.parametrize(
+    "reply, error",
+    [
+        (b"[]", f"could not get StatefulSet {NS}/{MAIN}: the Kubernetes API's reply is an array, not a JSON object"),
+        (
+            json.dumps(statefulset() | {"spec": {"selector": "app=atomo"}}).encode(),
+            f"could not read StatefulSet {NS}/{MAIN}: the API's reply has spec.selector as a string, not an object",
+        ),
+        (
+            json.dumps(statefulset() | {"spec": {"selector": {"matchExpressions": [{"operator": "Exists"}]}}}).encode(),
+            f"could not read StatefulSet {NS}/{MAIN}: the API's reply has spec.selector.matchExpressions[0].key "
+            "null or missing",
+        ),
+    ],
+)
+def test_a_statefulset_that_is_not_what_the_api_sends_is_a_launch_error(raw_api, reply, error):
+    api = raw_api(lambda method, path: (200, reply, None))
+    launcher = make_launcher(api)
+    with pytest.raises(LaunchError, match=re.escape(error)):
+        launcher.pods()
+    assert launcher.explain(2) == error
+    with pytest.raises(LaunchError, match=re.escape(error)):
+        launcher.wait_for_workers(1, lambda: 0, timeout_s=0.01)
+    assert api.requests == [GET_STS] * 3
+
+
+def test_a_scale_answered_with_no_object_is_a_launch_error(raw_api):
+    api = raw_api(lambda method, path: (200, b"null", None))
+    with pytest.raises(LaunchError) as failure:
+        make_launcher(api).scale_for_run(2)
+    assert str(failure.value) == (
+        f"could not scale StatefulSet {NS}/{MAIN} to 2 replicas: the Kubernetes API's reply is null, not a JSON object"
+    )
+    assert api.requests == [scale_request(MAIN, 2)]
 
 
 # -- configuration -----------------------------------------------------------------------------------------------

@@ -4,10 +4,14 @@ emulated over real HTTP (kmock), the real scheduler thread and SQLite store.
 Checked: a run is submitted only once its `workers` are live at the PS, after one scale request; a run whose
 workers never come fails with the launcher's account of the pending pod; an API refusal fails only that run;
 the queue left empty scales the workers back to the idle count; GET /v1/cluster's pods come from the API.
+And with the real control service over real HTTP: a Kubernetes API that never finishes answering holds
+neither a run that has its workers, nor a cancel, nor /readyz.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 
 import pytest
@@ -18,6 +22,7 @@ from test_kubernetes_launcher import (  # noqa: E402  (the emulator and the obje
     PODS,
     STATEFULSETS,
     Emulator,
+    RawAPI,
     api_client,
     pending_unschedulable,
     pod,
@@ -25,7 +30,10 @@ from test_kubernetes_launcher import (  # noqa: E402  (the emulator and the obje
     statefulset,
 )
 
-from services.common.launch import LocalCluster  # noqa: E402
+from services.common.launch import LocalCluster, free_port  # noqa: E402
+from services.control import scheduler as scheduler_module  # noqa: E402
+from services.control.app import Settings, create_app  # noqa: E402
+from services.control.client import Client  # noqa: E402
 from services.control.kubernetes import KubernetesLauncher  # noqa: E402
 from services.control.scheduler import Scheduler  # noqa: E402
 from services.control.store import FINAL, Store  # noqa: E402
@@ -129,3 +137,115 @@ def test_an_api_refusal_fails_that_run_only(scheduler, emulator):
     assert "the workers could not be scaled" in run["reason"] and "403" in run["error"]
     assert "scale is forbidden for sa" in run["error"]
     assert scheduler._thread.is_alive()
+
+
+@pytest.mark.parametrize("api_fault", ["malformed", "stuck"])
+def test_a_timed_out_wait_fails_its_run_and_the_queue_moves_on_whatever_the_api_does(
+    cluster, tmp_path, monkeypatch, api_fault
+):
+    """The scale is answered, but every read gets `[]` (not an object) or an answer that never ends: the run
+    short of workers fails when its wait times out all the same (with the API's failure as the account of its
+    pods, or, stuck, without one after EXPLAIN_WAIT_S), and the next run is scaled for and succeeds."""
+    monkeypatch.setattr(scheduler_module, "EXPLAIN_WAIT_S", 1.0)
+
+    def answer(method, path):
+        if method == "PATCH":
+            return 200, json.dumps({"kind": "Scale", "spec": api.requests[-1][4]["spec"]}).encode(), None
+        if api_fault == "malformed":
+            return 200, b"[]", None
+        return 200, json.dumps({"kind": "Status", "padding": "x" * 10_000}).encode(), "head"
+
+    api = RawAPI(answer)
+    launcher = KubernetesLauncher(NS, [MAIN], api_client=api_client(api.url), request_timeout_s=300.0)
+    sched = Scheduler(
+        Store(tmp_path / "control.db"),
+        cluster.client(),
+        poll_interval_s=0.1,
+        scaler=launcher,
+        worker_wait_s=2.0,
+        release_after_s=600.0,
+    )
+    sched.start()
+    try:
+        short = sched.store.create_run({**SPEC, "workers": 2})
+        after = sched.store.create_run(SPEC)
+        sched.wake()
+        run = finished(sched, short["id"])
+        assert run["state"] == "failed"
+        why = {
+            "malformed": f"could not get StatefulSet {NS}/{MAIN}: the Kubernetes API's reply is an array, not a JSON "
+            "object",
+            "stuck": "the Kubernetes API did not say why within 1 s",
+        }[api_fault]
+        assert run["error"] == f"1 of 2 workers registered with the PS within 2 s; {why}"
+        assert finished(sched, after["id"])["state"] == "succeeded"
+        patches = [r[4] for r in api.requests if r[0] == "PATCH"]
+        assert patches == [{"spec": {"replicas": 2}}, {"spec": {"replicas": 1}}]
+    finally:
+        sched.stop()
+        api.close()
+
+
+class ControlService:
+    """The real control app (create_app) served by uvicorn on loopback, in a thread of this process (the
+    Kubernetes launcher needs an API client, which `atomo serve` builds only inside a pod)."""
+
+    def __init__(self, settings: Settings, scaler: KubernetesLauncher):
+        import uvicorn
+
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        config = uvicorn.Config(create_app(settings, scaler=scaler), host="127.0.0.1", port=port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="control-service", daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started, 30, "the control service to listen")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def test_a_stuck_kubernetes_api_holds_neither_runs_nor_cancels_nor_readyz(cluster, tmp_path):
+    """The API answers the scale to 1 worker at once; every other request (the pod listing from the first
+    poll on, the scale to 2) gets an answer a byte every 50 ms that would take minutes, under a request
+    deadline of 5 minutes. Meanwhile a run that has its worker trains to the end with its metrics, a run
+    waiting for its scale is cancelled, and /readyz says ready: none of it waits for the API."""
+
+    def answer(method, path):
+        if method == "PATCH" and api.requests[-1][4] == {"spec": {"replicas": 1}}:
+            return 200, json.dumps({"kind": "Scale", "spec": {"replicas": 1}}).encode(), None
+        return 200, json.dumps({"kind": "Status", "padding": "x" * 10_000}).encode(), "head"
+
+    api = RawAPI(answer)
+    scaler = KubernetesLauncher(NS, [MAIN], api_client=api_client(api.url), request_timeout_s=300.0)
+    settings = Settings(
+        db_path=str(tmp_path / "control.db"),
+        ps_endpoint=f"tcp://127.0.0.1:{cluster.control_port}",
+        poll_interval_s=0.1,
+        worker_wait_s=600.0,
+        release_after_s=600.0,
+    )
+    service = ControlService(settings, scaler)
+    try:
+        with Client(service.url) as control:
+            wait_until(lambda: any(r[0] == "GET" for r in api.requests), 30, "the pod listing to start")
+
+            trained = control.submit(SPEC)
+            run = wait_until(lambda: (r := control.run(trained["id"]))["state"] in FINAL and r, 120, "the run")
+            assert run["state"] == "succeeded", run
+            assert [r["step"] for r in control.metrics(trained["id"])["records"]] == [1, 2, 3]
+
+            waiting = control.submit({**SPEC, "workers": 2})
+            wait_until(lambda: {"spec": {"replicas": 2}} in [r[4] for r in api.requests], 30, "the scale to 2")
+            control.cancel(waiting["id"])
+            run = wait_until(lambda: (r := control.run(waiting["id"]))["state"] in FINAL and r, 30, "the cancel")
+            assert run["state"] == "cancelled", run
+
+            assert control.ready()
+            assert control.cluster()["reachable"]
+        assert api.delivered == [True]  # only the scale to 1 was answered: the rest is still trickling in
+        assert [r[0] for r in api.requests].count("PATCH") == 2
+    finally:
+        service.stop()
+        api.close()

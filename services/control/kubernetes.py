@@ -30,23 +30,44 @@ Every request this module sends, all in the one namespace (the chart's Role gran
 | ""       | events             | list  | GET /api/v1/namespaces/NS/events?fieldSelector=involvedObject.kind=KIND,  |
 |          |                    |       | involvedObject.name=NAME  (only while explaining a failed wait)           |
 
+Deadlines and retries. Each request has a total deadline of `request_timeout_s`, from sending it to the last
+byte of the answer: an API server (or a proxy) that sends its answer a byte at a time is cut off there, its
+connection shut. A request refused with 429 or a transient 5xx (500, 502, 503, 504), or whose connection was
+refused or reset, is tried again up to `retries` more times, after a jittered exponential backoff (`backoff_s`
+doubling up to `max_backoff_s`, each wait drawn between half and all of that) or the answer's Retry-After
+when longer, capped at `max_retry_after_s`. A request without a complete answer by its deadline is not sent
+again, so that the deadline bounds it. Every request is idempotent (a GET, or a merge patch that sets
+replicas), so sending one again is safe.
+
 Errors. Every failure is a `LaunchError` whose message says what was refused or unreachable and why: an
-API error (401, 403, 404, 409, 422, 429, 5xx: the status, the API's reason and message, and a hint), a
-request that got no answer within `request_timeout_s`, a refused connection, a missing in-cluster
-configuration. Nothing from the client's exceptions is passed on (no headers, no credentials).
+API error (401, 403, 404, 409, 422, 429, 5xx: the status, the API's reason and message, a hint, and how
+many tries it took), a request that got no complete answer within `request_timeout_s`, a refused connection,
+a reply that is not what the API sends (not a JSON object, `items` not a list, a pod without a name, a field
+of the wrong type, more than `MAX_REPLY_BYTES`), a missing in-cluster configuration. Nothing from the
+client's exceptions is passed on (no headers, no credentials). `explain()` never raises.
 
 The `kubernetes` package is an optional dependency: it is imported only when a launcher is built.
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
+import functools
+import itertools
 import json
+import logging
 import os
+import random
 import re
+import socket
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger("atomo.control")
 
 ENV_NAMESPACE = "ATOMO_K8S_NAMESPACE"
 ENV_WORKER_STATEFULSET = "ATOMO_K8S_WORKER_STATEFULSET"
@@ -64,8 +85,14 @@ REQUIRED_RULES = frozenset(
     }
 )
 
-DEFAULT_REQUEST_TIMEOUT_S = 10.0
+DEFAULT_REQUEST_TIMEOUT_S = 10.0  # the total deadline of one request, first byte sent to last byte read
 DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_RETRIES = 3  # more tries of a request refused with RETRY_STATUSES or whose connection failed
+DEFAULT_BACKOFF_S = 0.5  # the first wait before trying again; it doubles each time, up to the next
+DEFAULT_MAX_BACKOFF_S = 8.0
+DEFAULT_MAX_RETRY_AFTER_S = 30.0  # the longest wait a Retry-After header gets
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+MAX_REPLY_BYTES = 32 << 20  # a longer reply is refused (a pod list of thousands of pods is a few MiB)
 MAX_PODS_EXPLAINED = 5  # a failed wait names at most this many pods (and counts the rest)
 MAX_EVENTS_PER_OBJECT = 2  # the newest distinct Warning events quoted per pod or StatefulSet
 MAX_API_MESSAGE_CHARS = 500
@@ -138,8 +165,11 @@ class KubernetesLauncher:
     """Scales the worker StatefulSet(s) of one namespace per run; see the module's doc.
 
     `worker_statefulsets`: the groups, main first, each `NAME` or `NAME=MAX`. `api_client`: a
-    `kubernetes.client.ApiClient`; None loads the in-cluster configuration (the pod's ServiceAccount).
-    `request_timeout_s`: how long each API request may take. Thread-safe: it keeps no state between calls.
+    `kubernetes.client.ApiClient`; None loads the in-cluster configuration (the pod's ServiceAccount). The
+    launcher takes over its connection pool: each request keeps its deadline there, and urllib3's own retries
+    are off (the launcher retries, see the module's doc). `request_timeout_s`: the total deadline of each API
+    request; `retries`, `backoff_s`, `max_backoff_s`, `max_retry_after_s`: how a transient failure is tried
+    again. Thread-safe: it keeps no state between calls.
     """
 
     def __init__(
@@ -150,6 +180,10 @@ class KubernetesLauncher:
         api_client: Any = None,
         request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
         poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        retries: int = DEFAULT_RETRIES,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+        max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+        max_retry_after_s: float = DEFAULT_MAX_RETRY_AFTER_S,
     ):
         if not _NAME.match(namespace or "") or len(namespace) > 63:
             raise LaunchError(f"namespace {namespace!r}: not a valid namespace name")
@@ -159,8 +193,15 @@ class KubernetesLauncher:
             raise LaunchError(f"idle replicas must be >= 0, not {idle_replicas}")
         self.idle_replicas = idle_replicas
         split_workers(self.groups, idle_replicas)  # fails now if the groups cannot hold the idle replicas
+        if not request_timeout_s > 0 or retries < 0 or min(backoff_s, max_backoff_s, max_retry_after_s) < 0:
+            raise LaunchError(
+                "the request timeout must be > 0, and the retries, backoffs and Retry-After cap >= 0 "
+                f"(not {request_timeout_s}, {retries}, {backoff_s}, {max_backoff_s}, {max_retry_after_s})"
+            )
         self.request_timeout_s = request_timeout_s
         self.poll_interval_s = poll_interval_s
+        self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
+        self.max_retry_after_s = max_retry_after_s
         try:
             from kubernetes import client
         except ImportError as exc:
@@ -170,6 +211,7 @@ class KubernetesLauncher:
         if api_client is None:
             api_client = _in_cluster_client()
         self.api_client = api_client
+        _keep_deadlines(api_client)
         self._apps = client.AppsV1Api(api_client)
         self._core = client.CoreV1Api(api_client)
 
@@ -261,7 +303,15 @@ class KubernetesLauncher:
     def explain(self, count: int) -> str:
         """Why `count` workers are not all up, as the API reports it: for each StatefulSet of `plan(count)`,
         missing pods (with the StatefulSet's Warning events) and pods that are not ready (phase, conditions,
-        containers' reasons, Warning events). Never raises: an API failure becomes part of the text."""
+        containers' reasons, Warning events). Never raises: an API failure or a reply that is not what the API
+        sends becomes part of the text."""
+        try:
+            return self._explain(count)
+        except Exception as exc:  # a bug here must not hide why the workers are missing: say what is known
+            log.exception("could not explain the missing workers")
+            return f"the worker pods could not be examined ({type(exc).__name__}: {exc})"
+
+    def _explain(self, count: int) -> str:
         try:
             plan = self.plan(count)
         except LaunchError as exc:
@@ -272,8 +322,7 @@ class KubernetesLauncher:
             if replicas == 0:
                 continue
             try:
-                sts = self._get_statefulset(name)
-                pods = self._pods_of(sts)
+                pods = self._pods_of(name, self._get_statefulset(name))
             except LaunchError as exc:
                 problems.append(str(exc))
                 continue
@@ -301,10 +350,11 @@ class KubernetesLauncher:
 
     def pods(self) -> list[dict]:
         """Every worker pod: `name`, `statefulset`, `phase`, `ready`, `node`, `reason` (None when ready),
-        ordered by StatefulSet and ordinal. Raises LaunchError when the API refuses or does not answer."""
+        ordered by StatefulSet and ordinal. Raises LaunchError when the API refuses, does not answer in time or
+        answers with something else than the objects it sends."""
         out = []
         for group in self.groups:
-            for pod in self._pods_of(self._get_statefulset(group.name)):
+            for pod in self._pods_of(group.name, self._get_statefulset(group.name)):
                 ready = _pod_ready(pod)
                 out.append(
                     {
@@ -335,37 +385,36 @@ class KubernetesLauncher:
             f"get StatefulSet {self.namespace}/{name}", self._apps.read_namespaced_stateful_set, name, self.namespace
         )
 
-    def _pods_of(self, sts: dict) -> list[dict]:
-        """The pods that `sts` controls, by its selector and their ownerReferences, ordered by ordinal."""
-        name = sts["metadata"]["name"]
+    def _pods_of(self, name: str, sts: dict) -> list[dict]:
+        """The pods that StatefulSet `name` (`sts`, as read) controls, by its selector and their
+        ownerReferences, ordered by ordinal; each checked to have the shape this module reads."""
+        problem = _shape_error(sts, {"spec": {"selector": _SELECTOR}}, "")
+        if problem:
+            raise LaunchError(f"could not read StatefulSet {self.namespace}/{name}: the API's reply has {problem}")
         selector = label_selector((sts.get("spec") or {}).get("selector"))
         if not selector:
             raise LaunchError(f"StatefulSet {self.namespace}/{name} has no spec.selector, so its pods cannot be found")
-        listed = self._call(
-            f"list the pods of StatefulSet {self.namespace}/{name}",
-            self._core.list_namespaced_pod,
-            self.namespace,
-            label_selector=selector,
-        )
-        pods = [p for p in listed.get("items") or [] if _controlled_by(p, "StatefulSet", name)]
+        what = f"list the pods of StatefulSet {self.namespace}/{name}"
+        listed = self._call(what, self._core.list_namespaced_pod, self.namespace, label_selector=selector)
+        pods = [p for p in _items(listed, _POD, what) if _controlled_by(p, "StatefulSet", name)]
         return sorted(pods, key=lambda p: _ordinal(p["metadata"]["name"]))
 
     def _events_text(self, kind: str, name: str, already: str) -> str:
         """`; events: REASON: MESSAGE, ...`: the object's newest distinct Warning events that `already` does
         not quote; a failure to list them is said instead."""
+        what = f"list the events of {kind} {self.namespace}/{name}"
         try:
             listed = self._call(
-                f"list the events of {kind} {self.namespace}/{name}",
+                what,
                 self._core.list_namespaced_event,
                 self.namespace,
                 field_selector=f"involvedObject.kind={kind},involvedObject.name={name}",
             )
+            items = _items(listed, _EVENT, what)
         except LaunchError as exc:
             return f" (its events could not be read: {exc})"
         events = [
-            e
-            for e in listed.get("items") or []
-            if e.get("type") == "Warning" and (e.get("involvedObject") or {}).get("name") == name
+            e for e in items if e.get("type") == "Warning" and (e.get("involvedObject") or {}).get("name") == name
         ]
         events.sort(key=_event_time)
         quoted: list[str] = []
@@ -380,28 +429,73 @@ class KubernetesLauncher:
         return f" (events: {'; '.join(quoted)})" if quoted else ""
 
     def _call(self, what: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> dict:
-        """One API request, its JSON reply as a dict; any failure -> LaunchError naming `what` and why."""
+        """One API request, tried again after a transient failure (the module's doc says which and how), its
+        JSON reply as a dict; any failure -> LaunchError naming `what` and why."""
+        started = time.monotonic()
+        for tries in itertools.count(1):
+            try:
+                return self._request(what, method, args, kwargs)
+            except _Transient as failure:
+                if tries > self.retries:
+                    spent = time.monotonic() - started
+                    tried = f"; tried {tries} times in {spent:.1f} s" if tries > 1 else ""
+                    raise LaunchError(f"{failure}{tried}") from None
+                delay = self._backoff(tries, failure.retry_after)
+                log.warning("%s; trying again in %.1f s", failure, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _backoff(self, tries: int, retry_after: float | None) -> float:
+        """The wait before try `tries` + 1: jittered exponential, or the server's Retry-After (capped)."""
+        delay = min(self.max_backoff_s, self.backoff_s * 2 ** (tries - 1)) * random.uniform(0.5, 1.0)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_retry_after_s))
+        return delay
+
+    def _request(self, what: str, method: Callable[..., Any], args: tuple, kwargs: dict) -> dict:
+        """One try of `method` within the deadline; _Transient for a failure worth trying again."""
         from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError, MaxRetryError, NewConnectionError
+        from urllib3.exceptions import MaxRetryError, NewConnectionError, ProtocolError
         from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
+        failed = f"could not {what}: the Kubernetes API at {self._host()} failed"
+        timed_out = f"{failed}: no complete answer within {self.request_timeout_s:g} s"
+        deadline = _Deadline(self.request_timeout_s)
         try:
-            response = method(*args, _preload_content=False, _request_timeout=self.request_timeout_s, **kwargs)
-            data = response.data
+            with deadline:
+                response = method(*args, _preload_content=False, _request_timeout=self.request_timeout_s, **kwargs)
+                data = _read_reply(response)
         except ApiException as exc:
-            raise LaunchError(self._api_error(what, exc)) from None
-        except (HTTPError, OSError) as exc:
+            if deadline.expired:
+                raise LaunchError(timed_out) from None
+            text = self._api_error(what, exc)
+            if exc.status in RETRY_STATUSES:
+                raise _Transient(text, _retry_after(exc.headers)) from None
+            raise LaunchError(text) from None
+        except Exception as exc:  # the client's and urllib3's failures, whatever their type: none is passed on
             reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
             # NewConnectionError (e.g. connection refused) is also a TimeoutError in urllib3 2
-            if isinstance(reason, Urllib3Timeout) and not isinstance(reason, NewConnectionError):
-                detail = f"no answer within {self.request_timeout_s:g} s"
-            else:  # without urllib3's prefix naming the connection object
-                detail = re.sub(r"^(<[^>]*>|\w+\([^)]*\)): ", "", str(reason))
-            raise LaunchError(f"could not {what}: the Kubernetes API at {self._host()} failed: {detail}") from None
+            if deadline.expired or isinstance(reason, Urllib3Timeout) and not isinstance(reason, NewConnectionError):
+                raise LaunchError(timed_out) from None
+            if isinstance(reason, _TooLong):
+                raise LaunchError(f"could not {what}: the Kubernetes API's reply is longer than {reason}") from None
+            transient = isinstance(reason, NewConnectionError | ProtocolError | ConnectionError)  # refused, reset
+            if isinstance(reason, ProtocolError) and len(reason.args) == 2:  # ('Connection aborted.', its cause)
+                what_broke, cause = (str(arg) for arg in reason.args)
+                reason = what_broke if cause in what_broke else f"{what_broke.rstrip('.')}: {cause}"
+            detail = re.sub(r"^(<[^>]*>|\w+\([^)]*\)): ", "", str(reason)) or type(reason).__name__
+            raise (_Transient if transient else LaunchError)(f"{failed}: {detail}") from None
+        if deadline.expired:  # cut off mid-answer: what was read is not the whole reply
+            raise LaunchError(timed_out)
+        if not data:
+            raise LaunchError(f"could not {what}: the Kubernetes API's reply is empty")
         try:
-            return json.loads(data) if data else {}
+            reply = json.loads(data)
         except ValueError:
             raise LaunchError(f"could not {what}: the Kubernetes API's reply is not JSON") from None
+        if not isinstance(reply, dict):
+            raise LaunchError(f"could not {what}: the Kubernetes API's reply is {_kind(reply)}, not a JSON object")
+        return reply
 
     def _api_error(self, what: str, exc: Any) -> str:
         status = exc.status
@@ -414,7 +508,7 @@ class KubernetesLauncher:
             pass
         if status == 0:  # the client's own failure (e.g. TLS), not an HTTP status
             return f"could not {what}: the Kubernetes API at {self._host()} failed: {reason}"
-        message = message[:MAX_API_MESSAGE_CHARS]
+        reason, message = str(reason)[:MAX_API_MESSAGE_CHARS], str(message)[:MAX_API_MESSAGE_CHARS]
         hint = {
             401: "the control service's credentials were rejected",
             403: "the control service's ServiceAccount is not allowed to; the chart's Role grants get "
@@ -444,6 +538,220 @@ def _in_cluster_client() -> Any:
             f"no in-cluster Kubernetes configuration (is this a pod with a ServiceAccount?): {exc}"
         ) from None
     return client.ApiClient(configuration)
+
+
+class _Transient(LaunchError):
+    """A failure that the next try may not have: 429, a transient 5xx, a refused or reset connection."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class _TooLong(ValueError):
+    """A reply longer than MAX_REPLY_BYTES."""
+
+
+class _Deadline:
+    """`with _Deadline(seconds):` shuts the sockets of the requests this thread sends inside the block once
+    `seconds` have passed, so that a reply that trickles in cannot hold the request past its deadline (the
+    socket timeout only bounds each wait for a byte); `expired` says it did. A request sent after the
+    deadline fails at once. The connections learn the deadline from `_keep_deadlines`."""
+
+    _current = threading.local()
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._connections: list | None = []  # None once the block is left
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _Deadline._current.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._connections = None
+        _Deadline._current.deadline = None
+
+    @classmethod
+    def track(cls, connection: Any) -> bool:
+        """A connection of this thread sends a request: False if the deadline has passed, else it is watched."""
+        deadline = getattr(cls._current, "deadline", None)
+        if deadline is None:
+            return True
+        with deadline._lock:
+            if deadline.expired:
+                return False
+            if deadline._connections is not None:
+                deadline._connections.append(connection)
+        return True
+
+    def _expire(self) -> None:
+        with self._lock:
+            if self._connections is None:
+                return
+            self.expired = True
+            connections = list(self._connections)
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):  # the plain socket's shutdown, also for TLS: the reader gets EOF
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _keep_deadlines(api_client: Any) -> None:
+    """Make `api_client`'s connections keep each request's `_Deadline`, and switch off urllib3's retries
+    (the launcher's own retries back off; urllib3's would send a timed-out GET again)."""
+    manager = api_client.rest_client.pool_manager
+    manager.pool_classes_by_scheme = {
+        scheme: _deadline_pool(pool) for scheme, pool in manager.pool_classes_by_scheme.items()
+    }
+    manager.connection_pool_kw["retries"] = False
+    manager.clear()  # pools made before this keep neither
+
+
+@functools.cache
+def _deadline_pool(pool: type) -> type:
+    """A subclass of the urllib3 connection pool `pool` whose connections report to `_Deadline.track`."""
+    if getattr(pool, "keeps_deadlines", False):
+        return pool
+
+    class Connection(pool.ConnectionCls):
+        def request(self, *args: Any, **kwargs: Any) -> Any:
+            if not _Deadline.track(self):
+                raise ConnectionAbortedError("the request's deadline has passed")
+            return super().request(*args, **kwargs)
+
+    return type(f"Deadline{pool.__name__}", (pool,), {"ConnectionCls": Connection, "keeps_deadlines": True})
+
+
+def _read_reply(response: Any) -> bytes:
+    """The body of a urllib3 response, at most MAX_REPLY_BYTES (_TooLong beyond)."""
+    data = response.read(MAX_REPLY_BYTES + 1)
+    if len(data) > MAX_REPLY_BYTES:
+        response.close()  # not back to the pool: the rest of the reply is still on the connection
+        raise _TooLong(f"{MAX_REPLY_BYTES} bytes")
+    response.release_conn()
+    return data
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date); None when absent or unreadable."""
+    value = str((headers or {}).get("Retry-After") or "").strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when.tzinfo is not None else None
+
+
+# -- the shape of replies ---------------------------------------------------------------------------------------
+# A shape is a type, {field: shape} for an object (the key `str`: every field), [shape] for an array, or
+# _Required(shape). Fields that are missing or null pass unless required; only the fields this module reads
+# are described.
+
+
+@dataclass(frozen=True)
+class _Required:
+    shape: Any
+
+
+_CONDITION = {"type": str, "status": str, "reason": str, "message": str}
+_TERMINATED = {"exitCode": int, "reason": str}
+_CONTAINER = {
+    "name": str,
+    "state": {"waiting": {"reason": str, "message": str}, "terminated": _TERMINATED},
+    "lastState": {"terminated": _TERMINATED},
+}
+_POD = {
+    "metadata": _Required(
+        {
+            "name": _Required(str),
+            "deletionTimestamp": str,
+            "ownerReferences": [{"kind": str, "name": str, "controller": bool}],
+        }
+    ),
+    "spec": {"nodeName": str},
+    "status": {
+        "phase": str,
+        "reason": str,
+        "message": str,
+        "conditions": [_CONDITION],
+        "containerStatuses": [_CONTAINER],
+        "initContainerStatuses": [_CONTAINER],
+    },
+}
+_EVENT = {
+    "type": str,
+    "reason": str,
+    "message": str,
+    "involvedObject": {"name": str},
+    "lastTimestamp": str,
+    "eventTime": str,
+    "metadata": {"creationTimestamp": str},
+}
+_SELECTOR = {
+    "matchLabels": {str: str},
+    "matchExpressions": [{"key": _Required(str), "operator": _Required(str), "values": [str]}],
+}
+_KINDS = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a whole number",
+    float: "a number",
+}
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else _KINDS.get(type(value), type(value).__name__)
+
+
+def _shape_error(value: Any, shape: Any, where: str) -> str | None:
+    """`FIELD as KIND, not KIND` (or `FIELD null or missing`) where `value` first departs from `shape`."""
+    if isinstance(shape, _Required):
+        if value is None:
+            return f"{where} null or missing"
+        shape = shape.shape
+    if value is None:
+        return None
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"{where} as {_kind(value)}, not an object"
+        fields = value.items() if str in shape else ((key, value.get(key)) for key in shape)
+        for key, field in fields:
+            problem = _shape_error(field, shape.get(str, shape.get(key)), f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"{where} as {_kind(value)}, not an array"
+        for i, item in enumerate(value):
+            problem = _shape_error(item, _Required(shape[0]), f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if not isinstance(value, shape) or isinstance(value, bool) and shape is not bool:
+        return f"{where} as {_kind(value)}, not {_KINDS[shape]}"
+    return None
+
+
+def _items(listed: dict, shape: Any, what: str) -> list[dict]:
+    """The `items` of a list reply, each checked against `shape`; LaunchError naming the first misfit."""
+    problem = _shape_error(listed.get("items"), [shape], "items")
+    if problem:
+        raise LaunchError(f"could not {what}: the Kubernetes API's reply has {problem}")
+    return listed.get("items") or []
 
 
 def _controlled_by(pod: dict, kind: str, name: str) -> bool:

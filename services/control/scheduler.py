@@ -18,18 +18,30 @@ that as its error, when the launcher gave up on the run after a crash loop); a r
 With a worker scaler (`atomo serve --launcher kubernetes`, services/control/kubernetes.py), a claimed run is
 submitted to the PS only once its `workers` have registered there: the scaler scales the worker
 StatefulSet(s) to the run's `workers` when the run is claimed, each poll counts the live workers in the
-PS's status, and a run still short after `worker_wait_s` fails with the scaler's account of the pods that
-are not ready. Once no run is active and none is queued for `release_after_s`, the workers are scaled back
-to the idle count (idle GPUs go back to the cluster). Every scaler error fails the run it concerns with its
-message, or (release, pod listing) is logged and retried; none stops the loop.
+PS's status once that scale succeeded, and a run still short `worker_wait_s` after it was claimed fails
+with the scaler's account of the pods that are not ready (or, should that account take longer than
+`EXPLAIN_WAIT_S`, without it: a run whose wait timed out always fails, and the queue moves on). Once no run
+is active and none is queued for `release_after_s`, the workers are scaled back to the idle count (idle
+GPUs go back to the cluster). Every scaler error fails the run it concerns with its message, or (release,
+pod listing) is logged and retried; none stops the loop.
+
+The scaler's calls never run on the poll's thread: scaling and releasing run in order on one thread of
+their own, explaining a timed-out wait on a second, the pod listing on a third, and each poll collects what
+they finished. A slow or
+unreachable Kubernetes API holds those threads only (each request has a deadline), never the cancels, the
+PS's metrics and the PS's status that /readyz reports.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.control.store import FINAL, Store
@@ -42,12 +54,53 @@ log = logging.getLogger("atomo.control")
 
 PODS_REFRESH_S = 5.0  # GET /v1/cluster shows the worker pods as listed at most this long ago
 RELEASE_RETRY_S = 30.0  # a failed scale-down is tried again after this long
+EXPLAIN_WAIT_S = 60.0  # a run whose wait timed out fails without the pods' account if it takes longer
 
 _FINAL_REASONS = {
     "succeeded": "the PS finished every step",
     "failed": "the PS reported a failure",
     "cancelled": "the PS stopped the run",
 }
+
+
+class _Lane:
+    """Runs the calls given to `submit` one at a time, in that order, on a daemon thread of its own."""
+
+    def __init__(self, name: str):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def close(self) -> None:
+        """The thread ends after the call it is running, if any (it is not waited for)."""
+        self._calls.put(None)
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # handed to whoever collects the result
+                future.set_exception(exc)
+
+
+@dataclass
+class _WorkerWait:
+    """A claimed run's wait for its workers: its scale request, then the PS's count, then (timed out) the
+    scaler's account of the pods."""
+
+    wanted: int
+    deadline: float
+    scaled: Future
+    scale_seen: bool = False
+    ready: bool = False
+    explained: Future | None = None
+    timed_out_at: float = 0.0
+    live: int = 0
 
 
 class Scheduler:
@@ -72,9 +125,15 @@ class Scheduler:
         self.pods: list[dict] = []  # the worker pods as the scaler last listed them
         self.pods_error: str | None = None
         self._pods_at = -PODS_REFRESH_S
-        self._wait_deadline: dict[str, float] = {}  # run id -> when its wait for workers ends
+        self._listing: Future | None = None  # the pod listing under way
+        self._waits: dict[str, _WorkerWait] = {}  # run id -> its wait for workers
         self._idle_since: float | None = None
         self._released = False  # the workers are at the idle count (unknown at start: released once idle)
+        self._releasing: tuple[Future, int] | None = None  # the scale-down under way, and _scales when asked
+        self._scales = 0  # scale requests so far: a scale-down asked before the latest one does not count
+        lanes = ("atomo-k8s-scale", "atomo-k8s-explain", "atomo-k8s-pods") if scaler is not None else ()
+        self._lanes = [_Lane(name) for name in lanes]
+        self._scaler_lane, self._explain_lane, self._listing_lane = self._lanes or (None, None, None)
         self.run_duration = run_duration  # prometheus Histogram of finished runs' wall time, or None
         self.poll_interval_s = poll_interval_s
         self.lost_after_s = lost_after_s
@@ -97,6 +156,8 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for lane in self._lanes:
+            lane.close()
         self.store.close()
 
     def wake(self) -> None:
@@ -239,69 +300,90 @@ class Scheduler:
     # Worker scaling (Kubernetes) ----------------------------------------------------------------------
 
     def _workers_ready(self, run: dict) -> bool:
-        """Scale the workers for `run` when it is first seen here; True once its `workers` are live at the
-        PS. A scaling error or a wait past `worker_wait_s` fails the run with the reason."""
-        from services.control.kubernetes import LaunchError
-
-        run_id, wanted = run["id"], int(run["spec"]["workers"])
-        deadline = self._wait_deadline.get(run_id)
-        if deadline is None:
-            try:
-                plan = self.scaler.scale_for_run(wanted)
-            except LaunchError as exc:
-                self._finish(run, "failed", f"the workers could not be scaled: {exc}", error=str(exc))
-                return False
-            self._released = False
-            deadline = self._wait_deadline[run_id] = time.monotonic() + self.worker_wait_s
-            self.store.add_event(run_id, "workers_requested", {"workers": wanted, "statefulsets": plan})
-        live = sum(w.get("state") != "lost" for w in (self.cluster or {}).get("workers") or [])
-        if live >= wanted:
-            del self._wait_deadline[run_id]
+        """True once `run`'s workers are live at the PS, after its scale request (sent when the run is first
+        seen here) succeeded. A scaling error, or a wait past `worker_wait_s`, fails the run with the reason;
+        nothing here waits for the Kubernetes API (see the module's doc)."""
+        run_id, now = run["id"], time.monotonic()
+        wait = self._waits.get(run_id)
+        if wait is None:
+            wanted = int(run["spec"]["workers"])
+            scaled = self._scaler_lane.submit(self.scaler.scale_for_run, wanted)
+            wait = self._waits[run_id] = _WorkerWait(wanted, now + self.worker_wait_s, scaled)
+            self._released, self._scales = False, self._scales + 1
+        if wait.ready:
             return True
-        if time.monotonic() > deadline:
-            del self._wait_deadline[run_id]
-            reason = (
-                f"{live} of {wanted} workers registered with the PS within {self.worker_wait_s:.0f} s; "
-                + self.scaler.explain(wanted)
-            )
-            self._finish(run, "failed", reason, error=reason)
+        if not wait.scale_seen and wait.scaled.done():
+            if wait.scaled.exception() is not None:
+                error = _error_text(wait.scaled.exception())
+                self._finish(run, "failed", f"the workers could not be scaled: {error}", error=error)
+                return False
+            wait.scale_seen = True
+            plan = wait.scaled.result()
+            self.store.add_event(run_id, "workers_requested", {"workers": wait.wanted, "statefulsets": plan})
+        if wait.explained is None:
+            wait.live = sum(w.get("state") != "lost" for w in (self.cluster or {}).get("workers") or [])
+            if wait.scale_seen and wait.live >= wait.wanted:
+                wait.ready = True
+                return True
+            if now > wait.deadline:
+                wait.explained, wait.timed_out_at = self._explain_lane.submit(self.scaler.explain, wait.wanted), now
+        if wait.explained is not None and (wait.explained.done() or now - wait.timed_out_at > EXPLAIN_WAIT_S):
+            if not wait.explained.done():
+                why = f"the Kubernetes API did not say why within {EXPLAIN_WAIT_S:.0f} s"
+            elif wait.explained.exception() is not None:
+                why = _error_text(wait.explained.exception())
+            else:
+                why = wait.explained.result()
+            if not wait.scale_seen:
+                why = f"the scale request has not been answered; {why}"
+            reason = f"{wait.live} of {wait.wanted} workers registered with the PS within {self.worker_wait_s:.0f} s; "
+            self._finish(run, "failed", reason + why, error=reason + why)
         return False
 
     def _release_when_idle(self, busy: bool) -> None:
         """Scale the workers to the idle count once nothing has been active or queued for `release_after_s`."""
-        from services.control.kubernetes import LaunchError
-
         now = time.monotonic()
+        if self._releasing is not None and self._releasing[0].done():
+            (released, scales), self._releasing = self._releasing, None
+            if released.exception() is not None:
+                error = _error_text(released.exception())
+                log.warning("could not scale the idle workers down (retrying in %.0f s): %s", RELEASE_RETRY_S, error)
+                self._idle_since = now - self.release_after_s + RELEASE_RETRY_S
+            elif scales == self._scales:  # no run asked for workers since
+                self._released = True
+                log.info("queue empty: workers scaled to %s", released.result())
         if busy or self.store.active_runs() or self.store.next_queued() is not None:
             self._idle_since = None
             return
         self._idle_since = self._idle_since if self._idle_since is not None else now
-        if self._released or now - self._idle_since < self.release_after_s:
+        if self._released or self._releasing is not None or now - self._idle_since < self.release_after_s:
             return
-        try:
-            plan = self.scaler.release()
-        except LaunchError as exc:
-            log.warning("could not scale the idle workers down (retrying in %.0f s): %s", RELEASE_RETRY_S, exc)
-            self._idle_since = now - self.release_after_s + RELEASE_RETRY_S
-            return
-        self._released = True
-        log.info("queue empty: workers scaled to %s", plan)
+        self._releasing = (self._scaler_lane.submit(self.scaler.release), self._scales)
 
     def _refresh_pods(self) -> None:
-        from services.control.kubernetes import LaunchError
-
+        if self._listing is not None:
+            if not self._listing.done():
+                return
+            if self._listing.exception() is not None:
+                self.pods_error = _error_text(self._listing.exception())
+            else:
+                self.pods, self.pods_error = self._listing.result(), None
+            self._listing = None
         now = time.monotonic()
-        if now - self._pods_at < PODS_REFRESH_S:
-            return
-        self._pods_at = now
-        try:
-            self.pods, self.pods_error = self.scaler.pods(), None
-        except LaunchError as exc:
-            self.pods_error = str(exc)
+        if now - self._pods_at >= PODS_REFRESH_S:
+            self._pods_at = now
+            self._listing = self._listing_lane.submit(self.scaler.pods)
 
     def _finish(self, run: dict, state: str, reason: str, error: str | None = None) -> None:
-        self._wait_deadline.pop(run["id"], None)
+        self._waits.pop(run["id"], None)
         if self.store.transition(run["id"], state, reason, error=error) and self.run_duration is not None:
             finished = self.store.get_run(run["id"])
             if finished["started_at"] is not None:
                 self.run_duration.observe(finished["finished_at"] - finished["started_at"])
+
+
+def _error_text(exc: BaseException) -> str:
+    """A scaler's error as the run's error: a LaunchError's message as is, anything else with its type."""
+    from services.control.kubernetes import LaunchError
+
+    return str(exc) if isinstance(exc, LaunchError) else f"{type(exc).__name__}: {exc}"
