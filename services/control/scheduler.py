@@ -22,8 +22,10 @@ PS's status once that scale succeeded, and a run still short `worker_wait_s` aft
 with the scaler's account of the pods that are not ready (or, should that account take longer than
 `EXPLAIN_WAIT_S`, without it: a run whose wait timed out always fails, and the queue moves on). Once no run
 is active and none is queued for `release_after_s`, the workers are scaled back to the idle count (idle
-GPUs go back to the cluster). Every scaler error fails the run it concerns with its message, or (release,
-pod listing) is logged and retried; none stops the loop.
+GPUs go back to the cluster). The wait is all or nothing: a run whose wait failed (timed out, or its scale
+refused) has its workers scaled back to the idle count at once, so the GPUs of a partly scheduled group are
+not held while it is short; the next run asks for its own. Every scaler error fails the run it concerns
+with its message, or (release, pod listing) is logged and retried; none stops the loop.
 
 The scaler's calls never run on the poll's thread: scaling and releasing run in order on one thread of
 their own, explaining a timed-out wait on a second, the pod listing on a third, and each poll collects what
@@ -316,6 +318,7 @@ class Scheduler:
             if wait.scaled.exception() is not None:
                 error = _error_text(wait.scaled.exception())
                 self._finish(run, "failed", f"the workers could not be scaled: {error}", error=error)
+                self._release_now()  # a group of several StatefulSets may have been scaled in part
                 return False
             wait.scale_seen = True
             plan = wait.scaled.result()
@@ -338,7 +341,14 @@ class Scheduler:
                 why = f"the scale request has not been answered; {why}"
             reason = f"{wait.live} of {wait.wanted} workers registered with the PS within {self.worker_wait_s:.0f} s; "
             self._finish(run, "failed", reason + why, error=reason + why)
+            self._release_now()
         return False
+
+    def _release_now(self) -> None:
+        """All or nothing: scale the workers of a run whose wait failed back to the idle count now (queued on
+        the scaler's lane, so a later run's scale comes after it), not `release_after_s` later."""
+        if self._releasing is None:
+            self._releasing = (self._scaler_lane.submit(self.scaler.release), self._scales)
 
     def _release_when_idle(self, busy: bool) -> None:
         """Scale the workers to the idle count once nothing has been active or queued for `release_after_s`."""
