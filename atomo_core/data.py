@@ -9,14 +9,16 @@ Data sets (`load_dataset(name)`):
   upsampled to 1x32x32, with a fixed stratified split of 1,497 training and 300 test images. No download.
 - "synthetic": 3x32x32 images of 10 classes, a smooth class-dependent mean image plus Gaussian noise;
   seeded and sized by the caller, for speed tests.
-- "cifar10", "cifar100", "svhn", "mnist": through torchvision (`pip install 'atomo[vision]'`), found or
-  downloaded under `root`; MNIST is zero-padded to 32x32.
+- "cifar10", "cifar100", "svhn", "mnist": through torchvision (the `vision` extra, `pip install -e '.[vision]'`;
+  `torchvision_problem()` says why it does not import), found or downloaded under `root`; MNIST is
+  zero-padded to 32x32.
 Images are float32, normalised per channel to zero mean and unit variance with training-set statistics.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -26,6 +28,10 @@ from torch.nn import functional as F
 
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 VISION = ("cifar10", "cifar100", "svhn", "mnist")
+VISION_INSTALL = (
+    "install the vision extra: pip install -e '.[vision]' in the atomo source folder; torchvision must be built "
+    "for the installed torch (for a CPU torch: pip install torchvision --index-url https://download.pytorch.org/whl/cpu)"
+)
 DEFAULT_ROOT = Path("~/.cache/atomo/data").expanduser()
 IMAGE_SIZE = 32
 DIGITS_TEST_SIZE = 300
@@ -155,11 +161,37 @@ def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10
     return Split(images[:train_size], labels[:train_size]), Split(images[train_size:], labels[train_size:])
 
 
-def _vision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+@functools.cache
+def torchvision_problem() -> str | None:
+    """Why torchvision cannot be used in this process ('ModuleNotFoundError: ...'), or None when it imports.
+
+    A torchvision built for another torch fails on import with a RuntimeError or an OSError (a missing
+    operator or library), not only ImportError, so any exception counts. Tried once per process.
+    """
     try:
-        from torchvision import datasets
-    except ImportError as e:
-        raise ImportError(f"data set {name!r} needs torchvision: install atomo[vision]") from e
+        import torchvision  # noqa: F401
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def vision_unavailable_message(name: str) -> str | None:
+    """For a torchvision data set `name` where torchvision does not import: the error a user sees (what is
+    missing and how to install it); else None."""
+    problem = torchvision_problem() if name in VISION else None
+    return (
+        None
+        if problem is None
+        else f"{name} needs torchvision, which does not import here ({problem}); {VISION_INSTALL}"
+    )
+
+
+def _vision(name: str, root: Path, download: bool) -> tuple[Split, Split]:
+    message = vision_unavailable_message(name)
+    if message is not None:
+        raise ImportError(f"data set {message}")
+    from torchvision import datasets
+
     try:
         if name == "svhn":
             train, test = (datasets.SVHN(root, split=s, download=download) for s in ("train", "test"))

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import os
+import platform
+import re
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,9 +32,38 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _installed(name: str) -> str:
+    """The installed version of distribution `name` (read from its metadata: nothing is imported), or
+    'not installed'."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _atomo_version() -> str:
+    """The project's version: from the pyproject.toml beside the package when it runs from a source tree (an
+    editable install or PYTHONPATH), else from the installed metadata."""
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.MULTILINE)
+    except OSError:
+        found = None
+    return found.group(1) if found else _installed("atomo")
+
+
+def version() -> str:
+    """'atomo 0.1.0 (python 3.11.2, torch 2.13.0, torchvision not installed)': what a bug report needs."""
+    return (
+        f"atomo {_atomo_version()} (python {platform.python_version()}, torch {_installed('torch')}, "
+        f"torchvision {_installed('torchvision')})"
+    )
+
+
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `selected`, only that command's module is imported (torch loads only if it needs it)."""
     parser = argparse.ArgumentParser(prog="atomo", description="ATOMO: communication-efficient distributed training")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)

@@ -132,14 +132,38 @@ class _Mean:
 # The CSV ----------------------------------------------------------------------------------------------------
 
 
+# The columns of a PS's per-step record (services/ps/training.py), in its order, then the evaluation's: the
+# header of a CSV with no records, and the first columns of any other.
+CSV_COLUMNS = (
+    "step",
+    "time",
+    "wall_s",
+    "loss",
+    "lr",
+    "k",
+    "workers",
+    "bytes_up",
+    "bytes_down",
+    "dense_bytes",
+    "encode_s",
+    "compute_s",
+    "communication_s",
+    "wait_s",
+    "decode_s",
+    "update_s",
+    "step_s",
+    "test_accuracy",
+    "test_loss",
+)
+
+
 def csv_chunks(records: Iterable[dict], rows_per_chunk: int = 1000) -> Iterator[str]:
-    """The records as CSV text, a chunk of rows at a time (nothing without records); columns are the union of
-    their keys, first-seen order (one pass to find them, one to write)."""
-    columns: dict[str, None] = {}
+    """The records as CSV text, a header row and then a chunk of rows at a time; without records, the header
+    row alone. Columns: CSV_COLUMNS, then any other key of the records in first-seen order (one pass to find
+    them, one to write); a record without a column has an empty cell there."""
+    columns: dict[str, None] = dict.fromkeys(CSV_COLUMNS)
     for r in records:
         columns.update(dict.fromkeys(r))
-    if not columns:  # no record: an empty file
-        return
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\r\n")
     writer.writeheader()

@@ -6,10 +6,12 @@ file: one flag per RunSpec field (`--batch-size`, `--lr`, ...) and per codec fie
 dropped. `--compare svd:budget=3 qsgd:bits=4 dense` runs the same spec and seed once per codec, one after
 another; each entry is a whole codec, `NAME[:KEY=VALUE,...]` with CodecSpec's fields as keys.
 
-Results go to `<out>/<run id>/` (default `./atomo-runs`): spec.json, metrics.jsonl and metrics.csv,
-events.jsonl, checkpoint.pt, the PS's summary.json, report.json (`services.report.summarize`), the plots
-and logs/ (one log per process). A comparison writes one such folder per codec under its own folder, with
-comparison.json and the comparison plots beside them. The PS writes its files straight into that folder
+Results go to `<out>/<run id>/` (default `./atomo-runs`, which atomo creates with a `.gitignore` of `*`, so
+git leaves it out of commits: services.common.folders): spec.json, metrics.jsonl and metrics.csv (a
+header row alone when no step ran), events.jsonl, checkpoint.pt, the PS's summary.json, report.json
+(`services.report.summarize`), the plots (none when no step ran) and logs/ (one log per process). A
+comparison writes one such folder per codec under its own folder, with comparison.json and the comparison
+plots beside them. The PS writes its files straight into that folder
 (its run directory is a link to it), so what was written is there even if `atomo train` itself is killed;
 its processes then stop by themselves within seconds (services.common.launch.watch_parent).
 
@@ -38,6 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from services import report
 from services.common.argtypes import fraction, port
+from services.common.folders import RESULTS_DIR, make_default_folder
 from services.common.launch import ClusterError, LocalCluster
 from services.common.ps_client import PSError, PSUnavailable
 from services.common.spec import CodecSpec, RunSpec
@@ -106,7 +109,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"for 'time to target' (default {report.RELATIVE_TARGET} x the best final test accuracy)",
     )
-    parser.add_argument("--out", type=Path, default=Path("atomo-runs"), help="results root (default ./atomo-runs)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS_DIR,
+        help=f"results root (default ./{RESULTS_DIR}, made with a .gitignore of '*' so that git leaves it out)",
+    )
     parser.add_argument(
         "--metrics",
         nargs="?",
@@ -318,10 +326,11 @@ def quote_log(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def write_results(folder: Path, records: list[dict], summary: dict) -> None:
-    """metrics.csv, report.json and the plots of one run's folder."""
+    """metrics.csv (its header row alone for a run with no steps), report.json and the plots of one run's folder
+    (no plots without steps)."""
     (folder / "report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    report.write_csv(records, folder / "metrics.csv")
     if records:
-        report.write_csv(records, folder / "metrics.csv")
         report.plot({summary["label"]: records}, folder)
 
 
@@ -471,6 +480,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"atomo train: invalid spec:\n{e}", file=sys.stderr)
         return EXIT_INVALID
     try:
+        make_default_folder(args.out, RESULTS_DIR)
         results = make_results_folder(args.out, "compare" if args.compare else slug(plans[0][0]))
     except OSError as e:
         print(f"atomo train: cannot create a results folder under {args.out}: {e.strerror}", file=sys.stderr)

@@ -1,5 +1,3 @@
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,15 +6,18 @@ from scipy import stats
 
 from atomo_core.data import (
     DATASETS,
+    VISION,
     BatchStream,
     DatasetUnavailableError,
     Split,
     load_dataset,
     random_crop_flip,
     shard_indices,
+    torchvision_problem,
 )
 from atomo_core.models import build_model
 from services.common.spec import DATASETS as SPEC_DATASETS
+from services.common.spec import VISION_DATASETS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,6 +29,7 @@ def digits():
 
 def test_names_match_the_run_spec():
     assert DATASETS == SPEC_DATASETS
+    assert VISION == VISION_DATASETS
 
 
 def test_unknown_data_set_is_a_clear_error():
@@ -40,8 +42,8 @@ def test_unknown_data_set_is_a_clear_error():
 
 
 def test_vision_data_set_without_torchvision_or_data_is_a_clear_error(tmp_path):
-    if importlib.util.find_spec("torchvision") is None:
-        with pytest.raises(ImportError, match=r"needs torchvision: install atomo\[vision\]"):
+    if torchvision_problem() is not None:  # not installed, or built for another torch
+        with pytest.raises(ImportError, match=r"cifar10 needs torchvision.*pip install -e '\.\[vision\]'"):
             load_dataset("cifar10", root=tmp_path)
     else:
         with pytest.raises(DatasetUnavailableError, match=f"'cifar10' is not under {tmp_path}"):

@@ -127,7 +127,7 @@ def test_a_running_run_serves_what_it_has_and_a_queued_one_nothing(api, http):
 
         empty = http.get(f"/v1/runs/{queued}/report").json()
         assert (empty["state"], empty["step"], empty["plots"], empty["report"]["steps"]) == ("queued", 0, [], 0)
-        assert http.get(f"/v1/runs/{queued}/metrics.csv").text == ""
+        assert http.get(f"/v1/runs/{queued}/metrics.csv").text == ",".join(report.CSV_COLUMNS) + "\r\n"  # header
         missing = http.get(f"/v1/runs/{queued}/plots/training_loss.png")
         assert missing.status_code == 404 and "no per-step records yet" in missing.json()["error"]["message"]
     finally:

@@ -23,6 +23,7 @@ from pydantic import (
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
 DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
+VISION_DATASETS = ("cifar10", "cifar100", "svhn", "mnist")  # atomo_core.data.VISION: they need torchvision
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq", "topk", "powersgd")
 # Plugin codecs: entry points of this group (atomo_core.codecs.PLUGIN_GROUP; this module does not import torch,
 # so validation reads only the installed entry points' names and imports nothing).
@@ -227,7 +228,9 @@ class RunSpec(BaseModel):
 
     name: str = Field("atomo-run", min_length=1, max_length=100)
     model: Literal[MODELS] = "lenet5"
-    dataset: Literal[DATASETS] = "digits"
+    dataset: Literal[DATASETS] = Field(
+        "digits", description="cifar10, cifar100, svhn and mnist need the vision extra: pip install -e '.[vision]'"
+    )
     codec: CodecSpec = Field(default_factory=CodecSpec)
     workers: int = Field(2, ge=1, le=256)
     batch_size: int = Field(
@@ -259,6 +262,18 @@ class RunSpec(BaseModel):
 
     # Field validators (not a model validator) so that an error names its field; `workers` and `steps`
     # come first in the class, so they are in `info.data` when valid.
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_loads_here(cls, dataset: str) -> str:
+        """A torchvision data set is refused where torchvision does not import (the PS could not load it)."""
+        if dataset in VISION_DATASETS:
+            from atomo_core.data import vision_unavailable_message  # imports torch: only for these data sets
+
+            message = vision_unavailable_message(dataset)
+            if message is not None:
+                raise ValueError(message)
+        return dataset
+
     @field_validator("epochs")
     @classmethod
     def _steps_or_epochs(cls, epochs, info: ValidationInfo):

@@ -208,7 +208,8 @@ def create_app(
         def build() -> dict:
             get_run(run_id)
             events = [e | {"time": iso_time(e["time"])} for e in store.events(run_id, since, limit)]
-            return {"run_id": run_id, "events": events, "next_since": events[-1]["seq"] if events else since}
+            next_since = max((e["seq"] for e in events), default=since)  # ordered by time, not seq
+            return {"run_id": run_id, "events": events, "next_since": next_since}
 
         return cache.answer(request, build)
 

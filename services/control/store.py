@@ -258,8 +258,11 @@ class Store:
             self._event(conn, run_id, time.time(), type_, detail)
 
     def events(self, run_id: str, since: int, limit: int) -> list[dict]:
+        """The first `limit` events after sequence number `since`, ordered by time (then seq): the PS's events are
+        copied in after the service's own (ps_exited, ps_restarted), so seq alone is not the order they happened."""
         rows = self._conn().execute(
-            "SELECT seq, time, type, detail FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            "SELECT * FROM (SELECT seq, time, type, detail FROM events WHERE run_id = ? AND seq > ? ORDER BY seq "
+            "LIMIT ?) ORDER BY time, seq",
             (run_id, since, limit),
         )
         return [{"seq": r[0], "time": r[1], "type": r[2], "detail": json.loads(r[3])} for r in rows]

@@ -26,12 +26,14 @@ FLAGS = {
     "lr": "lr",
     "seed": "seed",
 }
+# more on some flags
+HELP = {"dataset": ": digits, synthetic; cifar10, cifar100, svhn, mnist need torchvision (pip install -e '.[vision]')"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", nargs="?", help="a RunSpec as YAML or JSON (default: the embedded default run)")
     for flag in FLAGS:
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"set {FLAGS[flag]}")
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"set {FLAGS[flag]}{HELP.get(flag, '')}")
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="set any field, e.g. codec.budget=2"
     )

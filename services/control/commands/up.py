@@ -1,6 +1,7 @@
 """`atomo up [--workers N] [--port P]`: a PS, N workers and the control service on this machine.
 
-In this order: resolve the API token (ATOMO_API_TOKEN, else --token-file, else the one kept in
+In this order: create the default state directory ./atomo-state if missing, with a `.gitignore` of `*`
+(services.common.folders), resolve the API token (ATOMO_API_TOKEN, else --token-file, else the one kept in
 `<state-dir>/api-token`, made with mode 0600 on first use and replaced with --rotate-token), bind the HTTP
 port (a busy port fails here, before anything starts or any token is shown), start the cluster, print the
 URL, the token and every process's metrics endpoint, and serve until interrupted; then stop the workers and
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 from services.common.argtypes import port, positive_float, positive_int
+from services.common.folders import STATE_DIR, make_default_folder
 from services.control.commands.serve import add_server_arguments, serve
 
 TOKEN_FILE = "api-token"
@@ -35,7 +37,13 @@ def _on_sigterm(signum, frame):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2)")
-    parser.add_argument("--state-dir", default="atomo-state", help="run directories, logs and the control store")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=STATE_DIR,
+        help=f"run directories, logs and the control store (default ./{STATE_DIR}, made with a .gitignore of '*' "
+        "so that git leaves it out)",
+    )
     parser.add_argument(
         "--threads", type=positive_int, help="torch threads per process (default: the cores shared out)"
     )
@@ -67,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from services.control.launchers import LocalLauncher
 
     state_dir = Path(args.state_dir)
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     token_path = state_dir / TOKEN_FILE
     try:
+        make_default_folder(state_dir, STATE_DIR)  # before it exists: ./atomo-state gets its .gitignore
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         token = load_token(args.token_file)
         source = "from $ATOMO_API_TOKEN or --token-file"
         if token is None:
