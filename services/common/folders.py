@@ -19,5 +19,5 @@ def make_default_folder(path: Path, default: Path) -> None:
     path = Path(path)
     if path != default or path.is_dir():
         return
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)  # private: it will hold checkpoints and logs
     (path / ".gitignore").write_text(GITIGNORE, encoding="utf-8")
