@@ -259,4 +259,4 @@ def test_invalid_parameters_are_value_errors():
     with pytest.raises(ValueError, match="atom_dtype"):
         make_codec("entrywise", budget=1, atom_dtype="int8")
     with pytest.raises(ValueError, match="svd"):
-        make_codec("svd", budget=1, rank=3)
+        make_codec("svd", budget=1, bits=3)
