@@ -69,7 +69,7 @@ class Config:
 
     def _codec(self, g, budget):
         if self.basis == "exact":
-            return make_codec("svd", budget=budget)
+            return make_codec("svd", budget=budget, basis="exact")
         rows, columns = matrix_shape(tuple(g.shape), "rows")
         rank = self.rank(min(rows, columns)) if callable(self.rank) else self.rank
         return make_codec("svd", budget=budget, basis="warm", rank=rank)
