@@ -39,6 +39,14 @@ class Codec(ABC):
     def encode(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> Message:
         """Encode `tensor`; a `generator` makes the sampling reproducible."""
 
+    def encode_with_state(
+        self, tensor: torch.Tensor, state: object, generator: torch.Generator | None = None
+    ) -> tuple[Message, object]:
+        """Encode with the encoder's per-tensor state from the previous step (None at the first step); return
+        the message and the state for the next step. The decoder never needs it. Stateless codecs return None.
+        """
+        return self.encode(tensor, generator), None
+
     @abstractmethod
     def wire_params(self) -> tuple[float, ...]:
         """The parameters written into the header (what `from_wire_params` reads back)."""

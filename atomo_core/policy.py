@@ -7,12 +7,15 @@ A message that nevertheless comes out larger than dense (a rare large sample, or
 not known in advance) is replaced by the dense form of the same sampled estimate: the bytes never exceed
 dense and the estimate is unchanged (so an unbiased codec's stays unbiased).
 
-Error feedback: a layer whose codec is a `FeedbackCodec` (the BIASED baselines topk and powersgd) is encoded
-with that layer's memory, kept here by layer index, so `encode(tensors)` runs one error-feedback step per
-layer (atomo_core/biased/feedback.py). The new memory of every layer is kept only once all layers are
-encoded, so an encode that raises leaves the memory as it was. The dense fallback above sends the same
-estimate, so the residual (the corrected gradient minus the decoded message) stays exact. `reset_feedback()`
-forgets it all (a new run or a new model).
+Encoder state: a codec may carry per-layer state from step to step (`Codec.encode_with_state`), kept here by
+layer index: the error-feedback memory of the BIASED baselines topk and powersgd (`FeedbackCodec`, a
+`Feedback` per layer, atomo_core/biased/feedback.py) and the warm spectral basis Q of `svd` with
+basis="warm" (a tensor per layer, atomo_core/decompositions/spectral.py), so `encode(tensors)` runs one
+step per layer. The new state of every layer is kept only once all layers are encoded, so an encode that
+raises leaves the state as it was. The dense fallback above sends the same estimate, so a feedback residual
+(the corrected gradient minus the decoded message) stays exact. `reset_feedback()` forgets all of it (a new
+run or a new model); `state_dict()` and `load_state_dict()` carry it through a checkpoint. Decoding never
+needs it.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from atomo_core.biased import Feedback, FeedbackCodec
+from atomo_core.biased import Feedback
 from atomo_core.codecs import Codec, DenseCodec, codec_for, decode
 from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
+
+STATE_VERSION = 1
 
 
 def dense_nbytes(shape: tuple[int, ...]) -> int:
@@ -51,7 +56,7 @@ class LayerPolicy:
         if not (math.isfinite(self.min_compression_rate) and self.min_compression_rate >= 1.0):
             raise ValueError(f"min_compression_rate must be finite and >= 1, got {self.min_compression_rate}")
         self._dense = DenseCodec()
-        self._feedback: dict[int, Feedback] = {}
+        self._state: dict[int, Feedback | torch.Tensor] = {}
 
     def codec_for_shape(self, shape: tuple[int, ...]) -> Codec:
         """The codec chosen for a tensor of `shape`, before any sampling."""
@@ -62,27 +67,81 @@ class LayerPolicy:
         return codec
 
     def encode(self, tensors: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[Message]:
-        """One message per tensor; layers with a `FeedbackCodec` run one error-feedback step each."""
-        messages, feedback = [], {}
+        """One message per tensor; a layer whose codec keeps state (feedback, warm basis) runs one step of it."""
+        messages, states = [], {}
         for index, tensor in enumerate(tensors):
             codec = self.codec_for_shape(tuple(tensor.shape))
-            if isinstance(codec, FeedbackCodec):
-                msg, feedback[index] = codec.encode_with_feedback(tensor, self._feedback.get(index), generator)
-            else:
-                msg = codec.encode(tensor, generator)
+            msg, state = codec.encode_with_state(tensor, self._state.get(index), generator)
+            if state is not None:
+                states[index] = state
             if len(msg) > dense_nbytes(tuple(tensor.shape)):
                 msg = self._dense.encode(decode(bytes(msg)).to(tensor.dtype))
             messages.append(msg)
-        self._feedback.update(feedback)
+        self._state.update(states)
         return messages
 
     def feedback(self, index: int) -> Feedback | None:
         """The error-feedback memory of layer `index` (None before its first step or without feedback)."""
-        return self._feedback.get(index)
+        state = self._state.get(index)
+        return state if isinstance(state, Feedback) else None
+
+    def state(self, index: int) -> Feedback | torch.Tensor | None:
+        """Layer `index`'s encoder state: its `Feedback`, its warm basis Q (n x r), or None."""
+        return self._state.get(index)
 
     def reset_feedback(self) -> None:
-        """Forget every layer's error-feedback memory: the next step starts from zero residuals."""
-        self._feedback.clear()
+        """Forget every layer's encoder state (error-feedback memory, warm bases): the next step starts afresh."""
+        self._state.clear()
+
+    def state_dict(self) -> dict:
+        """Every layer's encoder state as plain CPU tensors, for `torch.save` (and `torch.load(weights_only=True)`):
+        {"version": 1, "layers": {index: {"kind": "feedback", "residual": e, "warm_start": Q or None} or
+        {"kind": "basis", "basis": Q}}}."""
+        layers: dict[int, dict] = {}
+        for index, state in self._state.items():
+            if isinstance(state, Feedback):
+                warm = None if state.warm_start is None else state.warm_start.detach().cpu().clone()
+                residual = state.residual.detach().cpu().clone()
+                layers[index] = {"kind": "feedback", "residual": residual, "warm_start": warm}
+            else:
+                layers[index] = {"kind": "basis", "basis": state.detach().cpu().clone()}
+        return {"version": STATE_VERSION, "layers": layers}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Replace every layer's encoder state with a `state_dict()`'s; ValueError (and nothing changed) if it is
+        malformed. Shapes are checked against the layers at their next encode (a mismatch is a ValueError)."""
+        if not isinstance(state_dict, dict) or state_dict.get("version") != STATE_VERSION:
+            raise ValueError(f"policy state: expected a dict with version {STATE_VERSION}")
+        layers = state_dict.get("layers")
+        if not isinstance(layers, dict):
+            raise ValueError("policy state: 'layers' must be a dict")
+        loaded: dict[int, Feedback | torch.Tensor] = {}
+        for index, entry in layers.items():
+            if not (isinstance(index, int) and index >= 0 and isinstance(entry, dict)):
+                raise ValueError(f"policy state: layer {index!r} must be an index >= 0 with a dict entry")
+            kind = entry.get("kind")
+            if kind == "feedback" and set(entry) == {"kind", "residual", "warm_start"}:
+                warm = entry["warm_start"]
+                loaded[index] = Feedback(
+                    _state_tensor(entry["residual"], index, "residual", None),
+                    None if warm is None else _state_tensor(warm, index, "warm_start", 2),
+                )
+            elif kind == "basis" and set(entry) == {"kind", "basis"}:
+                loaded[index] = _state_tensor(entry["basis"], index, "basis", 2)
+            else:
+                raise ValueError(f"policy state: layer {index} has an unknown entry {sorted(entry)} of kind {kind!r}")
+        self._state = loaded
+
+
+def _state_tensor(value, index: int, what: str, ndim: int | None) -> torch.Tensor:
+    """A checkpointed state tensor: float32 or float64, finite, and `ndim`-dimensional where given."""
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"policy state: layer {index} {what} must be a float32 or float64 tensor")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"policy state: layer {index} {what} must have {ndim} dimensions, got {value.dim()}")
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"policy state: layer {index} {what} has non-finite entries")
+    return value.clone()
 
 
 def decode_add_(

@@ -168,10 +168,14 @@ def test_svd_is_exact_for_ill_conditioned_matrices():
 def test_svd_of_a_rank_deficient_gradient_with_dead_units_is_finite_and_exact():
     """A real LeNet-5 fc2 gradient (84 x 120, 39 zero rows, rank 22) on which fp32 eigh of X X^T gave NaN."""
     x = torch.from_numpy(np.load(Path(__file__).parent / "data" / "lenet5_fc2_gradient.npy"))
-    estimate = atomo_core.decode(bytes(make_codec("svd", budget=84).encode(x)))
+    estimate = atomo_core.decode(bytes(make_codec("svd", budget=84, basis="exact").encode(x)))
     torch.testing.assert_close(estimate, x, rtol=0, atol=1e-6)
-    sampled = atomo_core.decode(bytes(make_codec("svd", budget=3).encode(x, torch.Generator().manual_seed(0))))
-    assert bool(torch.isfinite(sampled).all())
+    for basis in ("exact", "warm"):
+        codec = make_codec("svd", budget=3, basis=basis)
+        sampled = atomo_core.decode(bytes(codec.encode(x, torch.Generator().manual_seed(0))))
+        assert bool(torch.isfinite(sampled).all())
+    everything = make_codec("svd", budget=84 + 32, basis="warm")  # n + r atoms: all kept
+    torch.testing.assert_close(atomo_core.decode(bytes(everything.encode(x))), x, rtol=0, atol=1e-6)
 
 
 def test_svd_encodes_every_gradient_of_a_real_training_run():
@@ -185,7 +189,7 @@ def test_svd_encodes_every_gradient_of_a_real_training_run():
     model = build_model("mlp", info.num_classes, info.in_channels)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     stream = BatchStream(train, 0, 1, 32, seed=0)
-    codec = make_codec("svd", budget=3)
+    codec = make_codec("svd", budget=3, basis="exact")  # the eigensolver's route (the warm one has no eigh here)
     for step in range(200):
         x, y = stream.batch(step)
         optimizer.zero_grad()
@@ -259,4 +263,4 @@ def test_invalid_parameters_are_value_errors():
     with pytest.raises(ValueError, match="atom_dtype"):
         make_codec("entrywise", budget=1, atom_dtype="int8")
     with pytest.raises(ValueError, match="svd"):
-        make_codec("svd", budget=1, rank=3)
+        make_codec("svd", budget=1, bits=3)

@@ -22,6 +22,8 @@ CODECS = [
     make_codec("fourier", budget=6),
     make_codec("svd", budget=2),
     make_codec("svd", budget=2, reshape="paper", atom_dtype="float16"),
+    make_codec("svd", budget=3, basis="warm", rank=2),  # 6 x 18 view, n = 6 > 2 r: top atoms and residual rows
+    make_codec("svd", budget=2, reshape="paper", atom_dtype="float16", basis="warm", rank=1),
 ]
 
 

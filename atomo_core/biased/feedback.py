@@ -100,6 +100,12 @@ class FeedbackCodec(Codec):
         sent = self.decode_message(message).to(corrected.dtype)  # what the PS adds
         return message, Feedback(corrected - sent, warm_start)  # (3) e_{t+1} = p_t - Delta_t
 
+    def encode_with_state(self, tensor, state, generator=None):
+        """`encode_with_feedback`: the state is the layer's `Feedback` (None: the zero memory)."""
+        if state is not None and not isinstance(state, Feedback):
+            raise ValueError(f"{self.name}: expected a Feedback as the layer's state, got {type(state).__name__}")
+        return self.encode_with_feedback(tensor, state, generator)
+
     def _corrected(self, tensor: torch.Tensor, feedback: Feedback | None) -> torch.Tensor:
         corrected = tensor.detach().to(working_dtype(tensor.dtype))
         if feedback is not None:

@@ -45,6 +45,15 @@ class AtomicDecomposition(ABC):
     def decompose(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """The coefficients lam (1-D, one per atom) and a state from which `pack` reads atoms."""
 
+    def decompose_with_state(
+        self, tensor: torch.Tensor, state: Any, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, Any, Any]:
+        """`decompose` for a decomposition that carries encoder state from step to step (the warm spectral
+        basis): (lam, the state `pack` reads, the state for the next step). `state` None is the first step;
+        the generator is the encoder's (the same one then draws the sample). Stateless by default."""
+        lam, decomposition = self.decompose(tensor)
+        return lam, decomposition, None
+
     @abstractmethod
     def pack(self, state: Any, index: torch.Tensor, lam: torch.Tensor, p: torch.Tensor) -> list[torch.Tensor]:
         """Sections that carry sum_k (lam_k / p_k) a_{index_k}: the selected atoms with their weights (eq. (2)).
@@ -82,10 +91,17 @@ class AtomicCodec(Codec):
         self.decomposition = self.decomposition_type(**options)
 
     def encode(self, tensor: torch.Tensor, generator: torch.Generator | None = None) -> Message:
-        lam, state = self.decomposition.decompose(tensor.detach())  # eq. (1)
+        return self.encode_with_state(tensor, None, generator)[0]
+
+    def encode_with_state(
+        self, tensor: torch.Tensor, state: Any, generator: torch.Generator | None = None
+    ) -> tuple[Message, Any]:
+        """The message and the encoder state for the next step (None for a stateless decomposition)."""
+        lam, decomposition, state = self.decomposition.decompose_with_state(tensor.detach(), state, generator)  # (1)
         p = atomic_probabilities(lam, self.budget)  # Algorithm 1, problem (3)
         index = bernoulli_sample(p, generator)  # t_i ~ Bernoulli(p_i)
-        return self._message(tensor, self.decomposition.pack(state, index, lam[index], p[index]))  # eq. (2)
+        sections = self.decomposition.pack(decomposition, index, lam[index], p[index])  # eq. (2)
+        return self._message(tensor, sections), state
 
     def wire_params(self) -> tuple[float, ...]:
         return (self.budget, *self.decomposition.wire_params())

@@ -42,7 +42,7 @@ DEFAULT_STEPS = 300
 # `budget` defaults per codec (DEFAULT_BUDGETS).
 # lq: q=2 (1-bit QSGD over a whole tensor) diverges on the default run by step 40 and q=4 reaches 74%; q=inf
 # (TernGrad's l_inf) reaches 91%.
-CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4}
+CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "warm"}
 MAX_RANK = 1024  # atomo_core.biased.powersgd.MAX_RANK
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
@@ -52,6 +52,7 @@ _PARAMETER_OWNERS = {
     "q": ("lq",),
     "clip": ("terngrad",),
     "rank": ("powersgd",),
+    "basis": ("svd",),
 }
 
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -103,6 +104,11 @@ class CodecSpec(BaseModel):
         "topk: k entries kept per tensor, a whole number (biased, with error feedback in the worker), default 300",
     )
     reshape: Literal["rows", "paper"] = Field("rows", description="svd: [out, in*k*k] or the paper's [out*in/2, 2k^2]")
+    basis: Literal["warm", "exact"] | None = Field(
+        None,
+        description="svd: warm (top-32 subspace warm-started at the previous step's, plus residual rows; the "
+        "default) or exact (the Gram matrix's eigenvectors)",
+    )
     bits: int | None = Field(None, ge=1, le=16, description="qsgd: bits b, levels s = 2^b - 1; default 4")
     bucket_size: int | None = Field(
         None, ge=1, lt=2**32, description="qsgd: entries per bucket norm; default 512 (QSGD's)"
@@ -210,6 +216,7 @@ class CodecSpec(BaseModel):
             params["atom_dtype"] = self.atom_dtype
         if self.name == "svd":
             params["reshape"] = self.reshape
+            params["basis"] = self.basis
         if self.name == "qsgd":
             params["bits"], params["bucket_size"] = self.bits, self.bucket_size
         if self.name == "lq":
