@@ -128,11 +128,15 @@ class QSGDCodec(Codec):
         return pack_bits(words, self.bits + 1)
 
     def expected_nbytes(self, shape):
-        """Wire length with the smaller of the fixed-width payload and Theorem 3.2's bound per bucket."""
+        """Wire length with the smaller of the fixed-width payload and Theorem 3.2's bound per bucket.
+
+        With coding "fixed", the fixed-width length (exact). With "auto" the device is not known here: this is
+        the host's (Elias) estimate, which a GPU tensor's fixed-width message exceeds at low bit counts.
+        """
         n = math.prod(shape)
         size, count = self.buckets(n)
         payload_bits = n * (self.bits + 1)
-        if n:
+        if n and self.coding != "fixed":
             last = n - (count - 1) * size
             theorem = (count - 1) * elias_bits_bound(size, self.levels) + elias_bits_bound(last, self.levels)
             payload_bits = min(payload_bits, math.ceil(theorem) - 32 * count + PADDING_BITS)
