@@ -6,6 +6,7 @@ error); a deliberately biased rounding must fail the same criterion.
 """
 
 import math
+import typing
 from datetime import timedelta
 
 import numpy as np
@@ -18,7 +19,7 @@ from scipy import stats
 import atomo_core
 from atomo_core import Message, WireFormatError, make_codec
 from atomo_core.quantizers import elias_bits_bound
-from atomo_core.quantizers.bitpack import pack_bits, unpack_bits
+from atomo_core.quantizers.bitpack import CODINGS, pack_bits, unpack_bits
 from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths, pack_fields, read_fields
 from atomo_core.wire import CODEC_IDS
 
@@ -326,6 +327,25 @@ def test_auto_coding_is_elias_on_the_cpu_and_the_default():
         make_codec("qsgd", coding="huffman")
     with pytest.raises(ValueError, match="coding must be one of"):
         make_codec("lq", coding="")
+
+
+def test_run_spec_coding_reaches_the_codec():
+    """CodecSpec.coding (services/common/spec.py, which does not import torch) takes exactly CODINGS."""
+    from services.common.spec import CodecSpec, RunSpec
+
+    assert typing.get_args(typing.get_args(CodecSpec.model_fields["coding"].annotation)[0]) == CODINGS
+    for name in ("qsgd", "lq"):
+        spec = RunSpec.model_validate({"codec": {"name": name}})
+        assert spec.codec.coding == "auto" and make_codec(name, **spec.codec.codec_params()).coding == "auto"
+        fixed = CodecSpec.model_validate({"name": name, "coding": "fixed"})
+        assert make_codec(name, **fixed.codec_params()).coding == "fixed"
+    for bad in [
+        {"name": "qsgd", "coding": "huffman"},
+        {"name": "terngrad", "coding": "fixed"},
+        {"name": "svd", "coding": "elias"},
+    ]:
+        with pytest.raises(ValueError, match="coding"):
+            CodecSpec.model_validate(bad)
 
 
 class HostReads(torch.overrides.TorchFunctionMode):
