@@ -202,5 +202,7 @@ class QSGDCodec(Codec):
         entry_norms = norms[:, None].expand(count, size).reshape(-1)[:n]
         checks.append((((entry_norms == 0) & (signed != 0)).any(), "qsgd: nonzero level in a bucket of norm 0"))
         raise_first(checks, WireFormatError)
-        estimate = entry_norms * signed / self.levels  # Q_s(v)_i = ||v|| sign(v_i) l_i / s
+        # Q_s(v)_i = ||v|| sign(v_i) l_i / s. s as a tensor on the device: CUDA divides by a host scalar as a
+        # multiplication by its reciprocal, which would round differently from the CPU's division.
+        estimate = entry_norms * signed / torch.full((), float(self.levels), device=device)
         return estimate.reshape(msg.shape).to(msg.dtype)
