@@ -9,6 +9,13 @@ relative variance E||g^ - g||^2 / ||g||^2 over the whole model are estimated fro
 
 --device cuda measures on the GPU: the model, the batch, the gradients and the encoders run there (timings
 synchronize the device), and the decoders add into gradient-shaped tensors on the GPU.
+
+The quantizers run with each payload coding ("elias": on the host, Elias-coded where smaller; "fixed":
+fixed-width fields packed on the gradients' device; their default "auto" is fixed on a GPU, elias on the
+CPU). For every codec the rows also give, per encode of the whole model, the torch ops dispatched that are
+not views (on a GPU each is about one kernel launch) and the reads of tensor values on the host (each a
+host sync on a GPU; `.cpu()`/`.numpy()` of more than one value is a copy of data to the host), counted on
+whatever device the run uses.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 
 import torch
 from timing import median_time
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import atomo_core
 from atomo_core import atomic_probabilities, dense_nbytes, make_codec
@@ -53,10 +61,13 @@ def codec_configs() -> list[tuple[str, Callable[[tuple[int, ...]], Codec]]]:
         ("fourier 1%", fraction("fourier", 0.01)),
     ]
     quantizers = [
-        ("qsgd", "qsgd 1 bit b=512", {"bits": 1, "bucket_size": 512}),
-        ("qsgd", "qsgd 4 bits b=512", {"bits": 4, "bucket_size": 512}),
+        ("qsgd", "qsgd 1 bit b=512 elias", {"bits": 1, "bucket_size": 512, "coding": "elias"}),
+        ("qsgd", "qsgd 1 bit b=512 fixed", {"bits": 1, "bucket_size": 512, "coding": "fixed"}),
+        ("qsgd", "qsgd 4 bits b=512 elias", {"bits": 4, "bucket_size": 512, "coding": "elias"}),
+        ("qsgd", "qsgd 4 bits b=512 fixed", {"bits": 4, "bucket_size": 512, "coding": "fixed"}),
         ("terngrad", "terngrad", {}),
-        ("lq", "lq q=2", {"q": 2.0}),
+        ("lq", "lq q=2 elias", {"q": 2.0, "coding": "elias"}),
+        ("lq", "lq q=2 fixed", {"q": 2.0, "coding": "fixed"}),
     ]
     configs += [(label, fixed(name, **p)) for name, label, p in quantizers if name in atomo_core.codec_names()]
     return configs
@@ -73,6 +84,48 @@ def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[],
         return out
 
     return run
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the non-view aten ops dispatched (about one kernel each on a GPU) and the host reads of tensor
+    values: `aten::_local_scalar_dense` (item, bool, int) and Tensor.cpu/numpy/tolist calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.scalar_reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.scalar_reads += 1
+        elif not func.is_view:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Tensor.cpu/numpy/tolist calls and the entries they read (on a CPU tensor they dispatch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = self.entries = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("cpu", "numpy", "tolist") and args[0].device.type != "meta":
+            self.calls += 1
+            self.entries += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(fn: Callable[[], object]) -> dict:
+    """Ops (non-view aten ops) and host reads of one call of `fn`."""
+    with HostReads() as reads, OpCounter() as ops:
+        fn()
+    return {
+        "ops": ops.ops,
+        "scalar_reads": ops.scalar_reads,
+        "host_copies": reads.calls,
+        "host_copy_entries": reads.entries,
+    }
 
 
 def gradients(model_name: str, batch: int, device: torch.device) -> tuple[list[torch.Tensor], float, float]:
@@ -103,6 +156,12 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
     decode_s = median_time(lambda: [atomo_core.decode(w) for w in wires], repeats)
     outs = [torch.zeros_like(g) for g in grads]
     decode_add_s = median_time(synchronized(lambda: atomo_core.decode_add_(wires, outs), device), repeats)
+    encode_counts = op_counts(encode)
+    outs_counted = [torch.zeros_like(g) for g in grads]
+    parsed = [atomo_core.wire.decode_message(w) for w in wires]  # the header parse on the host is not counted
+    decode_counts = op_counts(
+        lambda: [atomo_core.codecs.codec_for(m).decode_add_(m, o) for m, o in zip(parsed, outs_counted, strict=True)]
+    )
     norm2 = sum(float(g.double().pow(2).sum()) for g in grads)
     errors, sizes = [], []
     for _ in range(samples):
@@ -130,7 +189,14 @@ def measure(grads, make: Callable[[tuple[int, ...]], Codec], repeats: int, sampl
         "compression": sum(dense_nbytes(tuple(g.shape)) for g in grads) / nbytes,
         "relative_variance": statistics.mean(errors) / norm2,
         "relative_variance_se": (statistics.stdev(errors) / len(errors) ** 0.5 / norm2) if samples > 1 else None,
+        "messages": len(grads),
+        "encode_counts": encode_counts,
+        "decode_add_counts": decode_counts,
     }
+
+
+def _counts(c: dict) -> str:
+    return f"{c['ops']}/{c['scalar_reads']}/{c['host_copies']}({c['host_copy_entries']})"
 
 
 def fp16_rounding(grads) -> dict:
@@ -178,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         grads, backward_s, backward_cpu_s = gradients(model_name, args.batch, device)
         dense = sum(dense_nbytes(tuple(g.shape)) for g in grads)
         print(
-            f"\n{model_name}: {sum(g.numel() for g in grads):,} parameters, dense {dense / 1e6:.2f} MB, "
+            f"\n{model_name}: {len(grads)} tensors, {sum(g.numel() for g in grads):,} parameters, "
+            f"dense {dense / 1e6:.2f} MB, "
             f"backward (batch {args.batch}) {1e3 * backward_s:.0f} ms wall, {1e3 * backward_cpu_s:.0f} ms CPU"
         )
         print(
             f"{'codec':<20} {'encode ms':>10} {'enc/bwd':>8} {'cpu e/b':>8} {'decode ms':>10} {'dec+add/bwd':>12} "
             f"{'KB':>9} {'E[KB]':>8} "
-            f"{'ratio':>8} {'header':>7} {'rel var':>9}"
+            f"{'ratio':>8} {'header':>7} {'rel var':>9} {'enc ops/reads/copies':>21} {'dec ops/reads/copies':>21}"
         )
         rows = {}
         prefixes = tuple(p for p in args.codecs.split(",") if p)
@@ -201,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['encode_over_backward_cpu']:>8.3f} {r['decode_ms']:>10.1f} "
                 f"{r['decode_add_over_backward']:>12.3f} {r['bytes'] / 1e3:>9.1f} "
                 f"{(r['expected_bytes'] or float('nan')) / 1e3:>8.1f} {r['compression']:>8.1f} "
-                f"{100 * r['header_fraction']:>6.2f}% {r['relative_variance']:>9.3g}"
+                f"{100 * r['header_fraction']:>6.2f}% {r['relative_variance']:>9.3g} "
+                f"{_counts(r['encode_counts']):>21} {_counts(r['decode_add_counts']):>21}"
             )
         extra = {**fp16_rounding(grads), **{"probabilities": probabilities_timing(grads, args.repeats)}}
         print(f"fp16 atoms, all atoms kept: relative error {extra['relative_error_all_atoms_fp16']:.2e}")

@@ -4,9 +4,12 @@ Every test here needs CUDA and is skipped without it (the development machine ha
 bench/gpu.sh runs this file, with the NCCL cases of tests/test_ddp.py, where one is.
 """
 
+import math
+
 import pytest
 import torch
 from test_ddp import run_ranks
+from test_quantizers import assert_unbiased, mixed_vector
 
 import atomo_core
 from atomo_core import make_codec
@@ -40,10 +43,11 @@ def test_codec_encodes_cuda_tensors_and_decodes_onto_the_outputs_device(name):
     codec = make_codec(name, **CODEC_PARAMS[name])
     x = torch.randn(24, 40, generator=torch.Generator().manual_seed(0)).cuda()
     msg = codec.encode(x, torch.Generator(device="cuda").manual_seed(1))
-    # The sections as encoded: on the GPU, except the bit-coded quantizers' (qsgd, terngrad, lq), which pack
-    # their levels into bytes with numpy on the host, where their in-memory message then also decodes.
+    # The sections as encoded, on the GPU: the quantizers (qsgd, terngrad, lq) pack their fixed-width payloads
+    # there by default (coding "auto"), and the in-memory message decodes there too.
+    assert all(section.device == x.device for section in msg.sections)
     from_message = atomo_core.decode(msg)
-    assert from_message.device.type == ("cpu" if name in ("qsgd", "terngrad", "lq") else "cuda")
+    assert from_message.device.type == "cuda"
     from_bytes = atomo_core.decode(bytes(msg))  # the wire form, parsed on the host
     assert from_bytes.device.type == "cpu"
     torch.testing.assert_close(from_message.cpu(), from_bytes)
@@ -108,6 +112,54 @@ def test_policy_state_of_cuda_layers_survives_a_checkpoint():
     kept = [bytes(m) for m in policy.encode(steps[2], torch.Generator(device="cuda").manual_seed(2))]
     resumed = [bytes(m) for m in restored.encode(steps[2], torch.Generator(device="cuda").manual_seed(2))]
     assert kept == resumed
+
+
+QUANTIZERS = [
+    ("qsgd", {"bits": 1, "bucket_size": 512}),
+    ("qsgd", {"bits": 4}),
+    ("qsgd", {"bits": 8, "bucket_size": 100}),
+    ("lq", {"q": 2.0}),
+    ("lq", {"q": math.inf}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), QUANTIZERS)
+def test_quantizers_pack_on_the_gpu_and_match_the_host_coding_bitwise(name, params):
+    """On a GPU the default coding is fixed-width, packed there; the same generator state gives the same
+    levels as the host's Elias coding, so the estimates are bitwise equal, decoded on either device."""
+    x = torch.randn(7, 1000, generator=torch.Generator().manual_seed(4)).cuda() * torch.logspace(-3, 1, 1000).cuda()
+    auto = make_codec(name, **params).encode(x, torch.Generator(device="cuda").manual_seed(5))
+    assert auto.sections[1].device == x.device and auto.sections[1].tolist()[0] == 0  # FIXED / PACKED
+    elias = make_codec(name, **params, coding="elias").encode(x, torch.Generator(device="cuda").manual_seed(5))
+    assert all(section.device.type == "cpu" for section in elias.sections)  # the host coding
+    on_gpu = atomo_core.decode(auto)
+    assert on_gpu.device == x.device
+    for wire in (bytes(auto), bytes(elias)):
+        assert torch.equal(atomo_core.decode(wire), on_gpu.cpu())
+        out = torch.zeros_like(x)
+        codec_for(decode_message(wire)).decode_add_(wire, out)
+        assert out.device == x.device and torch.equal(out, on_gpu)
+
+
+def test_terngrad_packs_on_the_gpu():
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(6)).cuda()
+    codec = make_codec("terngrad")
+    msg = codec.encode(x, torch.Generator(device="cuda").manual_seed(7))
+    assert all(section.device == x.device for section in msg.sections)
+    on_gpu = codec.decode(msg)
+    assert torch.equal(atomo_core.decode(bytes(msg)), on_gpu.cpu())
+    assert set(on_gpu.unique().tolist()) <= {-x.abs().max().item(), 0.0, x.abs().max().item()}
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+def test_qsgd_fixed_coding_on_cuda_is_unbiased(bits):
+    """The tiled z-test of tests/test_quantizers.py, quantized and decoded on the GPU."""
+    x = mixed_vector(64, seed=bits)
+    reps = 4000
+    codec = make_codec("qsgd", bits=bits, bucket_size=64)
+    msg = codec.encode(x.cuda().repeat(reps), torch.Generator(device="cuda").manual_seed(11))
+    samples = codec.decode(msg).view(reps, -1).double().cpu().numpy()
+    assert_unbiased(samples, x.double().numpy())
 
 
 def test_ddp_hook_over_nccl(tmp_path):

@@ -6,6 +6,7 @@ error); a deliberately biased rounding must fail the same criterion.
 """
 
 import math
+import typing
 from datetime import timedelta
 
 import numpy as np
@@ -18,6 +19,7 @@ from scipy import stats
 import atomo_core
 from atomo_core import Message, WireFormatError, make_codec
 from atomo_core.quantizers import elias_bits_bound
+from atomo_core.quantizers.bitpack import CODINGS, pack_bits, unpack_bits
 from atomo_core.quantizers.elias import omega_decode, omega_encode, omega_lengths, pack_fields, read_fields
 from atomo_core.wire import CODEC_IDS
 
@@ -76,11 +78,12 @@ def looped_samples(codec, x: torch.Tensor, reps: int, seed: int) -> np.ndarray:
     return np.stack([atomo_core.decode(bytes(codec.encode(x, generator=g))).double().numpy() for _ in range(reps)])
 
 
+@pytest.mark.parametrize("coding", ["elias", "fixed"])
 @pytest.mark.parametrize("bits", [1, 2, 4])
-def test_qsgd_is_unbiased_and_its_second_moment_is_exact(bits):
+def test_qsgd_is_unbiased_and_its_second_moment_is_exact(bits, coding):
     x = mixed_vector(64, seed=bits)
     reps = 4000
-    samples = tiled_samples(make_codec("qsgd", bits=bits, bucket_size=64), x, reps, seed=10 + bits)
+    samples = tiled_samples(make_codec("qsgd", bits=bits, bucket_size=64, coding=coding), x, reps, seed=10 + bits)
     assert_unbiased(samples, x.double().numpy())
     # E||Q_s(v)||^2 = ||v||^2 / s^2 sum_i E[l_i^2], E[l_i^2] = floor(r_i)^2 + (2 floor(r_i) + 1) frac(r_i).
     s = 2**bits - 1
@@ -127,11 +130,12 @@ def test_terngrad_is_unbiased_without_clipping_and_biased_with_it():
     assert_biased(tiled_samples(make_codec("terngrad", clip=2.5), x, 4000, seed=1), target)
 
 
+@pytest.mark.parametrize("coding", ["elias", "fixed"])
 @pytest.mark.parametrize("q", [0.5, 1.0, 2.0, 3.0, math.inf])
-def test_lq_is_unbiased_and_satisfies_theorem_5(q):
+def test_lq_is_unbiased_and_satisfies_theorem_5(q, coding):
     x = mixed_vector(16, seed=4)
     reps = 1500
-    samples = looped_samples(make_codec("lq", q=q), x, reps, seed=5)
+    samples = looped_samples(make_codec("lq", q=q, coding=coding), x, reps, seed=5)
     v = x.double().numpy()
     assert_unbiased(samples, v)
     # Theorem 5: E||L_q(g)||_2^2 = ||g||_1 ||g||_q.
@@ -217,6 +221,9 @@ CASES = [
     ("lq", {"q": 2.0}),  # sparse coding
     ("lq", {"q": math.inf}),  # 2-bit coding
     ("lq", {"q": 0.7}),
+    ("qsgd", {"bits": 1, "bucket_size": 512, "coding": "fixed"}),  # fixed-width where Elias would be smaller
+    ("qsgd", {"bits": 4, "coding": "fixed"}),
+    ("lq", {"q": 2.0, "coding": "fixed"}),
 ]
 
 
@@ -247,6 +254,137 @@ def test_each_coding_is_used_where_it_is_smaller():
     flat = torch.sign(x)  # every entry nonzero: 2 bits each either way, and ties go to the 2-bit coding
     assert int(make_codec("lq", q=math.inf).encode(flat).sections[1][0]) == 0
     assert len(make_codec("terngrad").encode(x).sections[2]) == 20000 // 4
+
+
+def test_fixed_bit_fields_pack_most_significant_bit_first():
+    """`pack_bits` writes the fields back to back, MSB first, zero-padded; `unpack_bits` reads them back."""
+    rng = np.random.default_rng(1)
+    for width in [1, 2, 3, 5, 8, 9, 17]:
+        for n in [0, 1, 7, 8, 301]:
+            values = rng.integers(0, 2**width, n)
+            data = pack_bits(torch.from_numpy(values), width)
+            expected = "".join(format(int(v), f"0{width}b") for v in values)
+            bits = "".join(map(str, np.unpackbits(data.numpy())))
+            assert data.dtype == torch.uint8 and bits == expected + "0" * (-len(expected) % 8)
+            fields, padding = unpack_bits(data, n, width)
+            assert np.array_equal(fields.numpy(), values) and not bool(padding)
+            if len(expected) % 8:
+                data[-1] |= 1  # the last padding bit
+                assert bool(unpack_bits(data, n, width)[1])
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("qsgd", {"bits": 1, "bucket_size": 512}),
+        ("qsgd", {"bits": 2, "bucket_size": 100}),
+        ("qsgd", {"bits": 4}),
+        ("qsgd", {"bits": 8, "bucket_size": 0}),
+        ("lq", {"q": 2.0}),
+        ("lq", {"q": math.inf}),
+    ],
+)
+def test_fixed_and_elias_codings_decode_to_bitwise_equal_estimates(name, params):
+    """The coding only changes the bytes: the same generator gives the same levels, the same estimate."""
+    x = torch.randn(5, 1000, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 1, 1000)
+    x[1] = 0  # a zero bucket
+    elias = make_codec(name, **params, coding="elias").encode(x, torch.Generator().manual_seed(9))
+    fixed = make_codec(name, **params, coding="fixed").encode(x, torch.Generator().manual_seed(9))
+    assert fixed.sections[1].tolist()[0] == 0  # FIXED / PACKED
+    if (name, params.get("bits")) != ("qsgd", 8):
+        assert elias.sections[1].tolist()[0] == 1  # Elias-coded: smaller there
+        assert len(elias) < len(fixed)
+    assert elias.sections[1].tolist()[1] == fixed.sections[1].tolist()[1]  # the same nonzeros
+    from_elias, from_fixed = atomo_core.decode(bytes(elias)), atomo_core.decode(bytes(fixed))
+    assert torch.equal(from_elias, from_fixed) and bool(from_fixed.any())
+    assert torch.equal(from_fixed.view(-1).view(torch.int32), from_elias.view(-1).view(torch.int32))  # even -0.0
+    out = torch.ones_like(x)
+    make_codec(name, **params).decode_add_(bytes(fixed), out, alpha=-2.0)
+    assert torch.equal(out, torch.ones_like(x).add_(from_elias, alpha=-2.0))
+
+
+def test_auto_coding_is_elias_on_the_cpu_and_the_default():
+    x = torch.randn(20000)
+    assert make_codec("qsgd").coding == "auto" and make_codec("lq").coding == "auto"
+    auto = make_codec("qsgd", bits=2).encode(x, torch.Generator().manual_seed(0))
+    elias = make_codec("qsgd", bits=2, coding="elias").encode(x, torch.Generator().manual_seed(0))
+    assert bytes(auto) == bytes(elias) and auto.sections[1].tolist()[0] == 1
+    fixed = make_codec("qsgd", bits=2, coding="fixed")
+    assert (
+        len(fixed.encode(x))
+        == fixed.expected_nbytes(x.shape)
+        == len(
+            Message(
+                4,
+                (20000,),
+                torch.float32,
+                (2.0, 512.0),
+                [torch.empty(40), torch.empty(2, dtype=torch.int64), torch.empty(7500, dtype=torch.uint8)],
+            )
+        )
+    )
+    with pytest.raises(ValueError, match="coding must be one of"):
+        make_codec("qsgd", coding="huffman")
+    with pytest.raises(ValueError, match="coding must be one of"):
+        make_codec("lq", coding="")
+
+
+def test_run_spec_coding_reaches_the_codec():
+    """CodecSpec.coding (services/common/spec.py, which does not import torch) takes exactly CODINGS."""
+    from services.common.spec import CodecSpec, RunSpec
+
+    assert typing.get_args(typing.get_args(CodecSpec.model_fields["coding"].annotation)[0]) == CODINGS
+    for name in ("qsgd", "lq"):
+        spec = RunSpec.model_validate({"codec": {"name": name}})
+        assert spec.codec.coding == "auto" and make_codec(name, **spec.codec.codec_params()).coding == "auto"
+        fixed = CodecSpec.model_validate({"name": name, "coding": "fixed"})
+        assert make_codec(name, **fixed.codec_params()).coding == "fixed"
+    for bad in [
+        {"name": "qsgd", "coding": "huffman"},
+        {"name": "terngrad", "coding": "fixed"},
+        {"name": "svd", "coding": "elias"},
+    ]:
+        with pytest.raises(ValueError, match="coding"):
+            CodecSpec.model_validate(bad)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every Tensor method that reads a tensor's values on the host (a host sync on a GPU)."""
+
+    READS = {"cpu", "numpy", "item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__len__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.READS:
+            self.calls.append((name, args[0].numel()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("qsgd", {"bits": 4, "coding": "fixed"}), ("lq", {"q": 2.0, "coding": "fixed"}), ("terngrad", {})],
+)
+def test_fixed_coding_encodes_without_reading_the_tensor_on_the_host(name, params):
+    """On a GPU each of these reads is a host sync, and `.cpu()`/`.numpy()` of entries a copy of the gradient:
+    the fixed-width encode makes exactly one, the 1-element finiteness check of the norms or the scale."""
+    codec = make_codec(name, **params)
+    x = torch.randn(64, 3, 3, 3)
+    with HostReads() as reads:
+        msg = codec.encode(x, torch.Generator().manual_seed(0))
+    assert reads.calls == [("__bool__", 1)]
+    assert torch.equal(atomo_core.decode(bytes(msg)), codec.decode(msg))
+    received = atomo_core.wire.decode_message(bytes(msg))  # the header, parsed on the host
+    with HostReads() as reads:
+        codec.decode_add_(received, torch.zeros_like(x))
+    # Decoding: the 2-entry meta section, then every payload check in one read of a few flags.
+    assert [call for call, _ in reads.calls] == ["tolist", "tolist"] and max(size for _, size in reads.calls) <= 5
+    with HostReads() as reads:  # the host (Elias) coding reads the tensor's nonzeros on the host
+        make_codec(name, **{**params, "coding": "elias"} if name != "terngrad" else {}).encode(x)
+    assert name == "terngrad" or any(call in ("cpu", "numpy") and size > 1 for call, size in reads.calls)
 
 
 def test_encode_rejects_non_finite_tensors():

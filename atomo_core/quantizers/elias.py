@@ -166,23 +166,6 @@ def check_padding(data: np.ndarray, nbits: int) -> None:
         raise WireFormatError(f"bit stream of {nbits} bits has nonzero padding")
 
 
-def pack_fixed(values: np.ndarray, width: int) -> np.ndarray:
-    """Pack non-negative integers in `width` bits each, most significant first, into bytes."""
-    bits = np.empty((values.size, width), dtype=np.uint8)
-    for bit in range(width):
-        bits[:, bit] = (values >> (width - 1 - bit)) & 1
-    return np.packbits(bits.reshape(-1))
-
-
-def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
-    """The inverse of `pack_fixed` (the caller checks that `data` holds count * width bits)."""
-    bits = np.unpackbits(data, count=count * width).reshape(count, width)
-    values = np.zeros(count, dtype=np.int64)
-    for bit in range(width):
-        values = (values << 1) | bits[:, bit]
-    return values
-
-
 def encode_signed(negative: np.ndarray, values: np.ndarray) -> np.ndarray:
     """A sparse payload: one sign bit per nonzero (byte-padded), then the omega codes of `values`."""
     return np.concatenate([np.packbits(negative), omega_encode(values)])

@@ -14,7 +14,18 @@ Coding (chosen per message, flagged in the meta section):
   bits of byte padding), but decodable with a few vectorized passes. QSGD's Theorem 3.2 bounds the
   expected bits of one bucket of n entries by
   (3 + (3/2 + o(1)) log2(2(s^2 + n) / (s(s + sqrt n)))) s(s + sqrt n) + 32 (`elias_bits_bound`).
-- FIXED: b + 1 bits per entry (sign, then the level), whenever that is smaller (the dense regime).
+- FIXED: b + 1 bits per entry (the sign bit, then the level l_i in b bits, s = 2**b - 1 so l_i always fits;
+  the sign bit is 0 where l_i = 0), fields back to back, most significant bit first, the last byte
+  zero-padded (`bitpack`).
+
+The codec's `coding` option chooses between them on the encoding side (the decoder reads the meta section):
+"elias" codes on the host, Elias whenever it is smaller than the fixed width (at 4 bits and 512-entry buckets
+about 3.5x smaller, see bench/codecs.py), else FIXED; "fixed" always packs FIXED with torch ops on the
+tensor's device, so that a GPU tensor is never copied to the host (its message's sections stay on the GPU
+until they are written to the wire); "auto" (the default) is "fixed" for tensors off the CPU, else "elias".
+Both codings carry the same levels, so for one generator they decode to bitwise the same estimate. The
+decoder unpacks FIXED payloads on the output's device (`decode_add_`) or the message's (`decode`); Elias
+streams are decoded on the host and only their nonzeros moved.
 
 Sections: norms (float32, one per bucket), meta (int64, 2: coding, nonzeros), payload (uint8).
 """
@@ -27,16 +38,10 @@ import numpy as np
 import torch
 
 from atomo_core.codecs import Codec, register_codec
-from atomo_core.quantizers.elias import (
-    PADDING_BITS,
-    decode_signed,
-    encode_signed,
-    omega_lengths,
-    pack_fixed,
-    unpack_fixed,
-)
+from atomo_core.quantizers.bitpack import check_coding, pack_bits, raise_first, unpack_bits, uses_fixed
+from atomo_core.quantizers.elias import PADDING_BITS, decode_signed, encode_signed, omega_lengths
 from atomo_core.quantizers.ternary import payload_nbytes
-from atomo_core.wire import CODEC_IDS, WireFormatError, expect_sections
+from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, WireFormatError, expect_sections
 
 FIXED, ELIAS = 0, 1
 MAX_BITS = 16
@@ -52,12 +57,13 @@ def elias_bits_bound(n: int, s: int) -> float:
 @register_codec
 class QSGDCodec(Codec):
     """`bits` b in [1, 16] (s = 2**b - 1 levels); `bucket_size` d entries per norm (default 512, QSGD's; 0 or
-    None: one bucket per tensor)."""
+    None: one bucket per tensor); `coding` "auto" (default), "elias" or "fixed" (see above). The coding is not
+    a header parameter: each message's meta section says how its payload is coded."""
 
     name = "qsgd"
     codec_id = CODEC_IDS["qsgd"]
 
-    def __init__(self, bits: int = 4, bucket_size: int | None = DEFAULT_BUCKET):
+    def __init__(self, bits: int = 4, bucket_size: int | None = DEFAULT_BUCKET, coding: str = "auto"):
         if not (1 <= bits <= MAX_BITS and bits == int(bits)):
             raise ValueError(f"qsgd: bits must be an integer in [1, {MAX_BITS}], got {bits}")
         bucket_size = bucket_size or 0
@@ -66,6 +72,7 @@ class QSGDCodec(Codec):
         self.bits = int(bits)
         self.bucket_size = int(bucket_size)
         self.levels = 2**self.bits - 1
+        self.coding = check_coding(self.name, coding)
 
     def buckets(self, n: int) -> tuple[int, int]:
         """(bucket size, number of buckets) for a tensor of n entries."""
@@ -95,30 +102,41 @@ class QSGDCodec(Codec):
     def encode(self, tensor, generator=None):
         flat = tensor.detach().reshape(-1).to(torch.float32)
         norms, levels = self.quantize(flat, generator)
+        if uses_fixed(self.coding, flat.device):  # on the tensor's device, no host sync
+            nonzeros = torch.count_nonzero(levels).reshape(1)
+            meta = torch.cat([torch.full((1,), FIXED, dtype=torch.int64, device=flat.device), nonzeros])
+            return self._message(tensor, [norms, meta, self.pack_fixed(flat, levels)])
         (indices,) = torch.nonzero(levels, as_tuple=True)
         negative = (flat[indices] < 0).cpu().numpy()
         nonzero_levels = levels[indices].to(torch.int64).cpu().numpy()
         indices = indices.cpu().numpy()
         fixed_bits = flat.numel() * (self.bits + 1)
-        coding = FIXED
+        payload = None
         if 3 * indices.size < fixed_bits:  # every nonzero costs at least 3 bits in the Elias code
             codes = np.stack([np.diff(indices, prepend=-1), nonzero_levels], axis=1).reshape(-1)
             if indices.size + int(omega_lengths(codes).sum()) + PADDING_BITS < fixed_bits:
-                coding = ELIAS
-                payload = encode_signed(negative, codes)
-        if coding == FIXED:
-            words = levels.to(torch.int32).cpu().numpy()
-            words[indices[negative]] |= 1 << self.bits
-            payload = pack_fixed(words, self.bits + 1)
+                payload = torch.from_numpy(encode_signed(negative, codes))
+        coding = FIXED if payload is None else ELIAS
+        if payload is None:
+            payload = self.pack_fixed(flat, levels).cpu()
         meta = torch.tensor([coding, indices.size], dtype=torch.int64)
-        return self._message(tensor, [norms.cpu(), meta, torch.from_numpy(payload)])
+        return self._message(tensor, [norms.cpu(), meta, payload])
+
+    def pack_fixed(self, flat: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """The FIXED payload: sign bit (set for l_i > 0 and v_i < 0) then l_i in b bits, on levels' device."""
+        words = levels.to(torch.int32) | (((flat < 0) & (levels > 0)).to(torch.int32) << self.bits)
+        return pack_bits(words, self.bits + 1)
 
     def expected_nbytes(self, shape):
-        """Wire length with the smaller of the fixed-width payload and Theorem 3.2's bound per bucket."""
+        """Wire length with the smaller of the fixed-width payload and Theorem 3.2's bound per bucket.
+
+        With coding "fixed", the fixed-width length (exact). With "auto" the device is not known here: this is
+        the host's (Elias) estimate, which a GPU tensor's fixed-width message exceeds at low bit counts.
+        """
         n = math.prod(shape)
         size, count = self.buckets(n)
         payload_bits = n * (self.bits + 1)
-        if n:
+        if n and self.coding != "fixed":
             last = n - (count - 1) * size
             theorem = (count - 1) * elias_bits_bound(size, self.levels) + elias_bits_bound(last, self.levels)
             payload_bits = min(payload_bits, math.ceil(theorem) - 32 * count + PADDING_BITS)
@@ -137,42 +155,54 @@ class QSGDCodec(Codec):
             raise WireFormatError(str(exc)) from exc
 
     def decode_message(self, msg):
+        return self.decode_on(msg, msg.sections[0].device if msg.sections else torch.device("cpu"))
+
+    def decode_add_(self, data, out, alpha=1.0, limits=DEFAULT_LIMITS):
+        """out += alpha * decode(data), a FIXED payload unpacked on out's device."""
+        estimate = self.decode_on(self.parse(data, limits, out), out.device)
+        return out.add_(estimate.to(dtype=out.dtype), alpha=alpha)
+
+    def decode_on(self, msg, device: torch.device) -> torch.Tensor:
+        """The estimate, on `device`; every check of the payload costs one host sync together."""
         n = msg.numel
         size, count = self.buckets(n)
         payload_bytes = msg.sections[2].numel() if len(msg.sections) == 3 else -1
         expect_sections(msg, [(torch.float32, count), (torch.int64, 2), (torch.uint8, payload_bytes)], self.name)
-        norms = msg.sections[0]
-        coding, nonzeros = (int(v) for v in msg.sections[1])
-        if not bool((torch.isfinite(norms) & (norms >= 0)).all()):
-            raise WireFormatError("qsgd: bucket norms must be finite and non-negative")
+        coding, nonzeros = msg.sections[1].tolist()
         if not 0 <= nonzeros <= n:
             raise WireFormatError(f"qsgd: {nonzeros} nonzeros for {n} entries")
-        payload = msg.sections[2].numpy()
+        norms = msg.sections[0].to(device)
+        checks = [
+            ((~(torch.isfinite(norms) & (norms >= 0))).any(), "qsgd: bucket norms must be finite and non-negative")
+        ]
         if coding == FIXED:
-            if payload.size != -(-n * (self.bits + 1) // 8):
-                raise WireFormatError(f"qsgd: {payload.size} payload bytes for {n} entries of {self.bits + 1} bits")
-            words = unpack_fixed(payload, n, self.bits + 1)
-            levels = words & self.levels
-            (indices,) = np.nonzero(levels)
-            if indices.size != nonzeros:
-                raise WireFormatError(f"qsgd: payload has {indices.size} nonzero levels, meta says {nonzeros}")
-            negative = (words[indices] >> self.bits).astype(bool)
-            levels = levels[indices]
+            if payload_bytes != -(-n * (self.bits + 1) // 8):
+                raise WireFormatError(f"qsgd: {payload_bytes} payload bytes for {n} entries of {self.bits + 1} bits")
+            words, padding = unpack_bits(msg.sections[2].to(device), n, self.bits + 1)
+            levels, negative = words & self.levels, words >> self.bits
+            checks += [
+                (padding, "qsgd: nonzero padding bits after the last entry"),
+                (((negative > 0) & (levels == 0)).any(), "qsgd: sign bit set on a zero level"),
+                (torch.count_nonzero(levels) != nonzeros, f"qsgd: payload's nonzero levels differ from {nonzeros}"),
+            ]
+            signed = torch.where(negative > 0, -levels, levels).to(torch.float32)
         elif coding == ELIAS:
-            negative, codes = decode_signed(payload, nonzeros, 2 * nonzeros)
+            negative, codes = decode_signed(msg.sections[2].numpy(), nonzeros, 2 * nonzeros)
             indices = np.cumsum(codes[0::2]) - 1
             levels = codes[1::2]
             if indices.size and indices[-1] >= n:
                 raise WireFormatError(f"qsgd: index {indices[-1]} out of range for {n} entries")
             if levels.size and levels.max() > self.levels:
                 raise WireFormatError(f"qsgd: level {levels.max()} exceeds s = {self.levels}")
+            signed = torch.zeros(n, device=device)
+            values = torch.from_numpy(np.where(negative, -levels, levels).astype(np.float32))
+            signed[torch.from_numpy(indices).to(device)] = values.to(device)
         else:
             raise WireFormatError(f"qsgd: unknown payload coding {coding}")
-        indices = torch.from_numpy(indices)
-        bucket_norms = norms[indices // size]
-        if bool((bucket_norms == 0).any()):
-            raise WireFormatError("qsgd: nonzero level in a bucket of norm 0")
-        signed = torch.from_numpy(np.where(negative, -levels, levels).astype(np.float32))
-        estimate = torch.zeros(n)
-        estimate[indices] = bucket_norms * signed / self.levels
+        entry_norms = norms[:, None].expand(count, size).reshape(-1)[:n]
+        checks.append((((entry_norms == 0) & (signed != 0)).any(), "qsgd: nonzero level in a bucket of norm 0"))
+        raise_first(checks, WireFormatError)
+        # Q_s(v)_i = ||v|| sign(v_i) l_i / s. s as a tensor on the device: CUDA divides by a host scalar as a
+        # multiplication by its reciprocal, which would round differently from the CPU's division.
+        estimate = entry_norms * signed / torch.full((), float(self.levels), device=device)
         return estimate.reshape(msg.shape).to(msg.dtype)

@@ -2,8 +2,13 @@
 
 TernGrad (scale = ||g||_inf) and l_q quantization (scale = ||g||_q) differ only in the scale, so they share
 the sampler and the wire layout here. Sections: scale (float32, 1), meta (int64, 2: coding, nonzeros),
-payload (uint8). Codings: PACKED, 2 bits per entry (0 -> 0, 1 -> +1, 3 -> -1); SPARSE, one sign bit per
-nonzero then the Elias omega codes of the gaps between nonzero indices (`elias`), as QSGD codes them.
+payload (uint8). Codings: PACKED, 2 bits per entry (0 -> 0, 1 -> +1, 3 -> -1), four entries per byte, the
+first in the high bits, the last byte zero-padded; SPARSE, one sign bit per nonzero then the Elias omega
+codes of the gaps between nonzero indices (`elias`), as QSGD codes them.
+
+PACKED is built and read with torch ops on the tensor's device: encoding a GPU tensor in PACKED copies
+nothing to the host (the message's sections stay on the GPU until written to the wire) and `decode_add_`
+unpacks on the output's device, all checks in one host sync. SPARSE is coded and decoded on the host.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import numpy as np
 import torch
 
 from atomo_core.codecs import Codec
+from atomo_core.quantizers.bitpack import raise_first, uses_fixed
 from atomo_core.quantizers.elias import PADDING_BITS, decode_signed, encode_signed, omega_lengths
-from atomo_core.wire import Message, WireFormatError, expect_sections
+from atomo_core.wire import DEFAULT_LIMITS, Message, WireFormatError, expect_sections
 
 PACKED, SPARSE = 0, 1
 _CODES = (torch.arange(256)[:, None] >> torch.tensor([6, 4, 2, 0])) & 3  # the four 2-bit codes of each byte
@@ -39,17 +45,18 @@ def pack_ternary(ternary: torch.Tensor) -> torch.Tensor:
     return (codes[:, 0] << 6) | (codes[:, 1] << 4) | (codes[:, 2] << 2) | codes[:, 3]
 
 
-def unpack_ternary(payload: torch.Tensor, n: int) -> torch.Tensor:
-    """The float32 entries in {-1, 0, 1} of a 2-bit payload, through a 256-entry table of byte values."""
+def unpack_ternary(payload: torch.Tensor, n: int) -> tuple[torch.Tensor, list[tuple[torch.Tensor, str]]]:
+    """The float32 entries in {-1, 0, 1} of a 2-bit payload (through a 256-entry table of byte values), on
+    the payload's device, and the checks (0-dim bool tensors, see `raise_first`) the caller must raise."""
     if payload.numel() != -(-n // 4):
         raise WireFormatError(f"ternary: {payload.numel()} payload bytes, {n} entries need {-(-n // 4)}")
     payload = payload.long()
-    if bool(_BYTE_INVALID[payload].any()):
-        raise WireFormatError("ternary: invalid 2-bit code 2")
-    values = _BYTE_VALUES[payload].view(-1)
-    if bool(values[n:].any()):
-        raise WireFormatError("ternary: nonzero padding")
-    return values[:n]
+    values = _BYTE_VALUES.to(payload.device)[payload].view(-1)
+    checks = [
+        (_BYTE_INVALID.to(payload.device)[payload].any(), "ternary: invalid 2-bit code 2"),
+        (values[n:].any(), "ternary: nonzero padding"),
+    ]
+    return values[:n], checks
 
 
 def sparse_ternary_bits(indices: np.ndarray) -> int:
@@ -76,6 +83,7 @@ class TernaryCodec(Codec):
     """Encodes scale * sign(g) * zeta; subclasses choose the scale and whether SPARSE coding may be used."""
 
     allow_sparse: bool = False
+    coding: str = "fixed"  # "auto", "elias" or "fixed" (`bitpack.CODINGS`); only used with allow_sparse
 
     @abstractmethod
     def scale(self, flat: torch.Tensor) -> torch.Tensor:
@@ -95,40 +103,57 @@ class TernaryCodec(Codec):
         if not bool(torch.isfinite(scale)):
             raise ValueError(f"{self.name}: the scale of this tensor is not finite (non-finite entries or overflow)")
         ternary = sample_ternary(flat, scale, generator)
-        coding, payload, nonzeros = PACKED, None, int(torch.count_nonzero(ternary))
-        if self.allow_sparse:
+        if self.allow_sparse and not uses_fixed(self.coding, flat.device):
             (indices,) = torch.nonzero(ternary, as_tuple=True)
             indices_np = indices.cpu().numpy()
             if sparse_ternary_bits(indices_np) < 2 * flat.numel():
-                coding = SPARSE
                 negative = (ternary[indices] < 0).cpu().numpy()
                 payload = torch.from_numpy(encode_signed(negative, np.diff(indices_np, prepend=-1)))
-        if payload is None:
-            payload = pack_ternary(ternary).cpu()
-        meta = torch.tensor([coding, nonzeros], dtype=torch.int64)
-        return self._message(tensor, [scale.reshape(1).cpu(), meta, payload])
+                meta = torch.tensor([SPARSE, indices.numel()], dtype=torch.int64)
+                return self._message(tensor, [scale.reshape(1).cpu(), meta, payload])
+        # PACKED, on the tensor's device: no host sync beyond the finiteness check above.
+        nonzeros = torch.count_nonzero(ternary).reshape(1)
+        meta = torch.cat([torch.full((1,), PACKED, dtype=torch.int64, device=flat.device), nonzeros])
+        return self._message(tensor, [scale.reshape(1), meta, pack_ternary(ternary)])
 
     def decode_message(self, msg):
+        return self.decode_on(msg, msg.sections[0].device if msg.sections else torch.device("cpu"))
+
+    def decode_add_(self, data, out, alpha=1.0, limits=DEFAULT_LIMITS):
+        """out += alpha * decode(data), a PACKED payload unpacked on out's device."""
+        estimate = self.decode_on(self.parse(data, limits, out), out.device)
+        return out.add_(estimate.to(dtype=out.dtype), alpha=alpha)
+
+    def decode_on(self, msg, device: torch.device) -> torch.Tensor:
+        """The estimate, on `device`; the checks of a PACKED payload cost one host sync together."""
         n = msg.numel
         payload_bytes = msg.sections[2].numel() if len(msg.sections) == 3 else -1
         expect_sections(msg, [(torch.float32, 1), (torch.int64, 2), (torch.uint8, payload_bytes)], self.name)
-        scale = float(msg.sections[0][0])
-        coding, nonzeros = (int(v) for v in msg.sections[1])
-        if not (np.isfinite(scale) and scale >= 0):
-            raise WireFormatError(f"{self.name}: invalid scale {scale}")
+        coding, nonzeros = msg.sections[1].tolist()
         if not 0 <= nonzeros <= n:
             raise WireFormatError(f"{self.name}: {nonzeros} nonzeros for {n} entries")
+        scale = msg.sections[0].to(device)
+        checks = [
+            ((~torch.isfinite(scale) | (scale < 0)).any(), f"{self.name}: the scale must be finite and non-negative"),
+            ((scale == 0).any() & (nonzeros > 0), f"{self.name}: nonzero entries with a zero scale"),
+        ]
         if coding == PACKED:
-            ternary = unpack_ternary(msg.sections[2], n)
-            if int(torch.count_nonzero(ternary)) != nonzeros:
-                raise WireFormatError(f"{self.name}: payload has a different number of nonzeros than {nonzeros}")
+            ternary, unpacked = unpack_ternary(msg.sections[2].to(device), n)
+            checks += unpacked
+            checks.append(
+                (
+                    torch.count_nonzero(ternary) != nonzeros,
+                    f"{self.name}: payload has a different number of nonzeros than {nonzeros}",
+                )
+            )
+            raise_first(checks, WireFormatError)
             estimate = ternary.mul_(scale)
         elif coding == SPARSE and self.allow_sparse:
-            indices, negative = decode_sparse_ternary(msg.sections[2], n, nonzeros)
-            estimate = torch.zeros(n)
-            estimate[torch.from_numpy(indices)] = torch.from_numpy(np.where(negative, -scale, scale).astype(np.float32))
+            raise_first(checks, WireFormatError)
+            indices, negative = decode_sparse_ternary(msg.sections[2].cpu(), n, nonzeros)
+            estimate = torch.zeros(n, device=device)
+            signed = torch.from_numpy(np.where(negative, -1.0, 1.0).astype(np.float32)).to(device)
+            estimate[torch.from_numpy(indices).to(device)] = signed * scale
         else:
             raise WireFormatError(f"{self.name}: unknown payload coding {coding}")
-        if nonzeros and scale == 0:
-            raise WireFormatError(f"{self.name}: nonzero entries with a zero scale")
         return estimate.reshape(msg.shape).to(msg.dtype)

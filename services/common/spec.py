@@ -42,7 +42,7 @@ DEFAULT_STEPS = 300
 # `budget` defaults per codec (DEFAULT_BUDGETS).
 # lq: q=2 (1-bit QSGD over a whole tensor) diverges on the default run by step 40 and q=4 reaches 74%; q=inf
 # (TernGrad's l_inf) reaches 91%.
-CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "warm"}
+CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "warm", "coding": "auto"}
 MAX_RANK = 1024  # atomo_core.biased.powersgd.MAX_RANK
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
@@ -53,6 +53,7 @@ _PARAMETER_OWNERS = {
     "clip": ("terngrad",),
     "rank": ("powersgd",),
     "basis": ("svd",),
+    "coding": ("qsgd", "lq"),
 }
 
 ParamName = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -115,6 +116,12 @@ class CodecSpec(BaseModel):
     )
     q: float | Literal["inf"] | None = Field(
         None, description='lq: the l_q norm, q > 0 (2 is 1-bit QSGD); "inf" is TernGrad\'s l_inf, the default'
+    )
+    coding: Literal["auto", "elias", "fixed"] | None = Field(
+        None,
+        description='qsgd, lq: payload coding; "elias": on the host, Elias-coded where smaller than fixed width; '
+        '"fixed": fixed-width fields packed on the gradient\'s device (a GPU gradient is not copied to the host); '
+        '"auto" (the default): fixed on a GPU, elias on the CPU',
     )
     rank: int | None = Field(
         None,
@@ -221,6 +228,8 @@ class CodecSpec(BaseModel):
             params["bits"], params["bucket_size"] = self.bits, self.bucket_size
         if self.name == "lq":
             params["q"] = self.q
+        if self.name in ("qsgd", "lq"):
+            params["coding"] = self.coding
         if self.name == "powersgd":
             params["rank"] = self.rank
         if self.name == "terngrad" and self.clip is not None:
