@@ -56,7 +56,8 @@ fingerprint of step 2 is exchanged whatever the mode, so a start_step that diffe
 gloo (CPU tensors) and NCCL (CUDA tensors): with NCCL the exchanged buffers are uint8 CUDA tensors; the
 gathered bytes are copied to the host once to be parsed, and each message is added into the bucket with its
 codec's `decode_add_`: svd, topk and powersgd copy their factors or values to the bucket's device and add
-them there; the other codecs decode the estimate on the host and copy it to the device to add it.
+them there, and so do qsgd, terngrad and lq with fixed-width payloads (unpacked on the device); the Elias-coded
+quantizers and entrywise and fourier decode the estimate on the host and copy it to the device to add it.
 """
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations against the real objects.
