@@ -233,6 +233,51 @@ def test_a_store_read_that_waits_does_not_hold_healthz(service):
     assert result["response"].json() == {"run_id": run["id"], "records": [], "next_since": -1}
 
 
+def test_a_connection_beyond_the_limit_when_all_are_busy_is_503(tmp_path, dead_ps):
+    """--max-connections 2, both connections with a read waiting on the store: a third connection is answered
+    503 naming the limit (nothing idle to close for it); once the store frees up, both reads answer."""
+    control = ControlProcess(tmp_path / "c.db", dead_ps, TOKEN, extra_args=("--max-connections", "2")).start()
+    try:
+        run_id = httpx.post(control.url + "/v1/runs", json={}, headers=AUTH, timeout=30).json()["id"]
+        in_flight(control.url)  # counted now: /metrics reads no more while the reads wait
+        results = {}
+
+        def read(name: str, since: int):
+            path = f"/v1/runs/{run_id}/metrics?since={since}"
+            try:
+                results[name] = httpx.get(control.url + path, headers=AUTH, timeout=60)
+            except httpx.HTTPError as exc:  # closed to make room while still idle: asked again below
+                results[name] = exc
+
+        with readers_blocked(control.db_path):
+            first = threading.Thread(target=read, args=("first", 1))
+            first.start()
+            wait_until(lambda: in_flight(control.url) >= 2, 30, "the first read in flight")
+
+            seconds = []
+
+            def refused():
+                if not seconds or not seconds[-1].is_alive():  # none yet, or closed while idle: ask again
+                    seconds.append(threading.Thread(target=read, args=("second", 2)))
+                    seconds[-1].start()
+                with contextlib.suppress(httpx.HTTPError):
+                    response = httpx.get(control.url + "/healthz", timeout=30)
+                    return response if response.status_code == 503 else None
+
+            response = wait_until(refused, 30, "a connection refused while both are busy", interval_s=0.2)
+            assert response.headers["retry-after"] == "1"
+            error = response.json()["error"]
+            assert error["code"] == "unavailable" and error["details"] == {"limit": 2}, error
+            assert "--max-connections" in error["message"], error
+            assert first.is_alive() and seconds[-1].is_alive()
+        first.join(timeout=60)
+        seconds[-1].join(timeout=60)
+        assert results["first"].status_code == results["second"].status_code == 200, results
+        assert httpx.get(control.url + "/healthz", timeout=30).status_code == 200
+    finally:
+        control.stop()
+
+
 # The read cache, in the test's process (to look at it) and over real HTTP ---------------------------------
 
 

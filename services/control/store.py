@@ -232,7 +232,7 @@ class Store:
         return -1 if row[0] is None else row[0]
 
     def add_metrics(self, run_id: str, records: list[dict]) -> None:
-        rows = [(run_id, int(r["step"]), json.dumps(r)) for r in records]
+        rows = [(run_id, int(r["step"]), json.dumps(r, separators=(",", ":"))) for r in records]
         with self._writing() as conn:
             conn.executemany("INSERT OR IGNORE INTO metrics (run_id, step, record) VALUES (?, ?, ?)", rows)
 
