@@ -147,6 +147,28 @@ def test_a_stalled_body_is_408_naming_the_limit(service):
     assert httpx.get(service.url + "/v1/runs", headers=AUTH, timeout=30).json()["runs"] == before
 
 
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_an_oversized_request_head_is_431_naming_the_limit(service, where):
+    """A request line or headers beyond --max-header-bytes (default 64 KiB): 431 and closed, whatever follows
+    (the parser would otherwise buffer them without bound); 32 KiB of headers are served."""
+    big = b"a" * (200 << 10)
+    head = b"GET /healthz" + (b"?q=" + big if where == "url" else b"") + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if where == "header":
+        head += b"X-Big: " + big + b"\r\n"
+    with sockets(1, port_of(service)) as (conn,):
+        with contextlib.suppress(ConnectionError):  # the server may close before it has read everything
+            conn.sendall(head + b"\r\n")
+        closed = closed_by_server([conn], CLOSE_BOUND_S)
+        assert conn in closed, "the oversized request's connection is still open"
+        status, _, body = closed[conn].partition(b"\r\n\r\n")
+        assert status.startswith(b"HTTP/1.1 431 "), closed[conn][:300]
+        error = httpx.Response(431, content=body).json()["error"]
+        assert error["code"] == "request_header_fields_too_large" and error["details"] == {"limit": 64 << 10}
+        assert "--max-header-bytes" in error["message"], error
+    ok = httpx.get(service.url + "/healthz", headers={"X-Big": "a" * (32 << 10)}, timeout=30)
+    assert ok.json() == {"status": "ok"}
+
+
 # Greedy clients ---------------------------------------------------------------------------------------------
 
 FD_LIMIT = 320  # the service's open-file limit in the next test

@@ -52,7 +52,8 @@ HTTP_METRICS = (
     MetricDef(
         "atomo_control_http_connections_closed_total",
         "counter",
-        "HTTP connections the service closed: header_timeout, evicted (idle, for a new one), refused (all busy)",
+        "HTTP connections the service closed: header_timeout, header_too_large, evicted (idle, for a new one), "
+        "refused (all busy)",
         ("reason",),
     ),
 )

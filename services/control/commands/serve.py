@@ -48,6 +48,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> N
         "then 408 and the connection is closed (default 10)",
     )
     parser.add_argument(
+        "--max-header-bytes",
+        type=positive_int,
+        default=64 << 10,
+        help="a request line and headers larger than this are answered 431 (default 64 KiB)",
+    )
+    parser.add_argument(
         "--max-connections",
         type=positive_int,
         default=512,
@@ -138,7 +144,8 @@ def serve(
         release_after_s=getattr(args, "release_after", 60.0),
     )
     app = create_app(settings, launcher, scaler)
-    limits = ConnectionLimits(args.header_timeout, fd_bounded_connections(args.max_connections), app.state.metrics)
+    max_connections = fd_bounded_connections(args.max_connections)
+    limits = ConnectionLimits(args.header_timeout, max_connections, args.max_header_bytes, app.state.metrics)
     config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
     config.access_log = args.access_log
     server = uvicorn.Server(config)
