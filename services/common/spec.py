@@ -44,6 +44,9 @@ DEFAULT_STEPS = 300
 # (TernGrad's l_inf) reaches 91%.
 CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "warm", "coding": "auto"}
 MAX_RANK = 1024  # atomo_core.biased.powersgd.MAX_RANK
+MAX_MILESTONES = 100  # step_milestones: the one list in a spec (codec.params is a dict of MAX_PLUGIN_PARAMS)
+MAX_COUNT = 2**62  # the bound of every step count or period, so each fits an int64 anywhere it travels
+Milestone = Annotated[int, Field(ge=0, le=MAX_COUNT)]
 # Codec parameter -> the codecs that take it.
 _PARAMETER_OWNERS = {
     "budget": BUDGETED,
@@ -257,21 +260,25 @@ class RunSpec(BaseModel):
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0, lt=1)
     lr_schedule: Literal["constant", "step", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    step_milestones: list[int] = Field(default_factory=list, description="step schedule: steps where lr *= 0.1")
+    warmup_steps: int = Field(0, ge=0, le=MAX_COUNT)
+    step_milestones: list[Milestone] = Field(
+        default_factory=list,
+        max_length=MAX_MILESTONES,
+        description=f"step schedule: steps where lr *= 0.1 (at most {MAX_MILESTONES})",
+    )
     steps: int | None = Field(
         None, ge=1, le=10_000_000, description=f"total steps (default {DEFAULT_STEPS} unless epochs)"
     )
     epochs: float | None = Field(
         None, gt=0, le=10_000, description="passes over the training set instead of steps; null: counted in steps"
     )
-    eval_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(100, ge=1)
+    eval_every: int = Field(50, ge=1, le=MAX_COUNT)
+    checkpoint_every: int = Field(100, ge=1, le=MAX_COUNT)
     num_aggregate: int | None = Field(
         None, ge=1, description="k gradients averaged per step; null (the default): all live workers"
     )
     min_workers: int = Field(1, ge=1)
-    dense_steps: int = Field(0, ge=0, description="first steps sent uncompressed")
+    dense_steps: int = Field(0, ge=0, le=MAX_COUNT, description="first steps sent uncompressed")
     downlink: Literal["atoms", "model"] = "atoms"
     seed: int = Field(0, ge=0, le=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,6 +1,7 @@
 """The control service's durable state: runs, their per-step metrics and their events, in SQLite (WAL mode).
 
-Each thread gets its own connection (the event loop reads, the scheduler writes); WAL lets them overlap.
+Each thread gets its own connection (the API serves requests from a threadpool, the scheduler writes from its
+own thread); WAL lets them overlap.
 Runs are served in FIFO order of `seq`; a run's state only moves forward (see `FINAL`).
 """
 
@@ -233,7 +234,7 @@ class Store:
         return -1 if row[0] is None else row[0]
 
     def add_metrics(self, run_id: str, records: list[dict]) -> None:
-        rows = [(run_id, int(r["step"]), json.dumps(r)) for r in records]
+        rows = [(run_id, int(r["step"]), json.dumps(r, separators=(",", ":"))) for r in records]
         with self._writing() as conn:
             conn.executemany("INSERT OR IGNORE INTO metrics (run_id, step, record) VALUES (?, ?, ?)", rows)
 
@@ -242,6 +243,18 @@ class Store:
             "SELECT record FROM metrics WHERE run_id = ? AND step > ? ORDER BY step LIMIT ?", (run_id, since, limit)
         )
         return [json.loads(r[0]) for r in rows]
+
+    def metrics_text(self, run_id: str, since: int, limit: int) -> tuple[list[str], int | None]:
+        """`metrics` as the stored JSON texts, undecoded, and the last one's step (None: no record)."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT step, record FROM metrics WHERE run_id = ? AND step > ? ORDER BY step LIMIT ?",
+                (run_id, since, limit),
+            )
+            .fetchall()
+        )
+        return [r[1] for r in rows], (rows[-1][0] if rows else None)
 
     def add_ps_events(self, run_id: str, events: list[dict]) -> None:
         """Copy the PS's events (worker joins and losses, ...) and remember the last PS sequence number."""

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from services.common.argtypes import port as port_type
 from services.common.argtypes import positive_float, positive_int
 from services.control.client import TOKEN_ENV
 
+if TYPE_CHECKING:
+    from services.control.connections import ConnectionLimits
+
 PS_ENV = "ATOMO_PS_CONTROL"
+# File descriptors kept for everything but HTTP connections: the store's connections (three descriptors for
+# each thread of the threadpool and the scheduler), the ZeroMQ sockets, the listening socket, logs.
+RESERVED_FDS = 256
+log = logging.getLogger("atomo.control")
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> None:
@@ -24,6 +33,38 @@ def add_server_arguments(parser: argparse.ArgumentParser, port: int = 8080) -> N
     )
     parser.add_argument(
         "--max-body-bytes", type=positive_int, default=1 << 20, help="request body limit (default 1 MiB)"
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds a request's whole body may take to arrive after its headers; 408 beyond (default 30)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=10.0,
+        help="seconds a request's headers may take to arrive, from the connection or the previous response; "
+        "then 408 and the connection is closed (default 10)",
+    )
+    parser.add_argument(
+        "--max-header-bytes",
+        type=positive_int,
+        default=64 << 10,
+        help="a request line and headers larger than this are answered 431 (default 64 KiB)",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=512,
+        help="open HTTP connections; beyond, a new one closes the longest-idle one, or is answered 503 when "
+        f"all are busy (default 512; lowered to the open-file limit minus {RESERVED_FDS} if that is less)",
+    )
+    parser.add_argument(
+        "--read-cache-bytes",
+        type=positive_int,
+        default=64 << 20,
+        help="memory for the cached answers of the read routes (default 64 MiB)",
     )
     parser.add_argument(
         "--poll-interval", type=positive_float, default=0.5, help="seconds between PS polls (default 0.5)"
@@ -87,12 +128,15 @@ def serve(
     import uvicorn
 
     from services.control.app import Settings, create_app
+    from services.control.connections import ConnectionLimits
 
     settings = Settings(
         db_path=db_path,
         ps_endpoint=ps_endpoint,
         token=token,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
+        read_cache_bytes=args.read_cache_bytes,
         poll_interval_s=args.poll_interval,
         lost_after_s=args.lost_after,
         curve=curve,
@@ -100,10 +144,52 @@ def serve(
         release_after_s=getattr(args, "release_after", 60.0),
     )
     app = create_app(settings, launcher, scaler)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    max_connections = fd_bounded_connections(args.max_connections)
+    limits = ConnectionLimits(args.header_timeout, max_connections, args.max_header_bytes, app.state.metrics)
+    config = server_config(app, limits, host=args.host, port=args.port, log_level=args.log_level)
+    config.access_log = args.access_log
     server = uvicorn.Server(config)
     server.run(sockets=[sock] if sock is not None else None)
     return 0
+
+
+def server_config(app, limits: ConnectionLimits, **options):
+    """The uvicorn configuration of the control service: its HTTP protocol enforces `limits`
+    (services/control/connections.py); no WebSocket upgrades; `options` as uvicorn.Config takes them."""
+    import uvicorn
+
+    from services.control.connections import protocol_class
+
+    return uvicorn.Config(app, http=protocol_class(limits), ws="none", **options)
+
+
+def fd_bounded_connections(max_connections: int) -> int:
+    """`max_connections`, after raising the soft open-file limit toward the hard one so that it fits with
+    RESERVED_FDS to spare; lowered (with a warning) when the hard limit is too small for it: to the limit
+    less RESERVED_FDS, or less half the limit when that is smaller."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+        if soft < needed:
+            fitted = soft - min(RESERVED_FDS, soft // 2)
+            log.warning(
+                "--max-connections %d lowered to %d: the open-file limit is %d (ulimit -n)",
+                max_connections,
+                fitted,
+                soft,
+            )
+            return fitted
+    return max_connections
 
 
 def run(args: argparse.Namespace) -> int:
