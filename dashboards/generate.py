@@ -323,6 +323,28 @@ def control() -> dict:
             ],
             "percentunit",
         ),
+        row("Connections"),
+        timeseries(
+            "Open connections and requests in flight",
+            "HTTP connections open, and requests being served (the limit is atomo serve --max-connections).",
+            [
+                (f"sum(atomo_control_http_connections{{{SCOPE}}})", "connections"),
+                (f"sum(atomo_control_http_requests_in_flight{{{SCOPE}}})", "in flight"),
+            ],
+            "short",
+        ),
+        timeseries(
+            "Connections closed by the service",
+            "Per second, by reason: header_timeout (slow or stalled clients), header_too_large, evicted (the "
+            "longest-idle one, for a new connection), refused (every connection busy: 503).",
+            [
+                (
+                    f"sum by (reason) (rate(atomo_control_http_connections_closed_total{{{SCOPE}}}[{RATE}]))",
+                    "{{reason}}",
+                )
+            ],
+            "short",
+        ),
         row("Runs"),
         timeseries(
             "Runs by state", "Runs in the store, by state.", [(f"atomo_control_runs{{{SCOPE}}}", "{{state}}")], "short"

@@ -61,6 +61,16 @@ CONTROL_METRICS = (
         ("method", "route", "status"),
     ),
     MetricDef("atomo_control_run_duration_seconds", "histogram", "Wall time of finished runs"),
+    # The HTTP server's own figures (services/control/connections.py, middleware.py).
+    MetricDef("atomo_control_http_requests_in_flight", "gauge", "HTTP requests being served"),
+    MetricDef("atomo_control_http_connections", "gauge", "Open HTTP connections"),
+    MetricDef(
+        "atomo_control_http_connections_closed_total",
+        "counter",
+        "HTTP connections the service closed: header_timeout, header_too_large, evicted (idle, for a new one), "
+        "refused (all busy)",
+        ("reason",),
+    ),
 )
 
 ALL_METRICS = WORKER_METRICS + PS_METRICS + CONTROL_METRICS

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from services.common.metrics import CONTROL_METRICS, MetricDef, create
+from services.common.metrics import CONTROL_METRICS, create
 from services.common.ps_client import PSClient, PSError, PSUnavailable
 from services.common.spec import RunSpec
 from services.control import artifacts, docs, errors
@@ -44,20 +44,6 @@ if TYPE_CHECKING:  # the transport module pulls in torch; the control service on
     from services.control.launchers import Launcher
 
 RunId = Annotated[str, Path(min_length=1, max_length=64)]
-
-# The HTTP server's own figures (services/control/connections.py, middleware.py); not on the dashboards.
-HTTP_METRICS = (
-    MetricDef("atomo_control_http_requests_in_flight", "gauge", "HTTP requests being served"),
-    MetricDef("atomo_control_http_connections", "gauge", "Open HTTP connections"),
-    MetricDef(
-        "atomo_control_http_connections_closed_total",
-        "counter",
-        "HTTP connections the service closed: header_timeout, header_too_large, evicted (idle, for a new one), "
-        "refused (all busy)",
-        ("reason",),
-    ),
-)
-
 
 @dataclass
 class Settings:
@@ -156,7 +142,7 @@ def create_app(
     scales the workers for each run and back to idle (see services/control/scheduler.py)."""
     store = Store(settings.db_path)
     registry = CollectorRegistry()
-    metrics = create(CONTROL_METRICS + HTTP_METRICS, registry)
+    metrics = create(CONTROL_METRICS, registry)
     ps = PSClient(settings.ps_endpoint, settings.ps_timeout_s, settings.curve)
     scheduler = Scheduler(
         store,
