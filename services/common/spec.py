@@ -42,7 +42,7 @@ DEFAULT_STEPS = 300
 # `budget` defaults per codec (DEFAULT_BUDGETS).
 # lq: q=2 (1-bit QSGD over a whole tensor) diverges on the default run by step 40 and q=4 reaches 74%; q=inf
 # (TernGrad's l_inf) reaches 91%.
-CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "warm", "coding": "auto"}
+CODEC_DEFAULTS = {"bits": 4, "bucket_size": 512, "q": math.inf, "rank": 4, "basis": "exact", "coding": "auto"}
 MAX_RANK = 1024  # atomo_core.biased.powersgd.MAX_RANK
 MAX_MILESTONES = 100  # step_milestones: the one list in a spec (codec.params is a dict of MAX_PLUGIN_PARAMS)
 MAX_COUNT = 2**62  # the bound of every step count or period, so each fits an int64 anywhere it travels
@@ -110,8 +110,8 @@ class CodecSpec(BaseModel):
     reshape: Literal["rows", "paper"] = Field("rows", description="svd: [out, in*k*k] or the paper's [out*in/2, 2k^2]")
     basis: Literal["warm", "exact"] | None = Field(
         None,
-        description="svd: warm (top-32 subspace warm-started at the previous step's, plus residual rows; the "
-        "default) or exact (the Gram matrix's eigenvectors)",
+        description="svd: exact (the Gram matrix's eigenvectors; the default) or warm (top-32 subspace "
+        "warm-started at the previous step's, plus residual rows)",
     )
     bits: int | None = Field(None, ge=1, le=16, description="qsgd: bits b, levels s = 2^b - 1; default 4")
     bucket_size: int | None = Field(
