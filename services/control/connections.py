@@ -32,6 +32,10 @@ from services.control.errors import CODES
 LINGER_S = 2.0
 
 
+# Why the service closes a connection: the `reason` label of atomo_control_http_connections_closed_total.
+CLOSE_REASONS = ("header_timeout", "header_too_large", "evicted", "refused")
+
+
 @dataclass
 class ConnectionLimits:
     """What `atomo serve --header-timeout --max-connections --max-header-bytes` sets; `metrics`, when given, holds the
@@ -41,6 +45,11 @@ class ConnectionLimits:
     max_connections: int = 512
     max_header_bytes: int = 64 << 10
     metrics: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.metrics is not None:  # every reason's series exists from the start (at 0), so rate() has data
+            for reason in CLOSE_REASONS:
+                self.metrics["atomo_control_http_connections_closed_total"].labels(reason=reason)
 
     def closed(self, reason: str) -> None:
         if self.metrics is not None:
