@@ -17,7 +17,7 @@ import torch
 
 from atomo_core.biased.feedback import FeedbackCodec, check_whole
 from atomo_core.codecs import register_codec
-from atomo_core.decompositions.base import check_finite, section_counts
+from atomo_core.decompositions.base import check_finite, check_increasing_indices, section_counts
 from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits
 
 MAX_INDEX = 2**31 - 1  # int32 indices
@@ -67,11 +67,7 @@ class TopKCodec(FeedbackCodec):
         index, values = msg.sections
         check_finite(values, "topk: values")
         index = index.long()
-        if k:
-            if int(index[0]) < 0 or int(index[-1]) >= n:
-                raise WireFormatError(f"topk: indices must lie in [0, {n}), got {int(index[0])}..{int(index[-1])}")
-            if k > 1 and not bool((index[1:] > index[:-1]).all()):
-                raise WireFormatError("topk: indices must be strictly increasing")
+        check_increasing_indices(index, n, "topk: indices")
         return index, values
 
     def decode_message(self, msg):

@@ -153,6 +153,17 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         raise WireFormatError(f"{what} contain non-finite values")
 
 
+def check_increasing_indices(index: torch.Tensor, n: int, what: str) -> None:
+    """WireFormatError unless the received `index` is strictly increasing within [0, n) (then its first and
+    last entries bound it)."""
+    if not index.numel():
+        return
+    if int(index[0]) < 0 or int(index[-1]) >= n:
+        raise WireFormatError(f"{what} must lie in [0, {n}), got {int(index[0])}..{int(index[-1])}")
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise WireFormatError(f"{what} must be strictly increasing")
+
+
 def section_counts(sections: list[torch.Tensor], dtypes: list[torch.dtype], codec: str) -> list[int]:
     """Check the number and dtypes of sections; return their element counts."""
     got = [s.dtype for s in sections]

@@ -77,6 +77,7 @@ from atomo_core.decompositions.base import (
     atom_dtype_code,
     atom_dtype_name,
     check_finite,
+    check_increasing_indices,
     meta,
     section_counts,
 )
@@ -359,13 +360,7 @@ class SpectralDecomposition(AtomicDecomposition):
             index, residual_rows = None, None
         else:
             index, residual_rows = sections[3].long(), sections[4]
-            if k2:
-                if int(index[0]) < 0 or int(index[-1]) >= n:
-                    raise WireFormatError(
-                        f"svd (warm): residual row indices must lie in [0, {n}), got {int(index[0])}..{int(index[-1])}"
-                    )
-                if k2 > 1 and not bool((index[1:] > index[:-1]).all()):
-                    raise WireFormatError("svd (warm): residual row indices must be strictly increasing")
+            check_increasing_indices(index, n, "svd (warm): residual row indices")
             check_finite(residual_rows, "svd (warm): residual rows")
             residual_rows = residual_rows.reshape(k2, m)
         factors = (row_factors.reshape(k, rows), column_factors.reshape(k, columns))
