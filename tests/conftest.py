@@ -13,6 +13,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def dead_ps() -> str:
+    """A PS control endpoint where nothing listens (a control service then runs with its PS unreachable)."""
+    from services.common.launch import free_port
+
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
 @pytest.fixture
 def prometheus_binary():
     """The Debian prometheus binary (scripts/install-test-tools.sh installs it); missing is a failure."""

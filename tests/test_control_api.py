@@ -24,12 +24,6 @@ TOKEN = "test-token-0123456789"
 
 
 @pytest.fixture(scope="module")
-def dead_ps() -> str:
-    """A PS control endpoint where nothing listens."""
-    return f"tcp://127.0.0.1:{free_port()}"
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory, dead_ps):
     where = tmp_path_factory.mktemp("control")
     extra = ("--poll-interval", "0.2", "--log-level", "info", "--access-log")  # every request logged

@@ -34,11 +34,6 @@ CLOSE_BOUND_S = 60  # generous: every stalled connection is closed well within t
 
 
 @pytest.fixture(scope="module")
-def dead_ps() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"
-
-
-@pytest.fixture(scope="module")
 def service(tmp_path_factory, dead_ps):
     where = tmp_path_factory.mktemp("control")
     extra = ("--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S))
