@@ -15,6 +15,16 @@ import zmq
 from services.common.argtypes import env_default, non_negative_int, port, positive_float, positive_int
 from services.common.launch import watch_parent
 from services.common.spec import RunSpec
+from services.ps.training import MAX_DECODE_TIMEOUT_S
+
+
+def decode_timeout(text: str) -> float:
+    """--plugin-decode-timeout-s: a positive number of seconds, at most MAX_DECODE_TIMEOUT_S."""
+    value = positive_float(text)
+    if value > MAX_DECODE_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_DECODE_TIMEOUT_S:g} seconds, got {value:g}")
+    return value
+
 
 _env = env_default
 
@@ -60,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--plugin-decode-timeout-s",
-        type=positive_float,
-        default=_env("ATOMO_PLUGIN_DECODE_TIMEOUT_S", None, positive_float),
+        type=decode_timeout,
+        default=_env("ATOMO_PLUGIN_DECODE_TIMEOUT_S", None, decode_timeout),
         help="most time a plugin codec may take to decode one gradient; longer fails the run naming the plugin "
         "(default: twice --heartbeat-s, so that the PS's loop never stalls long enough to lose its workers)",
     )

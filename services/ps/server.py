@@ -30,7 +30,7 @@ from services.common.transport import (
     bind_server,
 )
 from services.ps.rundir import RunDirectory, check_run_id, new_run_id, scan_runs
-from services.ps.training import STEP_TIMEOUT_S, Run, WorkerInfo, json_safe
+from services.ps.training import MAX_DECODE_TIMEOUT_S, STEP_TIMEOUT_S, Run, WorkerInfo, json_safe
 
 log = logging.getLogger("atomo.ps")
 
@@ -76,7 +76,7 @@ class ParameterServer:
         self.step_timeout_s = step_timeout_s  # the least deadline of a step (Run.step_deadline_s)
         # A plugin codec's decode of one gradient holds the loop at most this long (Run.decoding); by default
         # less than the three heartbeat intervals after which a silent worker is declared lost.
-        self.plugin_decode_timeout_s = plugin_decode_timeout_s or 2 * heartbeat_s
+        self.plugin_decode_timeout_s = plugin_decode_timeout_s or min(2 * heartbeat_s, MAX_DECODE_TIMEOUT_S)
         self.device = resolve_device(device)
         self.data_root = data_root
         self.ctx = zmq.Context()

@@ -80,6 +80,9 @@ class PluginFailure(Exception):
     """A plugin codec hung, was too slow, or could not decode its own messages: the run fails with this."""
 
 
+MAX_DECODE_TIMEOUT_S = 86_400.0  # a plugin decode's time limit at most: a day (SIGALRM's timer overflows near 1e308 s)
+
+
 @contextlib.contextmanager
 def time_limit(seconds: float):
     """Raise DecodeTimeout inside the block once it has run `seconds` (SIGALRM, so in the main thread only;
