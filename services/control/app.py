@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the transport module pulls in torch; the control service on
 
 RunId = Annotated[str, Path(min_length=1, max_length=64)]
 
+
 @dataclass
 class Settings:
     """What `atomo serve` configures: the store, the PS control endpoint (and its CURVE keys), the API token
