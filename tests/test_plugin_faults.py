@@ -93,3 +93,28 @@ def test_a_plugin_that_rejects_its_own_messages_fails_its_run_naming_it(cluster)
     ), run["error"]
     final = [e for e in events if e["type"] == "run_state" and e["detail"]["state"] == "failed"]
     assert final[0]["detail"]["error"] == run["error"]
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("1e308", "expected at most 86400 seconds, got 1e+308"),
+        ("86401", "expected at most 86400 seconds, got 86401"),
+        ("0", "expected a positive number, got 0"),
+        ("nan", "expected a positive number, got 'nan'"),
+    ],
+)
+def test_the_plugin_decode_time_limit_is_bounded(value, error):
+    """A limit SIGALRM's timer cannot hold (1e308 s overflowed it and failed every plugin run) or a
+    non-positive one is a usage error of `atomo ps`, from the flag and from the environment alike."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "services", "ps"]
+    for args, env in (
+        ([*command, "--plugin-decode-timeout-s", value], {}),
+        (command, {"ATOMO_PLUGIN_DECODE_TIMEOUT_S": value}),
+    ):
+        done = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (value, done.stderr)
+        assert error in done.stderr, done.stderr
