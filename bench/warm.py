@@ -16,7 +16,12 @@ g_A). The warm codec's state (each layer's Q) comes from encoding g_A; everythin
   its encode time, its bytes and its squared relative error ||P Q^T - g||^2 / ||g||^2 (an error, not a
   variance); "err x MB" and "var x MB" put both on one scale of error per byte.
 
+With --data fashion-mnist the two batches are real images (the model then takes 1 channel); with --device
+cuda the model, the gradients, the encoders and their generators are on the GPU and the timings synchronize it
+(the encode ratio to the backward pass measured in the same run is printed; the targets: <= 0.3x).
+
     python bench/warm.py [--model resnet18] [--batch 32] [--ranks 16,32,64] [--fraction 8] [--threads 2]
+        [--data random|fashion-mnist] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -37,25 +42,59 @@ from atomo_core.decompositions.spectral import matrix_shape
 from atomo_core.models import build_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "warm.json"
+DEVICE = torch.device("cpu")  # set by --device
 
 
-def two_gradients(model_name: str, batch: int, lr: float) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """g_A, then g_B after one SGD step on g_A (two random CIFAR-shaped batches), and g_B's backward seconds."""
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+def synchronized(fn):
+    """`fn` followed by a device synchronization on a GPU (so that its wall time counts the kernels)."""
+
+    def call():
+        result = fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+        return result
+
+    return call
+
+
+def batches(data: str, batch: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Two batches (x, y) and the images' channels: random CIFAR-shaped ones, or real Fashion-MNIST images."""
+    if data == "random":
+        return [(torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,)), 3) for _ in range(2)]
+    from atomo_core.data import load_dataset
+
+    train, _, info = load_dataset(data, train_size=2 * batch)
+    return [
+        (train.x[i * batch : (i + 1) * batch], train.y[i * batch : (i + 1) * batch], info.in_channels) for i in (0, 1)
+    ]
+
+
+def two_gradients(
+    model_name: str, batch: int, lr: float, data: str = "random", repeats: int = 5
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """g_A, then g_B after one SGD step on g_A (two batches: `batches`), and the median seconds of the backward
+    pass of batch B over `repeats` more passes (the first ones warm up kernels and allocator pools)."""
     torch.manual_seed(0)
-    model = build_model(model_name)
-    grads, backward_s = [], 0.0
-    for _ in range(2):
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    pairs = batches(data, batch)
+    model = build_model(model_name, 10, pairs[0][2]).to(DEVICE)
+    grads, times = [], []
+    for i, (x, y, _) in enumerate(pairs + [pairs[1]] * (repeats + 1)):
         model.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss = torch.nn.functional.cross_entropy(model(x.to(DEVICE)), y.to(DEVICE))
+        synchronized(lambda: None)()
         start = time.perf_counter()
-        loss.backward()
-        backward_s = time.perf_counter() - start
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-        with torch.no_grad():
-            for p in model.parameters():
-                p -= lr * p.grad
-    return grads[0], grads[1], backward_s
+        synchronized(loss.backward)()
+        times.append(time.perf_counter() - start)
+        if i < 2:
+            grads.append([p.grad.detach().clone() for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= lr * p.grad
+    return grads[0], grads[1], statistics.median(times[3:])
 
 
 class Config:
@@ -80,28 +119,27 @@ class Config:
 
 def warm_states(config: Config, grads_a) -> list:
     """Each layer's Q after encoding g_A (None for the exact route and 1-D tensors)."""
-    generator = torch.Generator().manual_seed(1)
+    gen = generator(1)
     return [
-        None if c is None else c.encode_with_state(g, None, generator)[1]
-        for c, g in zip(config.codecs, grads_a, strict=True)
+        None if c is None else c.encode_with_state(g, None, gen)[1] for c, g in zip(config.codecs, grads_a, strict=True)
     ]
 
 
 def decomposed(config: Config, grads, states) -> list:
     """Per layer: (lam float64, bytes of each atom, header bytes), or None for a dense layer."""
     out = []
-    generator = torch.Generator().manual_seed(2)
+    gen = generator(2)
     for codec, g, state in zip(config.codecs, grads, states, strict=True):
         if codec is None:
             out.append(None)
             continue
-        lam, parts, _ = codec.decomposition.decompose_with_state(g, state, generator)
+        lam, parts, _ = codec.decomposition.decompose_with_state(g, state, gen)
         rows, columns = matrix_shape(tuple(g.shape), "rows")
-        header = len(codec.encode(g, generator).header())
+        header = len(codec.encode(g, gen).header())
         r = codec.decomposition.warm_rank(rows, columns)
         top = torch.full((r if r else lam.numel(),), 4.0 * (1 + rows + columns), dtype=torch.float64)
         residual = torch.full((lam.numel() - top.numel(),), 4.0 * (2 + max(rows, columns)), dtype=torch.float64)
-        out.append((lam.double(), torch.cat([top, residual]), header))
+        out.append((lam.double().cpu(), torch.cat([top, residual]), header))
     return out
 
 
@@ -141,14 +179,14 @@ def encode_all(config: Config, grads, states, generator):
 
 def monte_carlo(config: Config, grads, states, samples: int) -> tuple[float, float]:
     """(mean bytes, mean squared error) of `samples` real encodings."""
-    generator = torch.Generator().manual_seed(3)
+    gen = generator(3)
     sizes, errors = [], []
     for _ in range(samples):
-        wires = [bytes(m) for m in encode_all(config, grads, states, generator)]
+        wires = [bytes(m) for m in encode_all(config, grads, states, gen)]
         sizes.append(sum(len(w) for w in wires))
         errors.append(
             sum(
-                float((atomo_core.decode(w).double() - g.double()).pow(2).sum())
+                float((atomo_core.decode(w).to(DEVICE).double() - g.double()).pow(2).sum())
                 for w, g in zip(wires, grads, strict=True)
             )
         )
@@ -157,17 +195,16 @@ def monte_carlo(config: Config, grads, states, samples: int) -> tuple[float, flo
 
 def powersgd_row(rank: int, grads_a, grads_b, repeats: int) -> dict:
     codec = make_codec("powersgd", rank=rank)
-    generator = torch.Generator().manual_seed(4)
-    starts = [None if g.dim() < 2 else codec.compress(g.float(), None, generator)[1] for g in grads_a]
+    gen = generator(4)
+    starts = [None if g.dim() < 2 else codec.compress(g.float(), None, gen)[1] for g in grads_a]
 
     def encode():
         return [
-            None if g.dim() < 2 else codec.compress(g.float(), q, generator)[0]
-            for g, q in zip(grads_b, starts, strict=True)
+            None if g.dim() < 2 else codec.compress(g.float(), q, gen)[0] for g, q in zip(grads_b, starts, strict=True)
         ]
 
     encode()
-    seconds = median_time(encode, repeats)
+    seconds = median_time(synchronized(encode), repeats)
     nbytes, error = 0, 0.0
     for g, sections in zip(grads_b, encode(), strict=True):
         if sections is None:
@@ -175,7 +212,7 @@ def powersgd_row(rank: int, grads_a, grads_b, repeats: int) -> dict:
             continue
         message = codec._message(g, sections)
         nbytes += len(message)
-        error += float((codec.decode_message(message).double() - g.double()).pow(2).sum())
+        error += float((codec.decode_message(message).to(DEVICE).double() - g.double()).pow(2).sum())
     return {"encode_ms": 1e3 * seconds, "bytes": nbytes, "error": error}
 
 
@@ -191,15 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=10, help="Monte Carlo encodings for the variance check")
+    parser.add_argument("--data", default="random", help="random (CIFAR-shaped noise) or fashion-mnist (real images)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(args.threads)
-    grads_a, grads_b, backward_s = two_gradients(args.model, args.batch, args.lr)
+    grads_a, grads_b, backward_s = two_gradients(args.model, args.batch, args.lr, args.data, args.repeats)
     norm2 = sum(float(g.double().pow(2).sum()) for g in grads_b)
     dense = sum(dense_nbytes(tuple(g.shape)) for g in grads_b)
     print(
-        f"{args.model}: dense {dense / 1e6:.2f} MB, backward (batch {args.batch}) {1e3 * backward_s:.0f} ms, "
-        f"{args.threads} threads"
+        f"{args.model} on {args.data} data ({args.device}): dense {dense / 1e6:.2f} MB, backward (batch "
+        f"{args.batch}) {1e3 * backward_s:.1f} ms, {args.threads} threads"
     )
 
     exact = Config(f"exact s={args.budget:g}", grads_b, args.budget, "exact")
@@ -219,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     exact_ms = None
     print(
-        f"{'codec':<18} {'s':>6} {'encode ms':>10} {'x exact':>8} {'E[KB]':>8} {'rel var':>8} {'x exact':>8} "
-        f"{'var x MB':>9} {'MC KB':>8} {'MC var':>8}"
+        f"{'codec':<18} {'s':>6} {'encode ms':>10} {'x exact':>8} {'x bwd':>7} {'E[KB]':>8} {'rel var':>8} "
+        f"{'x exact':>8} {'var x MB':>9} {'MC KB':>8} {'MC var':>8}"
     )
     for config, states in configs:
         if states is None:
@@ -232,15 +275,18 @@ def main(argv: list[str] | None = None) -> int:
             budget = matched_budget(layers, grads_b, target_bytes)
             config = config.with_budget(grads_b, budget)
         nbytes, variance = expected(layers, grads_b, budget)
-        generator = torch.Generator().manual_seed(5)
-        encode_all(config, grads_b, states, generator)  # warm-up
-        seconds = median_time(lambda c=config, s=states, g=generator: encode_all(c, grads_b, s, g), args.repeats)
+        gen = generator(5)
+        encode_all(config, grads_b, states, gen)  # warm-up
+        seconds = median_time(
+            synchronized(lambda c=config, s=states, g=gen: encode_all(c, grads_b, s, g)), args.repeats
+        )
         exact_ms = exact_ms or 1e3 * seconds
         mc_bytes, mc_error = monte_carlo(config, grads_b, states, args.samples) if args.samples else (math.nan,) * 2
         row = {
             "budget": budget,
             "encode_ms": 1e3 * seconds,
             "encode_over_exact": 1e3 * seconds / exact_ms,
+            "encode_over_backward": seconds / backward_s,
             "expected_bytes": nbytes,
             "relative_variance": variance / norm2,
             "variance_over_exact": variance / exact_variance,
@@ -250,18 +296,24 @@ def main(argv: list[str] | None = None) -> int:
         rows[config.label] = row
         print(
             f"{config.label:<18} {budget:>6.2f} {row['encode_ms']:>10.1f} {row['encode_over_exact']:>8.3f} "
+            f"{row['encode_over_backward']:>7.2f} "
             f"{nbytes / 1e3:>8.1f} {row['relative_variance']:>8.3f} {row['variance_over_exact']:>8.3f} "
             f"{row['relative_variance'] * nbytes / 1e6:>9.3f} {mc_bytes / 1e3:>8.1f} "
             f"{row['monte_carlo_relative_variance']:>8.3f}"
         )
-    print(f"\n{'powersgd (biased)':<18} {'encode ms':>10} {'x exact':>8} {'KB':>8} {'rel err':>8} {'err x MB':>9}")
+    print(
+        f"\n{'powersgd (biased)':<18} {'encode ms':>10} {'x exact':>8} {'x bwd':>7} {'KB':>8} {'rel err':>8} "
+        f"{'err x MB':>9}"
+    )
     for rank in [int(r) for r in args.powersgd.split(",") if r]:
         r = powersgd_row(rank, grads_a, grads_b, args.repeats)
         r["encode_over_exact"] = r["encode_ms"] / exact_ms
+        r["encode_over_backward"] = r["encode_ms"] / (1e3 * backward_s)
         r["relative_error"] = r["error"] / norm2
         rows[f"powersgd r={rank}"] = r
         print(
             f"{'powersgd r=' + str(rank):<18} {r['encode_ms']:>10.1f} {r['encode_over_exact']:>8.3f} "
+            f"{r['encode_over_backward']:>7.2f} "
             f"{r['bytes'] / 1e3:>8.1f} {r['relative_error']:>8.3f} {r['relative_error'] * r['bytes'] / 1e6:>9.3f}"
         )
     report = {

@@ -118,3 +118,26 @@ def test_the_plugin_decode_time_limit_is_bounded(value, error):
         done = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2, (value, done.stderr)
         assert error in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("role", ["ps", "worker"])
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [
+        ("1e308", "expected a number of seconds from 0.01 to 3600, got 1e+308"),
+        ("0.001", "expected a number of seconds from 0.01 to 3600, got 0.001"),
+        ("inf", "expected a number of seconds from 0.01 to 3600, got 'inf'"),
+    ],
+)
+def test_the_heartbeat_interval_is_bounded(role, value, error):
+    """ZeroMQ takes the heartbeat interval in whole milliseconds: 1e308 s overflowed the socket option, and
+    under 10 ms it rounds to 0 (no heartbeats). Both are usage errors of `atomo ps` and `atomo worker`, from
+    the flag and from the environment alike."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "services", role]
+    for args, env in (([*command, "--heartbeat-s", value], {}), (command, {"ATOMO_HEARTBEAT_S": value})):
+        done = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, (value, done.stderr)
+        assert error in done.stderr, done.stderr

@@ -48,6 +48,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+HEARTBEAT_S = (0.01, 3600.0)  # ZeroMQ takes the interval in whole milliseconds (an int): 10 ms to an hour
+
+
+def heartbeat_seconds(text: str) -> float:
+    """--heartbeat-s: seconds between ZeroMQ heartbeats, from HEARTBEAT_S[0] to HEARTBEAT_S[1] (1e308 overflowed
+    the socket option; below 10 ms the interval rounds to 0, which switches heartbeats off)."""
+    low, high = HEARTBEAT_S
+    value = _number(text, float, f"a number of seconds from {low:g} to {high:g}")
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds from {low:g} to {high:g}, got {value:g}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = _number(text, float, "a number >= 0")
     if value < 0:

@@ -12,7 +12,14 @@ import sys
 import yaml
 import zmq
 
-from services.common.argtypes import env_default, non_negative_int, port, positive_float, positive_int
+from services.common.argtypes import (
+    env_default,
+    heartbeat_seconds,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+)
 from services.common.launch import watch_parent
 from services.common.spec import RunSpec
 from services.ps.training import MAX_DECODE_TIMEOUT_S
@@ -48,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env("ATOMO_METRICS_PORT", None, port),
         help="serve Prometheus metrics on this port of --bind (0: a free one, printed on the ready line)",
     )
-    parser.add_argument("--heartbeat-s", type=positive_float, default=_env("ATOMO_HEARTBEAT_S", 1.0, positive_float))
+    parser.add_argument(
+        "--heartbeat-s",
+        type=heartbeat_seconds,
+        default=_env("ATOMO_HEARTBEAT_S", 1.0, heartbeat_seconds),
+        help="seconds between heartbeats, 0.01 to 3600 (ATOMO_HEARTBEAT_S)",
+    )
     parser.add_argument(
         "--check-every",
         type=non_negative_int,

@@ -11,7 +11,7 @@ import signal
 import socket
 import sys
 
-from services.common.argtypes import env_default, port, positive_float, positive_int
+from services.common.argtypes import env_default, heartbeat_seconds, port, positive_int
 from services.common.launch import watch_parent
 
 _env = env_default
@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--keys", default=_env("ATOMO_KEYS"), help="CURVE key directory (`atomo keys`)")
     parser.add_argument("--key-name", default=_env("ATOMO_KEY_NAME"), help="this worker's client key name")
-    parser.add_argument("--heartbeat-s", type=positive_float, default=_env("ATOMO_HEARTBEAT_S", 1.0, positive_float))
+    parser.add_argument(
+        "--heartbeat-s",
+        type=heartbeat_seconds,
+        default=_env("ATOMO_HEARTBEAT_S", 1.0, heartbeat_seconds),
+        help="seconds between heartbeats, 0.01 to 3600 (ATOMO_HEARTBEAT_S)",
+    )
     parser.add_argument("--data-root", default=_env("ATOMO_DATA_ROOT"), help="where data sets are found")
     parser.add_argument(
         "--threads", type=positive_int, default=_env("ATOMO_THREADS", None, positive_int), help="torch CPU threads"

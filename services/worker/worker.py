@@ -15,7 +15,10 @@ layer's residual (and PowerSGD's warm start) in this process. The policy is buil
 memory is this worker's for this run and shard: a new run or shard starts from zero; the first `dense_steps`
 and a gradient sent dense after a failed encoding leave it untouched. It is lost when the worker restarts,
 which then starts again from zero residuals (still a valid error-feedback run; what was held back is lost).
-A gradient lost on the way (dropped, or past the PS's step deadline) takes what it sent with it.
+A gradient lost on the way (dropped, or past the PS's step deadline) takes what it sent with it. The warm
+spectral basis of svd with basis "warm" (each layer's Q) is per-layer state of the same policy, kept and lost
+the same way; a worker that restarts starts the warm route afresh (Q from Y times a random matrix), which
+costs a little variance for one step, never bias (the estimate is unbiased for any Q).
 
 Communication time (atomo_worker_communication_seconds): from sending the gradient of step t until the
 update of step t+1 is in hand, minus `ps_s`, the time the PS held this worker's gradient (waiting for the
