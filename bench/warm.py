@@ -16,12 +16,13 @@ g_A). The warm codec's state (each layer's Q) comes from encoding g_A; everythin
   its encode time, its bytes and its squared relative error ||P Q^T - g||^2 / ||g||^2 (an error, not a
   variance); "err x MB" and "var x MB" put both on one scale of error per byte.
 
-With --data fashion-mnist the two batches are real images (the model then takes 1 channel); with --device
+With --data fashion-mnist (or digits) the two batches are real images (the model then takes 1 channel), and
+--checkpoint starts from a trained model rather than the seeded initialization; with --device
 cuda the model, the gradients, the encoders and their generators are on the GPU and the timings synchronize it
 (the encode ratio to the backward pass measured in the same run is printed; the targets: <= 0.3x).
 
     python bench/warm.py [--model resnet18] [--batch 32] [--ranks 16,32,64] [--fraction 8] [--threads 2]
-        [--data random|fashion-mnist] [--device cpu|cuda]
+        [--data random|fashion-mnist|digits] [--device cpu|cuda] [--checkpoint RUN/checkpoint.pt]
 """
 
 from __future__ import annotations
@@ -74,13 +75,17 @@ def batches(data: str, batch: int) -> list[tuple[torch.Tensor, torch.Tensor, int
 
 
 def two_gradients(
-    model_name: str, batch: int, lr: float, data: str = "random", repeats: int = 5
+    model_name: str, batch: int, lr: float, data: str = "random", repeats: int = 5, checkpoint: Path | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
     """g_A, then g_B after one SGD step on g_A (two batches: `batches`), and the median seconds of the backward
     pass of batch B over `repeats` more passes (the first ones warm up kernels and allocator pools)."""
     torch.manual_seed(0)
     pairs = batches(data, batch)
-    model = build_model(model_name, 10, pairs[0][2]).to(DEVICE)
+    model = build_model(model_name, 10, pairs[0][2])
+    if checkpoint is not None:  # a run's checkpoint.pt (its "model" entry) or a bare state_dict
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state.get("model", state))
+    model = model.to(DEVICE)
     grads, times = [], []
     for i, (x, y, _) in enumerate(pairs + [pairs[1]] * (repeats + 1)):
         model.zero_grad()
@@ -230,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=10, help="Monte Carlo encodings for the variance check")
     parser.add_argument("--data", default="random", help="random (CIFAR-shaped noise) or fashion-mnist (real images)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="start from a trained model: a run's checkpoint.pt or a state_dict"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     global DEVICE
@@ -237,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     torch.set_num_threads(args.threads)
-    grads_a, grads_b, backward_s = two_gradients(args.model, args.batch, args.lr, args.data, args.repeats)
+    grads_a, grads_b, backward_s = two_gradients(
+        args.model, args.batch, args.lr, args.data, args.repeats, args.checkpoint
+    )
     norm2 = sum(float(g.double().pow(2).sum()) for g in grads_b)
     dense = sum(dense_nbytes(tuple(g.shape)) for g in grads_b)
     print(
-        f"{args.model} on {args.data} data ({args.device}): dense {dense / 1e6:.2f} MB, backward (batch "
-        f"{args.batch}) {1e3 * backward_s:.1f} ms, {args.threads} threads"
+        f"{args.model} on {args.data} data ({args.device}, {args.checkpoint or 'at initialization'}):\n"
+        f"  dense {dense / 1e6:.2f} MB, backward (batch {args.batch}) {1e3 * backward_s:.1f} ms, {args.threads} threads"
     )
 
     exact = Config(f"exact s={args.budget:g}", grads_b, args.budget, "exact")
@@ -321,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch,
         "threads": args.threads,
         "torch": torch.__version__,
+        "data": args.data,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "backward_ms": 1e3 * backward_s,
         "dense_bytes": dense,
         "rows": rows,
