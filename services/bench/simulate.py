@@ -398,6 +398,30 @@ class SimRun:
     steps: list[dict] = field(default_factory=list)  # bytes_up, bytes_down, decode_s, update_s, up_s/down_s
     evals: list[tuple[int, float]] = field(default_factory=list)  # (steps done, test accuracy)
     wall_s: float = 0.0
+    replay: dict = field(default_factory=dict)  # {"emulated", "reason"} of the link replay
+
+
+def _run_path(out: Path, run: SimRun) -> Path:
+    name = f"w{run.workers}-s{run.seed}-{run.label}".replace(" ", "-").replace("=", "")
+    return out / "runs" / f"{name}.json"
+
+
+def _save_run(out: Path, config: dict, run: SimRun) -> None:
+    path = _run_path(out, run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, "run": asdict(run)}) + "\n", encoding="utf-8")
+
+
+def _saved_runs(out: Path, config: dict) -> dict[tuple[str, int, int], SimRun]:
+    """The runs of this configuration already in `out` (a rerun with more seeds or workers adds to them)."""
+    found = {}
+    for path in sorted((out / "runs").glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("config") == config:
+            run = SimRun(**data["run"])
+            run.evals = [tuple(e) for e in run.evals]
+            found[run.label, run.workers, run.seed] = run
+    return found
 
 
 def simulate(
@@ -652,47 +676,89 @@ def run_experiment(args: argparse.Namespace) -> dict:
     )
     budget = topk_budget(data, dataset)
     cases = codecs(budget, args.quick)
+    if args.codecs:
+        keep = {k.strip() for k in args.codecs.split(",") if k.strip()}
+        unknown = keep - {c.label for c in cases} - {c.label.split()[0] for c in cases}
+        if unknown:
+            raise SystemExit(f"atomo bench table6: --codecs: no codec {', '.join(sorted(unknown))}")
+        cases = [c for c in cases if c.label in keep or c.label.split()[0] in keep]
     batches = sorted({BATCH_SIZE // n for n in (*args.workers, 2)})
+    kept = out / "costs.json"
     if args.costs:
         costs = CostTable.read(args.costs)
+    elif kept.exists():  # the runs already in the folder were clocked with it
+        costs = CostTable(**json.loads(kept.read_text()))
     else:
         print("measuring the cost table (forward+backward per batch, encode per codec) ...", flush=True)
         costs = measure_costs(data[0], data[2], batches, cases, dataset, 2 if args.quick else COST_REPS)
+        kept.write_text(json.dumps(asdict(costs), indent=2) + "\n")
     print(f"costs ({costs.source}): compute {costs.compute_s}, encode {costs.encode_s}", flush=True)
     # ETA: worker-steps done so far against the wall time they took (the first estimate from the table)
-    total_units = sum(n * args.steps for n in args.workers) * len(cases) * args.seeds
     per_unit = statistics.fmean(costs.compute_s.values()) + statistics.fmean(costs.encode_s.values()) * 1.5
     done_units, done_wall = 0, 0.0
     runs: list[SimRun] = []
-    replay_info = {}
+    config = {
+        "dataset": dataset,
+        "steps": args.steps,
+        "replay_every": args.replay_every,
+        "eval_every": args.eval_every,
+        "bandwidth_mbit": None if reason else args.bandwidth,
+    }
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    saved = _saved_runs(out, config)
+    todo = [(n, seed, c) for n in args.workers for seed in seeds for c in cases if (c.label, n, seed) not in saved]
+    total_units = sum(n * args.steps for n, _, _ in todo)
+    if len(todo) < len(args.workers) * len(seeds) * len(cases):
+        print(f"{len(saved)} runs of this configuration already in {out}: {len(todo)} to run", flush=True)
     for n in args.workers:
+        mine = [(seed, c) for m, seed, c in todo if m == n]
+        if not mine:
+            continue
         with LinkReplay(n, link, out / "logs" / f"replay-w{n}") as replay:
-            replay_info[n] = {"emulated": replay.emulated, "reason": replay.reason}
-            for seed in range(SEED, SEED + args.seeds):
-                for case in cases:
-                    run = simulate(case, n, seed, args.steps, data, dataset, replay, args.replay_every, args.eval_every)
-                    runs.append(run)
-                    done_units += n * args.steps
-                    done_wall += run.wall_s
-                    eta = (total_units - done_units) * (done_wall / done_units if done_units else per_unit)
-                    best = max(acc for _, acc in run.evals)
-                    print(
-                        f"[{len(runs)}/{len(cases) * len(args.workers) * args.seeds}] w{n} seed {seed} "
-                        f"{case.label:<14} {args.steps} steps in {run.wall_s:.1f}s, best acc {best:.3f} | "
-                        f"elapsed {_duration(time.time() - started)}, ETA {_duration(eta)} (+ the check)",
-                        flush=True,
-                    )
+            for seed, case in mine:
+                run = simulate(case, n, seed, args.steps, data, dataset, replay, args.replay_every, args.eval_every)
+                run.replay = {"emulated": replay.emulated, "reason": replay.reason}
+                _save_run(out, config, run)
+                runs.append(run)
+                done_units += n * args.steps
+                done_wall += run.wall_s
+                eta = (total_units - done_units) * (done_wall / done_units if done_units else per_unit)
+                best = max(acc for _, acc in run.evals)
+                print(
+                    f"[{len(runs)}/{len(todo)}] w{n} seed {seed} "
+                    f"{case.label:<14} {args.steps} steps in {run.wall_s:.1f}s, best acc {best:.3f} | "
+                    f"elapsed {_duration(time.time() - started)}, ETA {_duration(eta)} (+ the check)",
+                    flush=True,
+                )
+    runs = [
+        r
+        for r in _saved_runs(out, config).values()
+        if r.workers in args.workers and r.label in {c.label for c in cases}
+    ]
+    runs.sort(key=lambda r: (r.workers, r.seed, [c.label for c in cases].index(r.label)))
+    replay_info = {n: next(r.replay for r in runs if r.workers == n) for n in args.workers}
     validation = None
-    if not args.no_validate:
+    checked = out / "validation.json"
+    if checked.exists():
+        validation = json.loads(checked.read_text())
+        print(f"the check against a real run: from {checked}", flush=True)
+    elif not args.no_validate:
         print("checking the virtual clock against a real PS and 2 workers (svd s=3) ...", flush=True)
         svd = next(c for c in cases if c.label == "svd s=3")
         validation = validate(
             out, svd, args.validation_steps, data, dataset, measure_for_two(costs, data, cases, dataset, args), link
         )
         print(f"check: {json.dumps(validation)}", flush=True)
+        if "real_step_s" in validation:
+            checked.write_text(json.dumps(validation, indent=2) + "\n")
     result = summarize(runs, costs, args, dataset, budget, replay_info, validation)
+    history = out / "commands.json"
+    commands = json.loads(history.read_text()) if history.exists() else []
+    commands.append({"command": shlex.join(["atomo", "bench", "table6", *args.argv]), "wall_s": time.time() - started})
+    history.write_text(json.dumps(commands, indent=2) + "\n")
     result.update(
-        command=shlex.join(["atomo", "bench", "table6", *args.argv]),
+        commands=commands,
+        command=commands[-1]["command"],
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         wall_s=time.time() - started,
         machine=machine(),
@@ -750,7 +816,8 @@ def summarize(runs, costs, args, dataset, budget, replay_info, validation) -> di
         "lr": LR,
         "momentum": MOMENTUM,
         "steps": args.steps,
-        "seeds": args.seeds,
+        "seeds": sorted({r.seed for r in runs}),
+        "runs_wall_s": sum(r.wall_s for r in runs),
         "workers": list(args.workers),
         "replay_every": args.replay_every,
         "eval_every": args.eval_every,
@@ -824,13 +891,15 @@ def render(result: dict) -> str:
         "",
         "Generated by `services/bench/simulate.py` from `table6.json`; do not edit by hand.",
         "",
-        f"Command: `{result['command']}` ({result['started']}, {result['wall_s'] / 60:.1f} min on "
-        f"{result['machine'].get('cpu')}, {result['machine'].get('cores')} cores, commit "
-        f"{(result['machine'].get('git_commit') or '')[:10]}).",
+        "Commands, run one after the other into the same results folder (a command keeps the runs already there): "
+        + "; ".join(f"`{c['command']}` ({c['wall_s'] / 60:.1f} min)" for c in result["commands"])
+        + f". The last finished {result['started']} on {result['machine'].get('cpu')}, "
+        f"{result['machine'].get('cores')} cores, commit {(result['machine'].get('git_commit') or '')[:10]}; "
+        f"the simulated runs took {result['runs_wall_s'] / 60:.1f} min of wall time in all.",
         "",
         f"Model `{result['model']}` ({result['parameters']:,} parameters: VGG-11-BN at 5/16 width) on "
         f"`{result['dataset']}`, global batch {result['batch_size']} split over the workers, lr {result['lr']}, "
-        f"momentum {result['momentum']}, cosine schedule, {result['steps']} steps, {result['seeds']} seed(s), "
+        f"momentum {result['momentum']}, cosine schedule, {result['steps']} steps, seeds {result['seeds']}, "
         f"an evaluation every {result['eval_every']} steps. Every simulated worker computes its real gradient "
         "on its own shard and encodes it with the real codec through the real per-layer policy; the PS's "
         "average is the real decode of those messages (exact training). The clock is virtual: compute and "
@@ -934,8 +1003,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="atomo bench table6", description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=_workers, default=WORKERS, help="worker counts (default 8,16)")
     p.add_argument("--seeds", type=positive_int, default=1, help="seeds per codec and worker count (default 1)")
+    p.add_argument(
+        "--first-seed", type=int, default=SEED, help="the first seed (default 0): runs already in --out are kept"
+    )
     p.add_argument("--steps", type=positive_int, help=f"steps per run (default {STEPS}; --quick {QUICK_STEPS})")
     p.add_argument("--bandwidth", type=positive_float, default=BANDWIDTH_MBIT, metavar="MBIT", help="the PS link")
+    p.add_argument("--codecs", help="only these labels or families, comma-separated ('dense,svd s=3,topk')")
     p.add_argument("--quick", action="store_true", help="dense and svd s=3, a few steps, a small test set")
     p.add_argument("--dataset", help=f"default {PREFERRED_DATASET} if installed, else {FALLBACK_DATASET}")
     p.add_argument("--costs", type=Path, help="a cost table JSON (device, compute_s {batch: s}, encode_s {label: s})")
