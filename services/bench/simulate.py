@@ -167,18 +167,20 @@ class CostTable:
         return self.encode_s[label]
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
+def _fastest_time(fn, reps: int) -> float:
+    """The fastest of `reps` timed calls after a warm-up: on a machine shared with other work, the least
+    disturbed one."""
+    fn()
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return min(times)
 
 
 def measure_costs(train, info, batches: Sequence[int], cases: Sequence[Codec], dataset: str, reps: int) -> CostTable:
-    """The median over `reps` of a forward+backward at each batch and of each codec's encode (through the
+    """The fastest of `reps` forward+backward passes at each batch and encodes of each codec (through the
     per-layer policy, of a real gradient at the smallest batch), on this machine's CPU."""
     from atomo_core.models import build_model
     from services.worker.worker import gradient_policy, step_generator
@@ -191,14 +193,14 @@ def measure_costs(train, info, batches: Sequence[int], cases: Sequence[Codec], d
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(train.x[:batch]), train.y[:batch]).backward()
 
-    compute = {str(b): _median_time(lambda b=b: backward(b), reps) for b in batches}
+    compute = {str(b): _fastest_time(lambda b=b: backward(b), reps) for b in batches}
     backward(min(batches))
     grads = [p.grad.detach().clone() for p in model.parameters()]
     encode = {}
     for case in cases:
         policy = gradient_policy(run_spec(case, 2, 1, SEED, dataset))
         counter = iter(range(10**6))
-        encode[case.label] = _median_time(
+        encode[case.label] = _fastest_time(
             lambda p=policy, c=counter: p.encode(grads, step_generator(0, 0, next(c))), reps
         )
     return CostTable(f"cpu ({os.cpu_count()} cores)", "measured on this machine at the start", compute, encode)
