@@ -938,8 +938,10 @@ def render(result: dict) -> str:
             lines.append(f"| {100 * float(t):.1f}% | " + " | ".join(_fmt_ratio(sp[n][t][c]) for c in cols) + " |")
         lines += [""]
     lines += [
-        "Cells: dense's time to the target over the codec's (mean ± sd over seeds); `qsgd best`: the faster of "
-        "qsgd b=4 and b=8 per seed; `svd s=3 / qsgd best`: the best qsgd's time over svd s=3's.",
+        "Cells: dense's time to the target over the codec's (mean ± sd over seeds); `qsgd best`: the fastest of "
+        "the qsgd bit widths run ("
+        + (", ".join(sorted({r["label"] for r in result["runs"] if r["label"].startswith("qsgd")})) or "none")
+        + ") per seed; `svd s=3 / qsgd best`: the best qsgd's time over svd s=3's.",
         "",
         "## Time to accuracy (virtual seconds) and the mean step",
         "",
