@@ -900,7 +900,7 @@ def render(result: dict) -> str:
         "",
         "Commands, run one after the other into the same results folder (a command keeps the runs already there): "
         + "; ".join(f"`{c['command']}` ({c['wall_s'] / 60:.1f} min)" for c in result["commands"])
-        + f". The last finished {result['started']} on {result['machine'].get('cpu')}, "
+        + f". The last started {result['started']} on {result['machine'].get('cpu')}, "
         f"{result['machine'].get('cores')} cores, commit {(result['machine'].get('git_commit') or '')[:10]}; "
         f"the simulated runs took {result['runs_wall_s'] / 60:.1f} min of wall time in all.",
         "",
