@@ -190,7 +190,8 @@ def test_scale_fit_reproduces_the_sample():
     errors = [abs(scale.predict_run(r, cal) / r.step_s - 1) for r in runs]
     assert max(errors) < 0.35 and sum(errors) / len(errors) < 0.20, errors
     link = cal.links["loopback"]
-    assert link.efficiency is None and link.overhead_s >= 0 and link.rate_bps > 0
+    assert link.efficiency_up is None and link.efficiency_down is None and link.overhead_s >= 0
+    assert link.rate_up_bps > 0 and link.rate_down_bps > 0
     assert cal.compute_s(2) > cal.compute_s(3) > 0
 
 

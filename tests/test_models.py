@@ -58,3 +58,10 @@ def test_unknown_model_is_a_clear_error():
         build_model("resnet50")
     with pytest.raises(ValueError, match="must be positive"):
         build_model("mlp", num_classes=0)
+
+
+def test_the_narrow_vgg_has_over_a_million_parameters_and_takes_28x28_inputs():
+    """`atomo bench table6`'s model: VGG-11-BN at 5/16 width, its last pool adaptive."""
+    model = build_model("vgg11_bn_narrow", num_classes=10, in_channels=1)
+    assert count(model) == 1_252_978
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)

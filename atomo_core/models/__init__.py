@@ -6,9 +6,16 @@ from torch import nn
 
 from atomo_core.models.resnet import ResNet, resnet18, resnet34
 from atomo_core.models.small import MLP, LeNet5
-from atomo_core.models.vgg import VGG, vgg11_bn
+from atomo_core.models.vgg import VGG, vgg11_bn, vgg11_bn_narrow
 
-_BUILDERS = {"mlp": MLP, "lenet5": LeNet5, "resnet18": resnet18, "resnet34": resnet34, "vgg11_bn": vgg11_bn}
+_BUILDERS = {
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "vgg11_bn": vgg11_bn,
+    "vgg11_bn_narrow": vgg11_bn_narrow,
+}
 MODEL_NAMES = tuple(_BUILDERS)
 
 
@@ -21,4 +28,15 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3) -> nn.Mo
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
 
 
-__all__ = ["LeNet5", "MLP", "MODEL_NAMES", "ResNet", "VGG", "build_model", "resnet18", "resnet34", "vgg11_bn"]
+__all__ = [
+    "LeNet5",
+    "MLP",
+    "MODEL_NAMES",
+    "ResNet",
+    "VGG",
+    "build_model",
+    "resnet18",
+    "resnet34",
+    "vgg11_bn",
+    "vgg11_bn_narrow",
+]

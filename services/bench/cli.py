@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-netem", action="store_true", help="run on loopback, no emulated network")
     parser.add_argument("--no-gradients", action="store_true", help="skip the gradient study")
+    parser.add_argument(
+        "experiment",
+        nargs=argparse.REMAINDER,
+        help="`table6 [FLAGS]`: Table 6 simulated with 8 and 16 workers (services/bench/simulate.py; "
+        "`atomo bench table6 --help`)",
+    )
 
 
 def _iso(timestamp: float) -> str:
@@ -438,6 +444,12 @@ def _targets_section(markdown: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.experiment:
+        if args.experiment[0] != "table6":
+            raise SystemExit(f"atomo bench: unknown experiment {args.experiment[0]!r} (table6 is the one)")
+        from services.bench.simulate import main as table6
+
+        return table6(args.experiment[1:])
     signal.signal(signal.SIGTERM, _interrupt)  # the groups' processes and namespaces go on the way out
     args.argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv[1:]
     bench = Bench(args)

@@ -37,8 +37,9 @@ PARTS = (
 FAMILY_ORDER = ("dense", "svd", "qsgd", "terngrad", "lq", "entrywise", "fourier", "topk", "powersgd")
 SCALE_CODECS = ("dense", "svd s=3", "svd s=3 paper", "qsgd b=4", "qsgd b=8", "terngrad", "topk k=3000", "powersgd r=4")
 MODEL_LINE = (
-    "T = C(n) + E + 2 L + (n U + W) / R + n d + P + A + o: a worker's compute and encode, the latency both ways, "
-    "the bytes up (n U) and down (W) through the PS's link of rate R, the PS decoding n messages and its update, "
+    "T = C(n) + E + 2 L + n U / R_up + W / R_down + n d + P + A + o: a worker's compute and encode, the latency "
+    "both ways, the bytes up (n U, at rate R_up) and down (W, at rate R_down) through the PS's link, the PS "
+    "decoding n messages and its update, "
     "the worker applying the update (A) and a fixed overhead (services/bench/scale.py)."
 )
 TARGET_SPEEDUP_DENSE = 5.0
@@ -626,18 +627,19 @@ def scale_section(res: Results, plots: Path, stem: str, headline: str) -> list[s
     cal = scale.fit(timings)
     rows = []
     for profile, link in cal.links.items():
-        rate = "not resolved" if not math.isfinite(link.rate_bps) else f"{link.rate_bps / 1e6:.1f}"
-        eff = link.efficiency
-        rows.append(
-            [f"`{profile}`", rate, "-" if eff is None else f"{eff:.2f}", f"{1e3 * link.overhead_s:.2f}", str(link.runs)]
-        )
+        cells = [f"`{profile}`"]
+        for rate, eff in ((link.rate_up_bps, link.efficiency_up), (link.rate_down_bps, link.efficiency_down)):
+            cells += ["not resolved" if not math.isfinite(rate) else f"{rate / 1e6:.1f}"]
+            cells += ["-" if eff is None else f"{eff:.2f}"]
+        rows.append([*cells, f"{1e3 * link.overhead_s:.2f}", str(link.runs)])
     out += [
         f"Fitted on {len(timings)} runs: a worker's compute C(n) = a + b / n with a = "
         f"{1e3 * cal.compute_fixed_s:.2f} ms and b = {1e3 * cal.compute_scaled_s:.2f} ms; PS update P = "
         f"{1e3 * cal.update_s:.2f} ms.",
         "",
     ]
-    out += _table(["profile", "link rate R (MB/s)", "efficiency (R / nominal)", "overhead o (ms)", "runs"], rows)
+    header = ["profile", "R_up (MB/s)", "efficiency up", "R_down (MB/s)", "efficiency down", "overhead o (ms)", "runs"]
+    out += _table(header, rows)
     rows = [[lb, f"{1e3 * cal.encode_s[lb]:.2f}", f"{1e3 * cal.decode_per_message_s[lb]:.2f}"] for lb in cal.encode_s]
     out += _table(["codec", "encode E (ms)", "PS decode d per message (ms)"], rows)
     checked = [t for t in timings if 2 <= t.workers <= 4 and t.phase in ("main", "scale")]
@@ -670,7 +672,31 @@ def scale_section(res: Results, plots: Path, stem: str, headline: str) -> list[s
             f"{100 * max(abs(e) for e in errors):.0f}%.",
             "",
         ]
+    out += _held_out_section(timings)
     out += _predictions(res, cal, headline, plots, stem)
+    return out
+
+
+def _held_out_section(timings: list[scale.RunTiming]) -> list[str]:
+    """Fit on the 2- and 3-worker runs, predict the 4-worker runs: the model's out-of-sample error per codec."""
+    out = ["### Held out: fitted on 2 and 3 workers, predicting 4", ""]
+    try:
+        _, tested = scale.held_out(timings, (2, 3), (4,))
+    except ValueError as exc:
+        return out + [f"Not tested: {exc}.", ""]
+    rows = [
+        [h.run.case_id, h.run.label, h.run.downlink, f"{1e3 * h.run.step_s:.1f}", f"{1e3 * h.predicted_s:.1f}",
+         f"{100 * h.error:+.0f}%"]
+        for h in tested
+    ]  # fmt: skip
+    out += _table(["run", "codec", "downlink", "measured ms/step", "predicted", "error"], rows)
+    errors = scale.held_out_errors(tested)
+    out += [
+        "Mean absolute held-out error per codec: "
+        + ", ".join(f"{label} {100 * e:.0f}%" for label, e in errors.items())
+        + f" (all: {100 * statistics.fmean(abs(h.error) for h in tested):.0f}%).",
+        "",
+    ]
     return out
 
 
@@ -682,23 +708,27 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
     link = cal.links.get(headline)
     # A token bucket lets a short burst through faster than its rate, so small messages can fit an efficiency
     # above 1; the sustained transfers of the predictions cannot exceed the link's rate.
-    efficiency = min(1.0, link.efficiency) if link and link.efficiency else 1.0
+    eff_up = min(1.0, link.efficiency_up) if link and link.efficiency_up else 1.0
+    eff_down = min(1.0, link.efficiency_down) if link and link.efficiency_down else 1.0
     fitted = (
-        f"fitted at {headline}: {link.efficiency:.2f}, capped at 1 for sustained transfers"
-        if link and link.efficiency
+        f"fitted at {headline}, capped at 1 for sustained transfers"
+        if link and (link.efficiency_up or link.efficiency_down)
         else "assumed: no emulated link was fitted"
     )
     overhead = link.overhead_s if link else 0.0
+    gpu = {k: m["gpu_compute_s"] for k, m in g["models"].items() if isinstance(m.get("gpu_compute_s"), (int, float))}
     out += [
         f"Each worker computes a batch of {scale.DEFAULT_BATCH_PER_WORKER} on a GPU in "
         + ", ".join(
-            f"{scale.DEFAULT_GPU_COMPUTE_S[k] * 1e3:.0f} ms ({g['models'][k]['title']})"
+            f"{gpu.get(k, scale.DEFAULT_GPU_COMPUTE_S[k]) * 1e3:.0f} ms ({g['models'][k]['title']}, "
+            + ("measured on a GPU" if k in gpu else "an ASSUMPTION, not measured")
+            + ")"
             for k in scale.DEFAULT_GPU_COMPUTE_S
             if k in g["models"]
         )
-        + " (an assumption, a parameter of services.bench.scale.predict); message bytes, encode and PS decode times "
+        + " (a parameter of services.bench.scale.predict); message bytes, encode and PS decode times "
         "are the gradient study's (this CPU), the PS update its measured optimizer step; link efficiency "
-        f"{efficiency:.2f} ({fitted})"
+        f"{eff_up:.2f} up, {eff_down:.2f} down ({fitted})"
         f", per-step overhead {1e3 * overhead:.1f} ms (fitted), one-way latency "
         f"{scale.PREDICTION_LATENCY_S * 1e3:.1f} ms. Each cell uses the cheaper downlink (atoms or model). This is a "
         "speed-up PER STEP: with equal steps to the target it is the speed-up in time to accuracy.",
@@ -707,6 +737,7 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
     fig = run_report.figure(5.5 * len(scale.PREDICTION_GBIT), 4 * len(g["models"]))
     axes = fig.subplots(len(g["models"]), len(scale.PREDICTION_GBIT), squeeze=False)
     statements = []
+    paper_rows: list[list[str]] = []
     for axes_row, (key, model) in zip(axes, g["models"].items(), strict=True):
         costs = {
             c["label"]: scale.CodecCost(c["label"], c["bytes"], c["encode_s"], c["decode_s"])
@@ -716,12 +747,23 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
         if "dense" not in costs:
             out += [f"{model['title']}: no dense figures in the study.", ""]
             continue
-        compute = scale.DEFAULT_GPU_COMPUTE_S.get(key, model.get("compute_s", 0.0))
+        compute = gpu.get(key, scale.DEFAULT_GPU_COMPUTE_S.get(key, model.get("compute_s", 0.0)))
         update = model.get("update_s", cal.update_s)
-        rates = [gbit * 1e9 / 8 * efficiency for gbit in scale.PREDICTION_GBIT]
+        rates = [gbit * 1e9 / 8 * eff_up for gbit in scale.PREDICTION_GBIT]
+        down_ratio = eff_down / eff_up
         table = scale.speedups(
-            costs, "dense", scale.PREDICTION_WORKERS, rates, compute, update, model["dense_bytes"], overhead_s=overhead
+            costs,
+            "dense",
+            scale.PREDICTION_WORKERS,
+            rates,
+            compute,
+            update,
+            model["dense_bytes"],
+            overhead_s=overhead,
+            down_ratio=down_ratio,
         )
+        if key == scale.PAPER_TABLE6["model"]:
+            paper_rows.append(_paper_row(model, costs, compute, key in gpu, update, eff_up, eff_down, overhead))
         labels = [lb for lb in SCALE_CODECS if lb in costs and lb != "dense"]
         for ax, gbit, rate in zip(axes_row, scale.PREDICTION_GBIT, rates, strict=True):
             rows = []
@@ -734,6 +776,7 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
                     update,
                     model["dense_bytes"],
                     overhead_s=overhead,
+                    down_rate_bps=rate * down_ratio,
                 )
                 rows.append([str(n), *(_fmt_x(table[rate][n][lb]) for lb in labels), f"{p.bottleneck} ({p.downlink})"])
             out += [f"#### {model['title']} at {gbit:g} Gbit/s", ""]
@@ -745,6 +788,7 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
                     marker="o",
                     label=lb,
                 )
+            ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label="dense (y = 1)")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{model['title']}, {gbit:g} Gbit/s (predicted)", fontsize=9)
             ax.set_xlabel("workers")
@@ -775,13 +819,38 @@ def _predictions(res: Results, cal: scale.Calibration, headline: str, plots: Pat
                         f"{_fmt_x(gains[0])} / {_fmt_x(gains[1])} faster per step."
                     )
     _save(fig, plots / "scale_speedup.png")
-    out += [
-        f"![predicted speed-up]({stem}/scale_speedup.png)",
-        "",
-        "### Where the single PS becomes the bottleneck",
-        "",
-    ]
+    out += [f"![predicted speed-up]({stem}/scale_speedup.png)", ""]
+    if paper_rows:
+        cfg = scale.PAPER_TABLE6
+        out += [
+            "### The paper's Table 6 configuration",
+            "",
+            f"VGG-11-BN, {cfg['workers']} workers, the PS sending the model down (as the paper's PS does), "
+            f"{cfg['gbit']:g} Gbit/s (an ASSUMPTION: EC2's 'moderate' network of g2.2xlarge); predicted speed-up "
+            "PER STEP against the paper's measured speed-up in time to the target (Table 6).",
+            "",
+        ]
+        labels = list(scale.PAPER_TABLE6_SPEEDUPS)
+        header = ["configuration", "compute per worker step", *(f"{lb} predicted" for lb in labels)]
+        header += [f"{lb} paper" for lb in labels]
+        out += _table(header, paper_rows)
+    out += ["### Where the single PS becomes the bottleneck", ""]
     return out + statements + [""]
+
+
+def _paper_row(model, costs, compute, measured, update, eff_up, eff_down, overhead) -> list[str]:
+    """The Table 6 row: predicted per-step speed-ups over dense with the paper's model downlink."""
+    cfg = scale.PAPER_TABLE6
+    rate = cfg["gbit"] * 1e9 / 8
+    args = dict(overhead_s=overhead, down_rate_bps=rate * eff_down, downlinks=(cfg["downlink"],))
+    step = {
+        lb: scale.predict(c, cfg["workers"], rate * eff_up, compute, update, model["dense_bytes"], **args).step_s
+        for lb, c in costs.items()
+    }
+    cells = [f"{model['title']}, {cfg['workers']} workers, {cfg['gbit']:g} Gbit/s, model downlink"]
+    cells += [f"{1e3 * compute:.0f} ms ({'measured on a GPU' if measured else 'ASSUMED'})"]
+    cells += [_fmt_x(step["dense"] / step[lb]) if lb in step else "-" for lb in scale.PAPER_TABLE6_SPEEDUPS]
+    return cells + [f"{x:.2f}x" for x in scale.PAPER_TABLE6_SPEEDUPS.values()]
 
 
 # The targets ---------------------------------------------------------------------------------------------------

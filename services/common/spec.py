@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
+MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn", "vgg11_bn_narrow")
 DATASETS = ("digits", "fashion-mnist", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 VISION_DATASETS = ("cifar10", "cifar100", "svhn", "mnist")  # atomo_core.data.VISION: they need torchvision
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq", "topk", "powersgd")

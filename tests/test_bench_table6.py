@@ -1,0 +1,135 @@
+"""`atomo bench table6` (services/bench/simulate.py): the quick mode end to end with real processes and sockets,
+the link replay over emulated links (skipped without root), and the virtual clock's logic."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.bench import simulate
+from services.bench.netem import LinkProfile, Network
+
+ROOT = Path(__file__).resolve().parents[1]
+netem = pytest.mark.skipif(Network.check() is not None, reason=f"no network emulation: {Network.check()}")
+
+
+def test_quick_mode_end_to_end(tmp_path):
+    """Real simulated training, a real link replay (emulated when possible) and a real PS with 2 workers."""
+    out = tmp_path / "t6"
+    argv = [sys.executable, "-m", "services", "bench", "table6", "--quick", "--workers", "2,4", "--out", str(out)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=480)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ETA" in done.stdout and "report:" in done.stdout
+    result = json.loads((out / "table6.json").read_text())
+    assert result["parameters"] >= 1_000_000 and result["workers"] == [2, 4]
+    assert result["link"]["emulated"] == (Network.check() is None)
+    assert {(r["label"], r["workers"]) for r in result["runs"]} == {
+        (lb, n) for lb in ("dense", "svd s=3") for n in (2, 4)
+    }
+    for r in result["runs"]:
+        parts = r["mean_parts"]
+        assert all(v >= 0 for v in parts.values()) and parts["worker_s"] > 0 and parts["up_s"] > 0
+        assert math.isclose(parts["step_s"], sum(v for k, v in parts.items() if k != "step_s"), rel_tol=1e-9)
+        # dense sends the model down; svd s=3 the atoms, and far fewer bytes up
+        assert r["downlink"] == ("model" if r["label"] == "dense" else "atoms")
+    by = {(r["label"], r["workers"]): r for r in result["runs"]}
+    for n in (2, 4):
+        assert by["svd s=3", n]["mean_bytes_up"] < by["dense", n]["mean_bytes_up"] / 4
+    # every run reaches the lowest target (the targets are chosen so), and dense's speed-up over itself is 1
+    for r in result["runs"]:
+        assert all(r["tta"][str(t)] is not None for t in result["targets"][str(r["workers"])])
+    table = simulate.speedups(result)
+    lowest = str(result["targets"]["2"][0])
+    assert table[2][lowest]["dense"][0] == pytest.approx(1.0)
+    v = result["validation"]
+    assert v["real_step_s"] > 0 and v["virtual_step_s"] > 0 and math.isfinite(v["error"])
+    report = (out / "report.md").read_text()
+    assert "## Speed-up over dense to each target, 4 workers" in report
+    assert "## The virtual clock against a real run" in report and "error" in report
+
+
+@netem
+def test_replayed_upload_grows_with_senders_as_bytes_over_bandwidth(tmp_path):
+    """Over a 20 Mbit/s PS link, n senders of 250 kB each take n x 250 kB / 2.5 MB/s to arrive (medians of 3
+    replays within 20%: the token bucket's burst of 16-128 kB lets up to ~10% through early), so 4 senders
+    take twice as long as 2. The PS's downlink of 100 kB to each of n workers can never beat n x 100 kB /
+    2.5 MB/s and grows with n; with 4 concurrent flows out of the PS's token bucket we measured up to 1.9x
+    the bytes' time (0.31 s for 0.16 s: drops at the bucket's queue and TCP's recovery), so its upper bound
+    is 2.5x."""
+    link = LinkProfile(20.0, 0.0)
+    up_bytes, down_bytes = 250_000, 100_000
+    measured = {}
+    for n in (2, 4):
+        with simulate.LinkReplay(n, link, tmp_path / f"logs-{n}") as replay:
+            assert replay.emulated
+            times = [replay.step([bytes(up_bytes)] * n, bytes(down_bytes)) for _ in range(3)]
+        up = statistics.median(t[0] for t in times)
+        down = statistics.median(t[1] for t in times)
+        measured[n] = (up, down)
+        assert up == pytest.approx(n * up_bytes / link.bytes_per_s, rel=0.2), (n, up)
+        ideal = n * down_bytes / link.bytes_per_s
+        assert 0.9 * ideal <= down <= 2.5 * ideal, (n, down)
+    assert measured[4][0] / measured[2][0] == pytest.approx(2.0, rel=0.2)
+    assert measured[4][1] > 1.5 * measured[2][1]
+
+
+def test_loopback_replay_moves_the_bytes(tmp_path):
+    """Without a link the replay runs on loopback with real sockets: fast, positive, and it says why."""
+    with simulate.LinkReplay(3, None, tmp_path) as replay:
+        assert not replay.emulated and "loopback" in replay.reason
+        up, down = replay.step([b"x" * 1000, b"y" * 2000, b""], b"z" * 500)
+    assert 0 < up < 5 and 0 < down < 5
+    with simulate.LinkReplay(2, None, tmp_path) as replay, pytest.raises(ValueError, match="2 senders"):
+        replay.step([b"x"], b"")
+
+
+def test_link_fit_recovers_a_line_and_fills_the_unreplayed_steps():
+    rate, overhead = 1.25e8, 0.002
+    samples = [(b, overhead + b / rate) for b in (1e5, 1e6, 4e6, 8e6)]
+    fit = simulate.fit_link(samples)
+    assert fit.rate_bps == pytest.approx(rate) and fit.overhead_s == pytest.approx(overhead)
+    assert fit.residual == pytest.approx(0.0, abs=1e-9) and fit.samples == 4
+    with pytest.raises(ValueError, match="no replayed step"):
+        simulate.fit_link([])
+    costs = simulate.CostTable("cpu", "test", {"4": 0.1}, {"svd s=3": 0.02})
+    run = simulate.SimRun("svd s=3", 16, 0, "atoms")
+    run.steps = [
+        {"bytes_up": 1e6, "bytes_down": 16e6, "decode_s": 0.01, "update_s": 0.005, "up_s": 0.5, "down_s": 0.7},
+        {"bytes_up": 2e6, "bytes_down": 32e6, "decode_s": 0.01, "update_s": 0.005},
+    ]
+    run.evals = [(1, 0.5), (2, 0.8)]
+    times = simulate.step_times(run, costs, fit, fit)
+    assert times[0]["up_s"] == 0.5 and times[0]["down_s"] == 0.7  # replayed: as measured
+    assert times[1]["up_s"] == pytest.approx(overhead + 2e6 / rate)  # not replayed: the fitted line
+    assert times[1]["down_s"] == pytest.approx(overhead + 32e6 / rate)
+    # atoms: every worker replays the PS's step (decode + update) after receiving it
+    assert times[0]["apply_s"] == pytest.approx(0.015) and times[0]["worker_s"] == pytest.approx(0.12)
+    assert times[0]["step_s"] == pytest.approx(0.12 + 0.5 + 0.015 + 0.7 + 0.015)
+    assert simulate.time_to_accuracy(run, times, 0.5) == pytest.approx(times[0]["step_s"])
+    assert simulate.time_to_accuracy(run, times, 0.8) == pytest.approx(times[0]["step_s"] + times[1]["step_s"])
+    assert simulate.time_to_accuracy(run, times, 0.9) is None
+    with pytest.raises(KeyError, match="batch 8"):
+        costs.compute(8)
+
+
+def test_targets_are_reached_by_every_unbiased_run():
+    a, b = simulate.SimRun("dense", 8, 0, "model"), simulate.SimRun("svd s=3", 8, 0, "atoms")
+    c = simulate.SimRun("powersgd r=2", 8, 0, "atoms")  # biased: it does not set the targets
+    a.evals, b.evals, c.evals = [(5, 0.5), (10, 0.913)], [(5, 0.4), (10, 0.87)], [(5, 0.3), (10, 0.5)]
+    assert simulate.choose_targets([a, b, c]) == [0.78, 0.81, 0.84, 0.87]
+
+
+def test_cost_table_file(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"device": "cuda H100", "compute_s": {"8": 0.004}, "encode_s": {"dense": 1e-4}}))
+    table = simulate.CostTable.read(path)
+    assert table.device == "cuda H100" and table.compute(8) == 0.004 and table.encode("dense") == 1e-4
+    path.write_text(json.dumps({"device": "x"}))
+    with pytest.raises(ValueError, match="needs device, compute_s and encode_s"):
+        simulate.CostTable.read(path)
