@@ -174,7 +174,7 @@ def write_case(out: Path, case: Case, state: str, error: str | None, wall_s: flo
     """Write and return `case`'s case.json with its outcome."""
     folder = out / "runs" / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**case.record(), "state": state, "error": error, "wall_s": wall_s}
+    record = {**case.record(), "state": state, "error": error, "wall_s": wall_s, "load": load()}
     (folder / "case.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
@@ -187,11 +187,30 @@ def median_timing(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def comm_to_compute(folder: Path) -> float | None:
-    """Median communication_s over median compute_s of a run's steps (after the warm-up)."""
-    rows = records(folder)
-    communication, compute = median_timing(rows, "communication_s"), median_timing(rows, "compute_s")
-    return communication / compute if communication is not None and compute else None
+def comm_share(folder: Path) -> float | None:
+    """The median over a run's steps (after the warm-up) of communication_s / (compute_s + encode_s +
+    communication_s): communication's share of a worker's step."""
+    shares = []
+    for r in records(folder):
+        parts = [r.get(k) for k in ("compute_s", "encode_s", "communication_s")]
+        if r.get("step", 0) >= WARMUP_STEPS and all(isinstance(v, (int, float)) for v in parts) and sum(parts) > 0:
+            shares.append(parts[2] / sum(parts))
+    return statistics.median(shares) if shares else None
+
+
+def load() -> dict:
+    """The machine's load now: os.getloadavg() (1, 5 and 15 minutes) and the CPU count."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return {"load_1m": None, "load_5m": None, "load_15m": None, "cpus": os.cpu_count()}
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2), "cpus": os.cpu_count()}
+
+
+def high_load(sample: dict, share: float = 0.5) -> bool:
+    """Whether a load sample taken before our processes start shows the CPUs busy: the 1-minute load at least
+    `share` of the CPU count (other work would then slow and distort the measured steps)."""
+    return sample.get("load_1m") is not None and sample["load_1m"] >= share * (sample.get("cpus") or 1)
 
 
 def final_accuracy(folder: Path) -> float | None:
