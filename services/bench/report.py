@@ -423,6 +423,8 @@ def _targets_section(res: Results, targets: list[float], headline: str) -> list[
     for _, setting in SETTINGS:
         out += _verdict(rows, setting, targets)
     out += [""]
+    if not rows:
+        return out + [f"No main or momentum-off run at `{headline}`: no target to evaluate.", ""]
     table = [
         [
             r["setting"],

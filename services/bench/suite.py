@@ -181,6 +181,9 @@ class Case:
             momentum=self.momentum,
             steps=self.steps,
             eval_every=min(self.eval_every, self.steps),
+            # evaluations on the whole test set (10,000 images: 0.7 s each here) after the last step, so that
+            # they take no CPU from the timed steps (a compute-bound compressed run would lose most)
+            eval_deferred=True,
             checkpoint_every=self.steps,  # one checkpoint, at the end: no disk writes inside the timed steps
             min_workers=self.workers,
             downlink=self.downlink,
