@@ -1,4 +1,5 @@
-"""`atomo bench`'s report and scale model on the recorded sample (tests/data/bench-sample: real loopback runs)."""
+"""`atomo bench`'s report and scale model on the recorded sample (tests/data/bench-sample: real loopback runs),
+and the reduced results file it regenerates from."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.bench import scale
-from services.bench.report import evaluate_targets, load_results, write_report
+from services.bench import reduced, scale, suite
+from services.bench.report import compare, evaluate_targets, load_results, write_report
 from services.report import load_metrics
 
 SAMPLE = Path(__file__).parent / "data" / "bench-sample"
@@ -23,7 +24,7 @@ SECTIONS = (
     "## The time split per step",
     "### Bytes per message",
     "## Downlink: `atoms` against `model`",
-    "## Variance per byte on real gradients",
+    "## Variance per byte on ResNet-18 and VGG-11-BN gradients",
     "## Theorem 6 per layer",
     "## The singular value spectrum over training",
     "## Reshape policies: `rows` against `paper`",
@@ -74,7 +75,8 @@ def test_every_section_and_valid_pngs(generated):
         assert heading in markdown, heading
     assert "do not edit by hand" in markdown and "loopback, not emulated" in markdown
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    assert len(images) == 6  # accuracy, time split, bytes, variance, spectrum, scale (no other profile here)
+    # accuracy (momentum off and on), time split, bytes, variance, spectrum, scale (no other profile here)
+    assert len(images) == 7
     for link in images:
         path = report.parent / link
         data = path.read_bytes()
@@ -87,7 +89,7 @@ def test_every_section_and_valid_pngs(generated):
 def test_time_to_target_and_speedups_equal_the_records(generated):
     _, markdown = generated
     bench = json.loads((SAMPLE / "bench.json").read_text())
-    heading = "## Time to accuracy at the headline profile"
+    heading = "### momentum 0.9"
     labels = table_header(markdown, heading)[1:]
     assert labels == ["dense", "svd s=3", "svd s=3 paper", "qsgd b=4"]
     case_ids = {"dense": "main-dense", "svd s=3": "main-svd-s3", "svd s=3 paper": "main-svd-s3-paper"}
@@ -99,30 +101,130 @@ def test_time_to_target_and_speedups_equal_the_records(generated):
         for label, cell in zip(labels, row[1:], strict=True):
             t = time_to(records(case_ids[label]), target)
             if t is None:
-                assert cell.startswith("- ("), cell
+                assert cell.startswith("- (0/1 reached)"), cell
                 continue
-            time_text, speedup_text = re.fullmatch(r"([\d.]+) s \((.+)\)", cell).groups()
+            time_text, speedup_text = re.fullmatch(r"([\d.]+) s(?: \((.+)\))?", cell).groups()
             assert float(time_text) == pytest.approx(t, abs=0.006)
-            if dense is None:
-                assert speedup_text == "-"
+            if label == "dense":
+                assert speedup_text is None
+            elif dense is None:
+                assert speedup_text.startswith("> ")  # dense's run length bounds its time
             else:
                 assert float(speedup_text.rstrip("x")) == pytest.approx(dense / t, abs=0.006)
             checked += 1
     assert checked >= 8
     final = table_row(markdown, heading, "svd s=3")
     last_eval = [r for r in records("main-svd-s3") if r.get("test_accuracy") is not None][-1]
-    assert final[1] == f"{100 * last_eval['test_accuracy']:.1f}%"
+    assert final[1:5] == ["1", "0.05", "atoms", f"{100 * last_eval['test_accuracy']:.1f}%"]
 
 
 def test_targets_recomputed(generated):
+    """Each bar row's speed-up and its split equal the records' times, steps and step times, and the cause of a
+    miss names the factor below the bar."""
+    _, markdown = generated
     res = load_results(SAMPLE)
-    rows = evaluate_targets(res, [0.4, 0.6, 0.8], "loopback")
-    assert [r["result"] for r in rows] == ["MISS", "MISS", "PASS", "MISS"]  # a loopback sample: no link to save
-    # dense reaches 60% at most; the fastest svd run to 60% is the paper reshape
-    dense, paper = time_to(records("main-dense"), 0.6), time_to(records("main-svd-s3-paper"), 0.6)
-    assert rows[0]["target"].endswith("(60.0%, svd s=3 paper)")
-    assert float(rows[0]["value"].rstrip("x")) == pytest.approx(dense / paper, abs=0.006)
-    assert "steps to target" in rows[0]["blame"] and "encode" in rows[3]["blame"]
+    targets = [0.4, 0.6, 0.8]
+    rows = evaluate_targets(res, targets, "loopback")
+    on = [r for r in rows if r["setting"] == "momentum 0.9"]
+    off = [r for r in rows if r["setting"].startswith("momentum off")]
+    # momentum 0.9: svd vs dense and vs qsgd b=4 at each target; momentum off: svd vs dense (no QSGD run)
+    assert len(on) == 6 and len(off) == 3
+    top = {
+        lb: time_to(records(cid), 0.8)
+        for lb, cid in (("svd s=3", "main-svd-s3"), ("svd s=3 paper", "main-svd-s3-paper"))
+    }
+    svd = min(top, key=lambda lb: (top[lb] if top[lb] is not None else float("inf"), lb))
+    svd_id = {"svd s=3": "main-svd-s3", "svd s=3 paper": "main-svd-s3-paper"}[svd]
+    checked = 0
+    for row in on:
+        assert row["comparison"].startswith(f"{svd} vs ")
+        base_id = "main-dense" if row["comparison"].endswith("dense") else "main-qsgd-b4"
+        base, codec = records(base_id), records(svd_id)
+        tb, tc = time_to(base, row["target"]), time_to(codec, row["target"])
+        if tc is None:
+            assert row["result"] == "missed" and row["speedup"] is None and "did not reach" in row["cause"]
+            continue
+        step_b = (base[-1]["wall_s"] - base[0]["wall_s"]) / (len(base) - 1)
+        step_c = (codec[-1]["wall_s"] - codec[0]["wall_s"]) / (len(codec) - 1)
+        if tb is None:  # the baseline's run length bounds its time
+            assert row["value"].startswith("> ") and row["split"].startswith("- x ")
+        else:
+            assert row["speedup"] == pytest.approx(tb / tc, rel=1e-9)
+            steps = [
+                next(r["step"] for r in rs if (r.get("test_accuracy") or 0) >= row["target"]) - rs[0]["step"]
+                for rs in (base, codec)
+            ]
+            assert row["split"] == f"{steps[0] / steps[1]:.2f}x x {step_b / step_c:.2f}x"
+        bar = suite.MATCH_DENSE if row["comparison"].endswith("dense") else suite.MATCH_QSGD
+        if row["speedup"] < bar:
+            assert row["result"] == "missed"
+            assert ("per-step ratio" in row["cause"]) == (step_b / step_c < bar), row
+        checked += 1
+    assert checked >= 2
+    assert "## Targets" in markdown and "steps ratio x per-step ratio" in markdown and "SMOKE TEST" in markdown
+
+
+def test_compare_takes_medians_over_seeds():
+    """Three seeds: the median time, the per-seed paired range and a seed that misses counting as latest."""
+
+    def run(seed: int, step_s: float, hit: int | None) -> object:
+        rs = [
+            {"step": s, "wall_s": s * step_s, "bytes_up": 1, "bytes_down": 1, "dense_bytes": 1, "loss": 1.0}
+            for s in range(1, 41)
+        ]
+        for r in rs[4::5]:
+            r["test_accuracy"] = 0.9 if hit is not None and r["step"] >= hit else 0.1
+        from services.bench.report import Case
+
+        return Case({"state": "succeeded", "seed": seed, "label": "x"}, rs)
+
+    dense = [run(0, 0.10, 20), run(1, 0.12, 25), run(2, 0.11, 20)]
+    codec = [run(0, 0.02, 30), run(1, 0.03, 20), run(2, 0.02, None)]
+    c = compare(dense, codec, 0.5)
+    # dense times (to steps 20, 25, 20 from step 1): 1.9, 2.88, 2.09 -> median 2.09; codec: 0.58, 0.57, inf -> 0.58
+    assert c["speedup"] == pytest.approx(2.09 / 0.58)
+    assert sorted(c["paired"]) == pytest.approx(sorted([1.9 / 0.58, 2.88 / 0.57]))
+    assert c["steps_ratio"] == pytest.approx(19 / 29) and c["step_ratio"] == pytest.approx(0.11 / 0.02)
+    assert compare(dense, [run(0, 0.02, None), run(1, 0.02, None), run(2, 0.02, 30)], 0.5)["speedup"] is None
+
+
+def test_headline_profile_and_best_downlink():
+    shares = {"1gbit": 0.45, "100mbit": 0.81, "edge": 0.95}
+    bandwidths = {"1gbit": 1000, "100mbit": 100, "edge": 20}
+    assert suite.headline_profile(shares, bandwidths) == "100mbit"  # the fastest link in the regime
+    assert suite.headline_profile({"1gbit": 0.45, "100mbit": 0.6}, bandwidths) == "100mbit"  # none: the largest
+    with pytest.raises(ValueError, match="communication share"):
+        suite.headline_profile({"1gbit": None}, bandwidths)
+    assert suite.best_downlink(247_000, 247_000, 2) == "model"
+    assert suite.best_downlink(14_000, 247_000, 2) == "atoms"
+    assert suite.best_downlink(100_000, 247_000, 3) == "model"
+
+
+def test_the_reduced_file_regenerates_the_same_report(tmp_path):
+    """services.bench.reduced keeps what the report computes from: the same markdown and the same plots, from a
+    file a fraction of the records' size."""
+    data = reduced.reduce(SAMPLE)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(data))
+    assert reduced.is_reduced(path) and not reduced.is_reduced(SAMPLE)
+    size = sum(p.stat().st_size for p in (SAMPLE / "runs").glob("*/metrics.jsonl"))
+    assert path.stat().st_size < size / 3
+    for run in data["runs"]:
+        original = load_metrics(SAMPLE / "runs" / run["case"]["case_id"] / "metrics.jsonl")
+        expanded = reduced.expand(run["records"])
+        assert [r["step"] for r in expanded] == [r["step"] for r in original]
+        assert [r["wall_s"] for r in expanded if "test_accuracy" in r] == [
+            r["wall_s"] for r in original if r.get("test_accuracy") is not None
+        ]
+    a = write_report(SAMPLE, tmp_path / "a" / "benchmarks.md").read_text()
+    b = write_report(path, tmp_path / "b" / "benchmarks.md").read_text()
+    drop = ("- Results folder:",)
+    lines_a = [line for line in a.splitlines() if not line.startswith(drop)]
+    lines_b = [line for line in b.splitlines() if not line.startswith(drop)]
+    assert lines_a == lines_b
+    assert sorted(p.name for p in (tmp_path / "a" / "benchmarks").iterdir()) == sorted(
+        p.name for p in (tmp_path / "b" / "benchmarks").iterdir()
+    )
 
 
 def test_projection_at_another_profile(tmp_path):
@@ -160,17 +262,13 @@ def test_partial_and_failed_results(tmp_path):
     assert "`gradients.json` is missing" in markdown and "No gradient study" in markdown
     assert "`main-svd-s3-paper` (svd s=3 paper, main): state failed" in markdown
     assert "worker-1 exited with status 1" in markdown and "scale-dense" in markdown
-    assert table_header(markdown, "## Time to accuracy at the headline profile") == [
-        "test accuracy",
-        "dense",
-        "svd s=3",
-    ]
-    assert "no main run of QSGD" in markdown
+    assert table_header(markdown, "### momentum 0.9") == ["test accuracy", "dense", "svd s=3"]
+    assert "vs the best QSGD" not in markdown  # no QSGD run left: no row against it
 
 
 def test_empty_results_folder(tmp_path):
     markdown = write_report(tmp_path / "nothing", tmp_path / "docs" / "benchmarks.md").read_text()
-    for note in ("`bench.json` is missing", "No run was found", "No gradient study", "no main run of dense"):
+    for note in ("`bench.json` is missing", "No run was found", "No gradient study", "no target to evaluate"):
         assert note in markdown, note
 
 
@@ -223,11 +321,11 @@ def test_a_failed_regime_run_and_a_null_variance_still_give_a_report(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(SAMPLE, results)
     bench = json.loads((results / "bench.json").read_text())
-    bench.setdefault("regime", {})["dense_comm_to_compute"] = {"loopback": None, "1gbit": 0.5}
+    bench.setdefault("regime", {})["dense_comm_share"] = {"loopback": None, "1gbit": 0.5}
     (results / "bench.json").write_text(json.dumps(bench))
     grads = json.loads((results / "gradients.json").read_text())
     codec = next(c for m in grads["models"].values() for c in m["codecs"] if not c.get("error"))
     codec.update(relative_variance=None, stderr=None)
     (results / "gradients.json").write_text(json.dumps(grads))
     markdown = write_report(results, tmp_path / "docs" / "benchmarks.md").read_text()
-    assert "`loopback` -" in markdown and "`1gbit` 0.5" in markdown
+    assert "`loopback` -" in markdown and "`1gbit` 50.0%" in markdown

@@ -199,6 +199,29 @@ def test_an_evaluation_that_raises_is_reported_in_the_callers_thread():
     assert [step for step, _accuracy, _loss in results] == [2]
 
 
+def test_a_deferred_evaluator_evaluates_only_after_release():
+    # RunSpec.eval_deferred: the weights copied at each evaluation step wait until the run's last step, so that
+    # no evaluation takes CPU from the steps a benchmark times; then every one is evaluated, in step order.
+    test = Split(torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)))
+    evaluator = Evaluator("mlp", 10, 1, test, torch.device("cpu"), deferred=True)
+    try:
+        state = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+        for step in (5, 10, 15):
+            evaluator.submit(step, {k: v.clone() for k, v in state.items()})
+        time.sleep(0.5)
+        assert evaluator.results() == []  # nothing evaluated before the release
+        evaluator.release()
+        deadline = time.monotonic() + 30
+        results = []
+        while len(results) < 3 and time.monotonic() < deadline:
+            results += evaluator.results()
+            time.sleep(0.01)
+    finally:
+        evaluator.close()
+    assert [step for step, _accuracy, _loss in results] == [5, 10, 15]
+    assert len({accuracy for _step, accuracy, _loss in results}) == 1  # the same weights, the same accuracy
+
+
 def test_unreadable_summaries_mark_their_runs_failed_instead_of_stopping_the_ps(tmp_path):
     # scan_runs runs when the PS starts: a summary.json it cannot read must not keep the PS from starting,
     # nor make a finished run look unfinished (it would be resumed).

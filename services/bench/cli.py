@@ -1,13 +1,15 @@
-"""`atomo bench`: every codec on the same model, data and seed over emulated networks; results and report.
+"""`atomo bench`: every codec on the same model and data over emulated networks; results and report.
 
-The default suite (services.bench.suite has each phase and why) measures dense SGD's communication-to-compute
-ratio at each profile and picks the headline profile, tunes each codec's step size on loopback, runs every
-codec end to end over the headline profile (momentum 0.9, downlink atoms; dense and svd s=3 also with downlink
-model), checks the scale model with 2-4 workers, runs every codec with momentum off on loopback, and times
-every codec at the other profiles. Then the gradient study (services.bench.gradients) and the report
-(services.bench.report) if they are installed. `--quick`: one profile, three codecs, no tuning, a few minutes.
-The results folder's schema is in services.bench.runner. Without root or iproute2 everything runs on
-loopback, and bench.json's network.reason says why.
+The default suite (services.bench.suite has each phase and why) measures dense SGD's communication share of
+its step at each profile and picks the headline profile, tunes the step size of the codecs the targets need on
+loopback (momentum 0.9 and off), runs them end to end over the headline profile with 3 seeds, momentum 0.9 and
+momentum off, each with its best downlink, times dense and svd s=3 with the other downlink, checks the scale
+model with 2-4 workers, and times every codec at every profile. Then the gradient study
+(services.bench.gradients) and the report (services.bench.report) if they are installed. `--quick`: one profile,
+three codecs, one seed, no tuning, no gradient study: a smoke test of about a minute. The results folder's
+schema is in services.bench.runner. Without root or iproute2 everything runs on loopback, and bench.json's
+network.reason says why. `--report-from FILE|DIR` regenerates the report from a results folder or its reduced
+form (services.bench.reduced) without running anything.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from services.bench import suite
 from services.bench.netem import PROFILES, LinkProfile, Network, NetworkUnavailable
-from services.bench.runner import Group, comm_to_compute, final_accuracy, machine, records, write_case
+from services.bench.runner import Group, comm_share, final_accuracy, high_load, load, machine, records, write_case
 from services.bench.suite import Case, CodecCase
 from services.common.argtypes import non_negative_float, positive_float, positive_int
 from services.common.launch import ClusterError
@@ -32,24 +34,26 @@ from services.train import _interrupt
 
 DEFAULT_REPORT = Path("docs/benchmarks.md")
 LOOPBACK = "loopback"
-# The duration model behind the estimates (measured here: LeNet-5 on digits, 2 workers, 2 cores, 100-step
-# loopback runs and 30-step runs at each profile), corrected as the suite runs by the ratio of measured to
-# estimated time so far.
-GROUP_START_S = 7.0  # namespaces, PS and workers up, workers registered, the first run's data and model
-RUN_OVERHEAD_S = 0.4  # submission, the PS preparing the run, the last evaluation and checkpoint
-LOOPBACK_STEP_S = 0.013  # a step of LeNet-5 at batch 32 per worker, with its share of evaluations
+# The duration model behind the estimates (measured here: LeNet-5 on Fashion-MNIST, 2 workers, 2 cores),
+# corrected as the suite runs by the ratio of measured to estimated time of the runs done so far.
+GROUP_START_S = 8.0  # namespaces, PS and workers up, workers registered, the first run's data and model
+RUN_OVERHEAD_S = 3.0  # submission, the PS and both workers loading the data set (Fashion-MNIST: about
+# 1 s each, every run), the checkpoint (measured: 100-step loopback runs take 4.6-5 s, 2 s of it steps and evaluation)
+LOOPBACK_STEP_S = 0.013  # a step of LeNet-5 at batch 32 per worker
+EVAL_S_PER_IMAGE = 7e-5  # one evaluation on the PS's CPU, per test image (10,000 images: 0.7 s)
+GRADIENTS_S = {True: 60.0, False: 150.0}  # the gradient study (quick, default), for the ETA only
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     profiles = ", ".join(f"{n} {p.bandwidth_mbit:g} Mbit/s {p.latency_ms:g} ms" for n, p in PROFILES.items())
     parser.description = (
-        "Benchmark every codec on LeNet-5/digits with a PS and workers in network namespaces behind tc-shaped "
-        f"links (profiles {profiles}). "
-        "The default suite (regime, tuning, end-to-end runs at the headline profile, downlink, scale, momentum "
-        "off, timing at the other profiles: about 200 runs, estimated at 9 minutes on a 2-core machine and printed "
-        "at the start), then the gradient study and the report (minutes more); --quick (one profile, dense, "
-        "qsgd b=4, svd s=3, 120 steps, the quick gradient study) about a minute. Needs root "
-        "and iproute2 for the emulated links, else runs on loopback and says so."
+        f"Benchmark codecs on LeNet-5/{suite.DATASET} with a PS and workers in network namespaces behind "
+        f"tc-shaped links (profiles {profiles}). "
+        "The default suite (regime, tuning, 3 seeds momentum on and off end to end at the headline profile, "
+        "downlink, scale, timing at every profile; its estimate is printed at the start), then the gradient study "
+        f"and the report; --quick (one profile, dense, qsgd b=4, svd s=3, {suite.QUICK_STEPS} steps, one seed, no "
+        "gradient study) a smoke test of about a minute. Needs root and iproute2 for the emulated links, else runs "
+        "on loopback and says so."
     )
     parser.add_argument("--quick", action="store_true", help="one profile, three codecs, no tuning (lr 0.05)")
     parser.add_argument(
@@ -60,7 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=2, choices=(2, 3, 4), help="workers (default 2)")
     parser.add_argument("--codecs", help="comma-separated families or labels to keep (dense,svd,'qsgd b=4')")
-    parser.add_argument("--steps", type=positive_int, help="steps of the main runs (default 300; --quick 120)")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        help=f"steps of the main runs (default {suite.MAIN_STEPS}; --quick {suite.QUICK_STEPS})",
+    )
     parser.add_argument("--out", type=Path, help="results folder (default bench/results/<timestamp>)")
     parser.add_argument(
         "--report",
@@ -70,12 +78,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-netem", action="store_true", help="run on loopback, no emulated network")
     parser.add_argument("--no-gradients", action="store_true", help="skip the gradient study")
+    parser.add_argument("--gradients", action="store_true", help="run the (quick) gradient study with --quick too")
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="PATH",
+        help="regenerate the report from a results folder or a reduced bench.json (docs/benchmarks/bench.json) "
+        "and exit; nothing runs",
+    )
     parser.add_argument(
         "experiment",
         nargs=argparse.REMAINDER,
         help="`table6 [FLAGS]`: Table 6 simulated with 8 and 16 workers (services/bench/simulate.py; "
         "`atomo bench table6 --help`)",
     )
+
+
+def _test_size() -> int:
+    """Images in the suite's test set (the PS evaluates on all of them)."""
+    from atomo_core.data import load_dataset
+
+    return len(load_dataset(suite.DATASET)[1])
 
 
 def _iso(timestamp: float) -> str:
@@ -120,7 +143,13 @@ class Bench:
         self.skipped: dict[str, str] = {}
         self.lrs: dict[str, float] = {}
         self.lrs_off: dict[str, float] = {}
-        self.ratios: dict[str, float | None] = {}
+        self.shares: dict[str, float | None] = {}
+        self.seeds = suite.QUICK_SEEDS if args.quick else suite.SEEDS
+        self.eval_every = suite.QUICK_EVAL_EVERY if args.quick else suite.EVAL_EVERY
+        self.test_size = _test_size()
+        self.load = {"start": load(), "warning": None}
+        self.measured_s = 0.0  # seconds the runs done so far took, and their estimate
+        self.measured_estimate_s = 0.0
         self.headline: str = LOOPBACK
         self.nbytes: dict[str, float] = {}
         self.comparable: dict = {}
@@ -131,8 +160,8 @@ class Bench:
             "main": args.steps or (suite.QUICK_STEPS if args.quick else suite.MAIN_STEPS),
             "timing": suite.TIMING_STEPS,
         }
-        self.steps["momentum_off"] = self.steps["downlink"] = self.steps["main"]
-        self.steps["scale"] = suite.TIMING_STEPS
+        self.steps["momentum_off"] = self.steps["main"]
+        self.steps["scale"] = self.steps["downlink"] = suite.TIMING_STEPS
 
     # -- the codecs ------------------------------------------------------------------------------------------
 
@@ -178,24 +207,40 @@ class Bench:
         )
         return LOOPBACK_STEP_S + (message * case.workers + down) * 8 / (case.bandwidth_mbit * 1e6)
 
+    def run_estimate(self, case: Case) -> float:
+        """Estimated seconds of one run: its steps, its evaluations on the whole test set and the overhead."""
+        evals = -(-case.steps // min(case.eval_every, case.steps))
+        return RUN_OVERHEAD_S + case.steps * self.step_estimate(case) + evals * EVAL_S_PER_IMAGE * self.test_size
+
     def estimate(self, cases: list[Case], running: tuple[str, int] | None = None) -> float:
         """Estimated seconds for `cases`, `running` the group already up (no start-up to count for it)."""
         groups = {(c.profile, c.workers) for c in cases} - {running}
-        return len(groups) * GROUP_START_S + sum(RUN_OVERHEAD_S + c.steps * self.step_estimate(c) for c in cases)
+        return len(groups) * GROUP_START_S + sum(self.run_estimate(c) for c in cases)
 
     def correction(self) -> float:
-        elapsed = time.time() - self.started
-        return elapsed / self.estimated_done if self.estimated_done > 30 else 1.0
+        """Measured over estimated seconds of the runs done so far (1 before the first): the ETA's calibration."""
+        return self.measured_s / self.measured_estimate_s if self.measured_estimate_s > 0 else 1.0
+
+    def eta(self, running: tuple[str, int] | None = None) -> float:
+        """Seconds left: the remaining runs' estimate calibrated on the measured ones, and the gradient study."""
+        left = self.estimate(self.remaining, running) * self.correction()
+        if self.gradients_enabled() and "gradients" not in self.phases:
+            left += GRADIENTS_S[bool(self.args.quick)]
+        return left
+
+    def gradients_enabled(self) -> bool:
+        return not self.args.no_gradients and (not self.args.quick or self.args.gradients)
 
     def progress(self, case: Case, record: dict, index: int, total: int) -> None:
         rows = records(self.out / "runs" / case.case_id)
         done = rows[-1]["step"] if rows else 0
-        eta = self.estimate(self.remaining, (case.profile, case.workers)) * self.correction()
+        eta = self.eta((case.profile, case.workers))
         accuracy = final_accuracy(self.out / "runs" / case.case_id)
         acc = f" acc {accuracy:.3f}" if accuracy is not None else ""
         print(
             f"[{index}/{total}] {case.phase:<12} {case.codec.label:<16} {case.profile:<8} w{case.workers} "
-            f"momentum {case.momentum:<3g} lr {case.lr:<6g} {done}/{case.steps} steps {record['state']}{acc} "
+            f"momentum {case.momentum:<3g} lr {case.lr:<6g} seed {case.seed} {done}/{case.steps} steps "
+            f"{record['state']}{acc} "
             f"in {record['wall_s']:.1f}s | "
             f"elapsed {_duration(time.time() - self.started)}, suite ETA {_duration(eta)}"
             + (f"\n    error: {record['error']}" if record["error"] else ""),
@@ -219,6 +264,7 @@ class Bench:
             momentum=kw.pop("momentum", suite.MOMENTUM),
             lr=lr,
             steps=kw.pop("steps", self.steps[phase]),
+            eval_every=kw.pop("eval_every", self.eval_every),
             **kw,
         )
 
@@ -242,8 +288,10 @@ class Bench:
                 for case in members:
                     index += 1
                     self.remaining = [c for c in cases[index:]] + later
+                    run_started = time.time()
                     record = group.run(case) if error is None else write_case(self.out, case, "failed", error, 0.0)
-                    self.estimated_done += self.estimate([case]) + (GROUP_START_S if case is members[0] else 0)
+                    self.measured_s += time.time() - run_started
+                    self.measured_estimate_s += self.run_estimate(case)
                     results.append(record)
                     self.progress(case, record, index, total)
             finally:
@@ -276,9 +324,15 @@ class Bench:
             "dataset": suite.DATASET,
             "workers": self.workers,
             "targets": list(suite.TARGETS),
+            "seeds": list(self.seeds),
+            "eval_every": self.eval_every,
+            "test_size": self.test_size,
+            "main_codecs": [*suite.MAIN_LABELS, *(f"{f} (family)" for f in suite.MAIN_FAMILIES)],
+            "load": self.load,
             "regime": {
-                "dense_comm_to_compute": self.ratios,
-                "paper_comm_to_compute": suite.PAPER_COMM_TO_COMPUTE,
+                "dense_comm_share": self.shares,
+                "paper_comm_share": suite.PAPER_COMM_SHARE,
+                "required_comm_share": suite.REGIME_SHARE,
                 "how": suite.PAPER_HOW,
             },
             "lr_rule": (
@@ -301,6 +355,13 @@ class Bench:
     def execute(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
         self.machine = machine()
+        start = self.load["start"]
+        if high_load(start):
+            self.load["warning"] = (
+                f"the machine was busy at the start (1-minute load {start['load_1m']} on {start['cpus']} CPUs): "
+                "other work slows and distorts the measured steps"
+            )
+            print(f"warning: {self.load['warning']}", flush=True)
         self._tuned: dict[tuple[str, float], float] = {}
         if not self.emulated:
             print(f"atomo bench: no emulated network ({self.network['reason']}): every run on loopback", flush=True)
@@ -314,13 +375,17 @@ class Bench:
         profiles = list(self.profiles) or [LOOPBACK]
         dense = next((c for c in codecs if c.family == "dense"), None)
         if self.args.quick:
-            self.headline = "custom" if "custom" in self.profiles else ("1gbit" if self.emulated else LOOPBACK)
+            self.headline = "custom" if "custom" in self.profiles else ("100mbit" if self.emulated else LOOPBACK)
             self.lrs = {c.label: suite.QUICK_LR for c in codecs}
-            main = [self.case("main", c, self.headline, suite.QUICK_LR) for c in codecs]
+            main = [
+                self.case("main", c, self.headline, suite.QUICK_LR, downlink=self.downlink(c), seed=seed)
+                for seed in self.seeds
+                for c in codecs
+            ]
             self._announce(main)
             self.run_phase("main", main, [])
             if dense is not None:
-                self.ratios[self.headline] = comm_to_compute(self.out / "runs" / main[codecs.index(dense)].case_id)
+                self.shares[self.headline] = comm_share(self.out / "runs" / main[codecs.index(dense)].case_id)
         else:
             self.run_default(codecs, profiles, dense)
         self.finish()
@@ -329,75 +394,102 @@ class Bench:
         return 0
 
     def _announce(self, cases: list[Case]) -> None:
-        total = self.estimate(cases)
+        self.remaining = list(cases)
+        runs = self.estimate(cases)
+        study = GRADIENTS_S[bool(self.args.quick)] if self.gradients_enabled() else 0.0
         print(
             f"atomo bench: {len(cases)} runs of {suite.MODEL} on {suite.DATASET}, {self.workers} workers, "
-            f"estimated {_duration(total)} (plus the gradient study and the report); results in {self.out}",
+            f"estimated {_duration(runs + study)} (runs {_duration(runs)}"
+            + (f", gradient study {_duration(study)}" if study else ", no gradient study")
+            + f"); results in {self.out}",
             flush=True,
         )
+
+    def downlink(self, codec: CodecCase, workers: int | None = None) -> str:
+        """The codec's best downlink (suite.best_downlink on its measured message bytes)."""
+        dense = self.nbytes.get("dense") or suite.message_nbytes({"name": "dense"})
+        return suite.best_downlink(self.nbytes.get(codec.label, dense), dense, workers or self.workers)
 
     def run_default(self, codecs: list[CodecCase], profiles: list[str], dense: CodecCase | None) -> None:
         lr0 = suite.QUICK_LR
         regime_codec = dense or codecs[0]
-        # The plan with the provisional headline (the profile whose ratio the duration model puts closest),
-        # for the estimate; the real headline follows from the regime runs.
-        regime = [self.case("timing", regime_codec, p, lr0) for p in profiles]
-        guess = profiles[0] if profiles == [LOOPBACK] else "1gbit" if "1gbit" in profiles else profiles[0]
-        self._announce(regime + self.plan(codecs, profiles, guess, dense, regime_codec, tuned=False))
-        self.run_phase("regime", regime, self.plan(codecs, profiles, guess, dense, regime_codec, tuned=False))
+        # The plan with the provisional headline (the slowest link), for the estimate; the real headline follows
+        # from the regime runs.
+        regime = [
+            self.case("timing", c, p, lr0, downlink=self.downlink(c), eval_every=suite.TIMING_STEPS)
+            for p in profiles
+            for c in [regime_codec]
+        ]
+        guess = min(profiles, key=lambda p: self.profiles[p].bandwidth_mbit if p in self.profiles else 0)
+        self._announce(regime + self.plan(codecs, profiles, guess, regime, tuned=False))
+        self.run_phase("regime", regime, self.plan(codecs, profiles, guess, regime, tuned=False))
         for case in regime:
-            self.ratios[case.profile] = comm_to_compute(self.out / "runs" / case.case_id)
+            self.shares[case.profile] = comm_share(self.out / "runs" / case.case_id)
+        bandwidths = {n: p.bandwidth_mbit for n, p in self.profiles.items()}
         try:
-            self.headline = suite.closest_profile(self.ratios)
+            self.headline = suite.headline_profile(self.shares, bandwidths)
         except ValueError:
             self.headline = profiles[0]
-        print(f"dense communication/compute: {self.ratios}; paper {suite.PAPER_COMM_TO_COMPUTE:.2f}: "
-              f"headline profile {self.headline}", flush=True)  # fmt: skip
-        rest = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=False)
+        shares = ", ".join(f"{k} {'-' if v is None else f'{100 * v:.1f}%'}" for k, v in self.shares.items())
+        print(
+            f"dense communication share of its step: {shares}; required >= {100 * suite.REGIME_SHARE:.0f}%: "
+            f"headline profile {self.headline}",
+            flush=True,
+        )
+        rest = self.plan(codecs, profiles, self.headline, regime, tuned=False)
         self.tune([c for c in rest if c.phase == "tune"], [c for c in rest if c.phase != "tune"])
         self.write_bench()
-        plan = self.plan(codecs, profiles, self.headline, dense, regime_codec, tuned=True)
-        plan = [c for c in plan if c.phase != "tune"]
-        for phase in ("main", "downlink", "scale", "momentum_off", "timing"):
+        plan = [c for c in self.plan(codecs, profiles, self.headline, regime, tuned=True) if c.phase != "tune"]
+        for phase in ("main", "momentum_off", "downlink", "scale", "timing"):
             cases = [c for c in plan if c.phase == phase]
             if cases:
                 self.run_phase(phase, cases, plan[plan.index(cases[-1]) + 1 :])
                 self.write_bench()
 
-    def plan(self, codecs, profiles, headline, dense, regime_codec, tuned: bool) -> list[Case]:
-        """Every case after the regime runs, in order: tune (each codec at each lr of both grids), main,
-        downlink, scale, momentum off, timing (the profiles other than the headline; the regime runs already
-        timed their codec)."""
+    def plan(self, codecs, profiles, headline, regime, tuned: bool) -> list[Case]:
+        """Every case after the regime runs, in order: tune (the main codecs at each lr of both grids), main and
+        momentum off (the main codecs, each seed, best downlink, headline profile), downlink (dense and svd s=3
+        with the other downlink), scale, timing (every codec at every profile where neither a main nor a regime
+        run measured it)."""
         lr = (lambda c: self.lrs.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
         lr_off = (lambda c: self.lrs_off.get(c.label, suite.QUICK_LR)) if tuned else (lambda c: suite.QUICK_LR)
+        main = [c for c in codecs if suite.in_main(c)]
+        timing = dict(eval_every=suite.TIMING_STEPS)
         cases = [
             self.case("tune", c, LOOPBACK, g, momentum=m, eval_every=suite.TUNE_STEPS)
             for m, grid in ((suite.MOMENTUM, suite.LR_GRID), (0.0, suite.LR_GRID_MOMENTUM_OFF))
-            for c in codecs
+            for c in main
             for g in grid
         ]
-        cases += [self.case("main", c, headline, lr(c)) for c in codecs]
-        svd3 = next((c for c in codecs if c.label == "svd s=3"), None)
-        cases += [self.case("downlink", c, headline, lr(c), downlink="model") for c in (dense, svd3) if c]
+        for phase, momentum, rate in (("main", suite.MOMENTUM, lr), ("momentum_off", 0.0, lr_off)):
+            cases += [
+                self.case(phase, c, headline, rate(c), momentum=momentum, downlink=self.downlink(c), seed=seed)
+                for seed in self.seeds
+                for c in main
+            ]
+        for c in codecs:
+            if c.label in ("dense", "svd s=3"):
+                other = "atoms" if self.downlink(c) == "model" else "model"
+                cases.append(self.case("downlink", c, headline, lr(c), downlink=other, **timing))
         scale = [c for c in codecs if c.label in ("dense", "svd s=3", "qsgd b=4")]
         cases += [
-            self.case("scale", c, headline, lr(c), workers=w, eval_every=suite.TIMING_STEPS)
+            self.case("scale", c, headline, lr(c), workers=w, downlink=self.downlink(c, w), **timing)
             for w in suite.SCALE_WORKERS
             for c in scale
         ]
-        cases += [self.case("momentum_off", c, LOOPBACK, lr_off(c), momentum=0.0) for c in codecs]
+        done = {(r.profile, r.codec.label) for r in regime} | {(headline, c.label) for c in main}
         cases += [
-            self.case("timing", c, p, lr(c), eval_every=suite.TIMING_STEPS)
+            self.case("timing", c, p, lr(c), downlink=self.downlink(c), **timing)
             for p in profiles
-            if p not in (headline, LOOPBACK)
+            if p != LOOPBACK
             for c in codecs
-            if c is not regime_codec
+            if (p, c.label) not in done
         ]
         return cases
 
     def finish(self) -> None:
         """The gradient study and the report, each if its module is installed; a failure keeps the runs."""
-        if not self.args.no_gradients:
+        if self.gradients_enabled():
             started = time.time()
             try:
                 from services.bench.gradients import run_study
@@ -408,7 +500,10 @@ class Bench:
                 print(f"the gradient study failed; the runs are kept:\n{traceback.format_exc()}", flush=True)
             self.phases["gradients"] = time.time() - started
         report = self.args.report or self.default_report()
+        self.load["end"] = load()
         self.write_bench(time.time())  # once, finished: the report reads it
+        if high_load(self.load["end"], share=1.0):
+            print(f"warning: the machine is busy after the runs ({self.load['end']}): compare with care", flush=True)
         started = time.time()
         try:
             from services.bench.report import write_report
@@ -443,6 +538,25 @@ def _targets_section(markdown: str) -> str:
     return "\n".join(lines[start:end]).strip()
 
 
+def report_from(source: Path, report: Path | None) -> int:
+    """Regenerate the report from a results folder or a reduced bench.json (default report: docs/benchmarks.md
+    for a reduced file, <folder>/report.md for a folder)."""
+    from services.bench import reduced
+    from services.bench.report import write_report
+
+    if not source.exists():
+        print(f"atomo bench: --report-from: {source} does not exist", file=sys.stderr)
+        return 2
+    if source.is_file() and not reduced.is_reduced(source):
+        print(f"atomo bench: --report-from: {source} is not a results folder or a reduced bench.json", file=sys.stderr)
+        return 2
+    target = report or (DEFAULT_REPORT if source.is_file() else source / "report.md")
+    written = write_report(source, target)
+    print(_targets_section(written.read_text(encoding="utf-8")), flush=True)
+    print(f"report: {written}", flush=True)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.experiment:
         if args.experiment[0] != "table6":
@@ -452,6 +566,8 @@ def run(args: argparse.Namespace) -> int:
         return table6(args.experiment[1:])
     signal.signal(signal.SIGTERM, _interrupt)  # the groups' processes and namespaces go on the way out
     args.argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else sys.argv[1:]
+    if args.report_from is not None:
+        return report_from(args.report_from, args.report)
     bench = Bench(args)
     try:
         return bench.execute()

@@ -1,8 +1,9 @@
-"""`atomo bench`'s gradient study: every codec on real ResNet-18 and VGG-11-BN gradients taken during training.
+"""`atomo bench`'s gradient study: every codec on ResNet-18 and VGG-11-BN gradients taken during training.
 
 Each model is trained with plain SGD (no momentum, no weight decay) on CIFAR-10 when torchvision and the data
-are present, else on the "synthetic" 3x32x32 set of atomo_core.data (gradients.json says which), and its whole
-gradient (every parameter, in parameter order) is captured at a few steps. Then:
+are present, else on the "synthetic" 3x32x32 set of atomo_core.data (gradients.json says which, and the report
+labels the study "synthetic data" then: real backward passes of these networks, not on a real data set), and
+its whole gradient (every parameter, in parameter order) is captured at a few steps. Then:
 
 - variance per byte, at the last captured step: for every codec and budget of `codec_grid`, the measured
   E||g^ - g||^2 / ||g||^2 over independent encodings (mean and standard error), the exact bytes (the

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services import report as run_report
-from services.bench import scale
+from services.bench import reduced, scale, suite
 from services.bench.scale import step_time
 
 PARTS = (
@@ -42,10 +42,8 @@ MODEL_LINE = (
     "decoding n messages and its update, "
     "the worker applying the update (A) and a fixed overhead (services/bench/scale.py)."
 )
-TARGET_SPEEDUP_DENSE = 5.0
-TARGET_SPEEDUP_QSGD = 2.0
-TARGET_ACCURACY_GAP = 0.01
-TARGET_ENCODE_SHARE = 0.15
+MATCH_DENSE, MATCH_QSGD = suite.MATCH_DENSE, suite.MATCH_QSGD
+BEAT_DENSE, BEAT_QSGD = suite.BEAT_DENSE, suite.BEAT_QSGD
 
 
 @dataclass
@@ -80,9 +78,18 @@ class Results:
     notes: list[str]
 
     def runs(self, phase: str, profile: str | None = None) -> dict[str, Case]:
-        """The finished runs of `phase` (at `profile`), by label, in codec-family order."""
+        """The finished runs of `phase` (at `profile`), by label, in codec-family order; of a codec run with
+        several seeds, the run of the lowest seed."""
+        return {label: cases[0] for label, cases in self.seeded(phase, profile).items()}
+
+    def seeded(self, phase: str, profile: str | None = None) -> dict[str, list[Case]]:
+        """The finished runs of `phase` (at `profile`) by label, in codec-family order, each label's runs in
+        seed order."""
         found = [c for c in self.cases if c.ok and c.phase == phase and (profile is None or c.profile == profile)]
-        return {c.label: c for c in sorted(found, key=lambda c: (_family_rank(c.label), c.label))}
+        out: dict[str, list[Case]] = {}
+        for c in sorted(found, key=lambda c: (_family_rank(c.label), c.label, c.case.get("seed") or 0)):
+            out.setdefault(c.label, []).append(c)
+        return out
 
 
 def _family_rank(label: str) -> int:
@@ -101,9 +108,17 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
 
 
 def load_results(results: Path) -> Results:
-    """Everything the report reads from a results folder; what is missing or unreadable becomes a note."""
+    """Everything the report reads from a results folder, or from its reduced form (services.bench.reduced: one
+    JSON file); what is missing or unreadable becomes a note."""
     results = Path(results)
     notes: list[str] = []
+    if reduced.is_reduced(results):
+        data = json.loads(results.read_text(encoding="utf-8"))
+        cases = [Case(run["case"], reduced.expand(run["records"])) for run in data.get("runs", [])]
+        if not cases:
+            notes.append("No run was found in the reduced results.")
+        bench = {k: v for k, v in data.items() if k not in ("runs", "gradients", "format")}
+        return Results(bench, cases, data.get("gradients"), notes)
     bench = _read_json(results / "bench.json", notes) or {}
     gradients = _read_json(results / "gradients.json", notes)
     cases = []
@@ -173,6 +188,351 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
+# Seeds: medians and ranges -------------------------------------------------------------------------------------
+
+
+def _seed(case: Case) -> int:
+    return int(case.case.get("seed") or 0)
+
+
+def _time_to(case: Case, target: float) -> float:
+    """Measured seconds from the end of step 1 to the first evaluation >= `target`; inf if not reached."""
+    t = reached(case.records, target)["time_to_target_s"]
+    return math.inf if t is None else t
+
+
+def _steps_to(case: Case, target: float) -> float:
+    """Steps from step 1 to the first evaluation >= `target`; inf if not reached."""
+    s = reached(case.records, target)["step_to_target"]
+    return math.inf if s is None else s - case.records[0]["step"]
+
+
+def _median(values: list[float]) -> float | None:
+    """The median (an unreached target counts as infinitely late); None for no value or an infinite median."""
+    if not values:
+        return None
+    m = statistics.median(values)
+    return m if math.isfinite(m) else None
+
+
+def _spread(values: list[float | None], fmt) -> str:
+    """'median [min-max]' of the finite values (the median over all, an infinite one counting as the latest)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    med = _median([math.inf if v is None else v for v in values])
+    if med is None:
+        return f"- ({len(finite)}/{len(values)} reached)" if values else "-"
+    if len(values) == 1:
+        return fmt(med)
+    extra = "" if len(finite) == len(values) else f", {len(finite)}/{len(values)} reached"
+    return f"{fmt(med)} [{fmt(min(finite))}-{fmt(max(finite))}{extra}]"
+
+
+def _ms(value: float) -> str:
+    return f"{1e3 * value:.1f}"
+
+
+def _steps_fmt(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def _acc_fmt(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _x_fmt(value: float) -> str:
+    return f"{value:.2f}x"
+
+
+def compare(baseline: list[Case], codec: list[Case], target: float) -> dict:
+    """Codec against baseline at `target` over the seeds: "speedup" (median time of the baseline over the
+    codec's; None if the codec's median seed did not reach it, a lower bound flagged by "bound" if only the
+    baseline's did not), "paired" (the per-seed ratios where both reached it), "steps_ratio" (median steps of
+    the baseline over the codec's), "step_ratio" (median mean seconds per step over the whole run, baseline
+    over codec)."""
+    tb = _median([_time_to(c, target) for c in baseline])
+    tc = _median([_time_to(c, target) for c in codec])
+    by_seed = {_seed(c): c for c in codec}
+    paired = []
+    for b in baseline:
+        c = by_seed.get(_seed(b))
+        if c is not None and math.isfinite(_time_to(b, target)) and 0 < _time_to(c, target) < math.inf:
+            paired.append(_time_to(b, target) / _time_to(c, target))
+    bound = False
+    if tc is None or tc <= 0:
+        speedup_value = None
+    elif tb is None:  # the baseline did not reach it within its run: its run length bounds its time
+        speedup_value, bound = _median([run_report.summarize(c.records)["time_s"] for c in baseline]) / tc, True
+    else:
+        speedup_value = tb / tc
+    sb, sc = _median([_steps_to(c, target) for c in baseline]), _median([_steps_to(c, target) for c in codec])
+    pb = _median([step_time(c.records) or math.inf for c in baseline])
+    pc = _median([step_time(c.records) or math.inf for c in codec])
+    return {
+        "speedup": speedup_value,
+        "bound": bound,
+        "paired": paired,
+        "steps_ratio": sb / sc if sb is not None and sc else None,
+        "step_ratio": pb / pc if pb is not None and pc else None,
+    }
+
+
+def _speedup_text(c: dict) -> str:
+    if c["speedup"] is None:
+        return "not reached"
+    text = ("> " if c["bound"] else "") + _fmt_x(c["speedup"])
+    if len(c["paired"]) > 1:
+        text += f" [{_fmt_x(min(c['paired']))}-{_fmt_x(max(c['paired']))}]"
+    return text
+
+
+def _split_text(c: dict) -> str:
+    return f"{_fmt_x(c['steps_ratio'])} x {_fmt_x(c['step_ratio'])}"
+
+
+def _cause(c: dict, bar: float, codec: str) -> str:
+    """Which factor of the speed-up misses `bar`: the steps ratio (the codec needs more steps) or the per-step
+    ratio (its steps are not enough faster), or both."""
+    if c["speedup"] is None:
+        return f"steps: {codec} did not reach the target in the median seed"
+    if c["speedup"] >= bar:
+        return "-"
+    step_ratio, steps_ratio = c["step_ratio"] or 0.0, c["steps_ratio"] or 0.0
+    if step_ratio < bar and steps_ratio < 1:
+        return f"both: per-step ratio {_fmt_x(step_ratio)} < {bar:g}x and {codec} needs more steps"
+    if step_ratio < bar:
+        return f"per-step ratio {_fmt_x(step_ratio)} < {bar:g}x"
+    return f"steps ratio {_fmt_x(steps_ratio)}: {codec} needs {1 / steps_ratio:.2f}x dense's steps"
+
+
+SETTINGS = (("momentum_off", "momentum off (plain SGD, the paper's setting)"), ("main", "momentum 0.9"))
+
+
+def _best(runs: dict[str, list[Case]], prefix: str, target: float) -> str | None:
+    """The label starting with `prefix` with the smallest median time to `target` (None: no such run)."""
+    labels = [lb for lb in runs if lb.startswith(prefix)]
+    if not labels:
+        return None
+    return min(labels, key=lambda lb: (_median([_time_to(c, target) for c in runs[lb]]) or math.inf, lb))
+
+
+def dense_share(res: Results, headline: str) -> float | None:
+    """Dense SGD's communication share of its step at the headline profile (bench.json's regime)."""
+    shares = ((res.bench.get("regime") or {}).get("dense_comm_share")) or {}
+    return shares.get(headline)
+
+
+def evaluate_targets(res: Results, targets: list[float], headline: str) -> list[dict]:
+    """The paper's Table 6 bar for each setting (momentum off, then on) and target accuracy: the best svd run
+    and top-k and PowerSGD against dense, the best svd against the best QSGD; each row: setting, target,
+    comparison, speed-up (median, per-seed range), its split (steps ratio x per-step ratio), the bar, the result
+    (met, missed, or "-" for a comparison without a bar) and the cause of a miss."""
+    rows = []
+    top = max(targets) if targets else None
+    for phase, setting in SETTINGS:
+        runs = res.seeded(phase, headline)
+        if not runs:
+            continue
+        dense = runs.get("dense")
+        svd = _best(runs, "svd", top) if top is not None else None
+        if dense is None or svd is None:
+            why = "no run of dense" if dense is None else "no run of spectral ATOMO (svd)"
+            rows.append({"setting": setting, "target": None, "comparison": "-", "value": "-", "split": "-",
+                         "bar": "-", "result": "n/a", "cause": why})  # fmt: skip
+            continue
+        others = [lb for lb in runs if lb.split()[0] in ("topk", "powersgd")]
+        for t in targets:
+            qsgd = _best(runs, "qsgd", t)
+            bars = [(f"{svd} vs dense", runs["dense"], runs[svd], svd, MATCH_DENSE, BEAT_DENSE)]
+            if qsgd is not None:
+                bars.append((f"{svd} vs the best QSGD ({qsgd})", runs[qsgd], runs[svd], svd, MATCH_QSGD, BEAT_QSGD))
+            bars += [(f"{lb} vs dense", runs["dense"], runs[lb], lb, None, None) for lb in others]
+            for name, base, codec, label, match, beat in bars:
+                c = compare(base, codec, t)
+                bar = None if match is None else (max(match, beat) if t == top else match)
+                bar_text = "-" if bar is None else (f">= {match:g}x (match), >= {beat:g}x (beat)" if t == top
+                                                    else f">= {match:g}x (match)")  # fmt: skip
+                if bar is None:
+                    result = "-"
+                elif c["speedup"] is None:
+                    result = "missed"
+                elif t == top:
+                    result = "beat" if c["speedup"] >= beat else "match" if c["speedup"] >= match else "missed"
+                else:
+                    result = "met" if c["speedup"] >= match else "missed"
+                rows.append(
+                    {
+                        "setting": setting,
+                        "target": t,
+                        "comparison": name,
+                        "value": _speedup_text(c),
+                        "speedup": c["speedup"],
+                        "split": _split_text(c),
+                        "bar": bar_text,
+                        "result": result,
+                        "cause": "-" if bar is None else _cause(c, match, label),
+                    }
+                )
+    return rows
+
+
+def _verdict(rows: list[dict], setting: str, targets: list[float]) -> list[str]:
+    """The match and beat statements of one setting."""
+    mine = [r for r in rows if r["setting"] == setting and r["bar"] != "-" and r["target"] is not None]
+    if not mine:
+        return []
+    top = max(targets)
+    match = all(r["result"] in ("met", "match", "beat") for r in mine)
+    beat = all(r["result"] == "beat" for r in mine if r["target"] == top)
+    misses = [f"{_fmt_acc(r['target'])} {r['comparison']}: {r['cause']}" for r in mine if r["result"] == "missed"]
+    out = [
+        f"- **{setting}**: match (>= {MATCH_DENSE:g}x over dense and >= {MATCH_QSGD:g}x over the best QSGD at every "
+        f"target): **{'MET' if match else 'MISSED'}**; beat (>= {BEAT_DENSE:g}x over dense and >= {BEAT_QSGD:g}x over "
+        f"the best QSGD at {_fmt_acc(top)}): **{'MET' if beat else 'MISSED'}**."
+    ]
+    return out + [f"  - missed: {m}" for m in misses]
+
+
+def _targets_section(res: Results, targets: list[float], headline: str) -> list[str]:
+    rows = evaluate_targets(res, targets, headline)
+    seeds = sorted({_seed(c) for c in res.cases if c.phase in ("main", "momentum_off")})
+    quick = bool(res.bench.get("quick"))
+    title = "## Targets" + (" (SMOKE TEST: `--quick`, not the fair bar)" if quick else "")
+    share = dense_share(res, headline)
+    out = [title, ""]
+    if quick:
+        out += [
+            "**Smoke test.** `--quick` runs one seed, momentum 0.9 only, no tuning and a few codecs: this table "
+            "checks that the pipeline works, not the paper's claims; run `atomo bench` for the fair bar.",
+            "",
+        ]
+    out += [
+        f"The paper's Table 6 bar, at the headline profile `{headline}`, over {len(seeds)} seed"
+        f"{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds)) or '-'}): speed-up = the median measured "
+        "time to the target accuracy of the baseline over the codec's, [the range of the per-seed ratios]; split "
+        "= steps ratio (median steps to the target, baseline / codec) x per-step ratio (median mean seconds per "
+        "step over the run, baseline / codec), whose product is about the speed-up. Each codec runs with its "
+        "tuned step size and its best downlink (dense: `model`). The spectral codec is the svd run fastest to "
+        f"{_fmt_acc(max(targets)) if targets else '-'}; the best QSGD is the fastest QSGD run to each target.",
+        "",
+        "- Regime: dense SGD's communication share of its step at the headline profile: "
+        + ("unknown" if share is None else f"{100 * share:.1f}%")
+        + f" (the paper's: >= {100 * suite.PAPER_COMM_SHARE:.1f}%; required >= {100 * suite.REGIME_SHARE:.0f}%: "
+        + ("unknown" if share is None else "yes" if share >= suite.REGIME_SHARE else "**NO**, the regime is not the "
+           "paper's")
+        + ").",
+    ]  # fmt: skip
+    for _, setting in SETTINGS:
+        out += _verdict(rows, setting, targets)
+    out += [""]
+    if not rows:
+        return out + [f"No main or momentum-off run at `{headline}`: no target to evaluate.", ""]
+    table = [
+        [
+            r["setting"],
+            _fmt_acc(r["target"]) if r["target"] is not None else "-",
+            r["comparison"],
+            r["value"],
+            r["split"],
+            r["bar"],
+            r["result"],
+            r["cause"],
+        ]
+        for r in rows
+    ]
+    head = ["setting", "target", "comparison", "speed-up", "steps ratio x per-step ratio", "bar", "result", "cause"]
+    return out + _table(head, table)
+
+
+# The headline -------------------------------------------------------------------------------------------
+
+
+def _headline_section(res: Results, targets: list[float], headline: str, plots: Path, stem: str) -> list[str]:
+    out = [f"## Time to accuracy at the headline profile `{headline}` (measured)", ""]
+    any_runs = False
+    for phase, setting in SETTINGS:
+        runs = res.seeded(phase, headline)
+        if not runs:
+            continue
+        any_runs = True
+        out += [f"### {setting}", ""]
+        out += [
+            "Measured over the emulated link: seconds from the end of step 1 to the first evaluation at or above "
+            "each accuracy, median [range] over the seeds, and the speed-up over dense (median times); `-`: not "
+            "reached by the median seed.",
+            "",
+        ]
+        dense = runs.get("dense")
+        rows = []
+        for t in targets:
+            cells = []
+            for label, cases in runs.items():
+                cell = _spread([_time_to(c, t) for c in cases], lambda v: f"{v:.2f} s")
+                if dense is not None and label != "dense":
+                    cell += f" ({_speedup_text(compare(dense, cases, t))})"
+                cells.append(cell)
+            rows.append([_fmt_acc(t), *cells])
+        out += _table(["test accuracy", *runs], rows)
+        rows = []
+        for label, cases in runs.items():
+            first = cases[0].case
+            rows.append(
+                [
+                    label,
+                    str(len(cases)),
+                    f"{first.get('lr', '-'):g}" if isinstance(first.get("lr"), (int, float)) else "-",
+                    str(first.get("downlink", "atoms")),
+                    _spread([reached(c.records, 1.0)["final_test_accuracy"] for c in cases], _acc_fmt),
+                    *(_spread([_steps_to(c, t) for c in cases], _steps_fmt) for t in targets),
+                    _spread([step_time(c.records) for c in cases], _ms),
+                    _spread([reached(c.records, max(targets))["bytes_up_to_target"] for c in cases], _fmt_mb)
+                    if targets
+                    else "-",
+                ]
+            )
+        head = ["codec", "seeds", "lr", "downlink", "final test accuracy"]
+        head += [*(f"steps to {_fmt_acc(t)}" for t in targets), "ms / step"]
+        head += [f"MB up to {_fmt_acc(max(targets))}" if targets else "MB up"]
+        out += _table(head, rows)
+        name = f"accuracy_vs_time_{_slug(headline)}_{phase}.png"
+        _save(_seed_plot(runs, headline, setting), plots / name)
+        out += [f"![test accuracy against measured time at {headline}, {setting}]({stem}/{name})", ""]
+    if not any_runs:
+        out += [f"No finished main or momentum-off run at `{headline}`.", ""]
+    return out
+
+
+def _seed_plot(runs: dict[str, list[Case]], profile: str, setting: str):
+    """Test accuracy against measured time: per codec the median over seeds of the time and accuracy at each
+    evaluation step, shaded between the seeds' lowest and highest accuracy."""
+    fig = run_report.figure(7, 4.5)
+    ax = fig.add_subplot()
+    for i, (label, cases) in enumerate(runs.items()):
+        per_step: dict[int, list[tuple[float, float]]] = {}
+        for c in cases:
+            first = c.records[0]["wall_s"]
+            for r in c.records:
+                if r.get("test_accuracy") is not None:
+                    per_step.setdefault(r["step"], []).append((r["wall_s"] - first, r["test_accuracy"]))
+        steps = sorted(s for s, v in per_step.items() if len(v) == len(cases))
+        if not steps:
+            continue
+        x = [statistics.median(t for t, _ in per_step[s]) for s in steps]
+        y = [statistics.median(a for _, a in per_step[s]) for s in steps]
+        color = f"C{i % 10}"
+        ax.plot(x, y, marker="o", markersize=2, color=color, label=f"{label} ({len(cases)} seeds)")
+        if len(cases) > 1:
+            low = [min(a for _, a in per_step[s]) for s in steps]
+            high = [max(a for _, a in per_step[s]) for s in steps]
+            ax.fill_between(x, low, high, color=color, alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("training time (s) from the end of step 1, measured (log scale)")
+    ax.set_ylabel("test accuracy (median over seeds, range shaded)")
+    ax.set_title(f"Test accuracy against measured time at {profile}, {setting}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return fig
+
+
 # The speed-up tables -------------------------------------------------------------------------------------------
 
 
@@ -200,80 +560,51 @@ def _speedup_table(times: dict[str, dict[float, float | None]], targets: list[fl
     return _table(["test accuracy", *labels], rows)
 
 
-def _headline_section(res: Results, targets: list[float], headline: str, plots: Path, stem: str) -> list[str]:
-    runs = res.runs("main", headline)
-    out = [f"## Time to accuracy at the headline profile `{headline}` (measured)", ""]
-    if not runs:
-        return out + [f"No finished main run at `{headline}`.", ""]
-    summaries = time_to_targets(runs, targets)
-    out += ["Time from the end of step 1 to the first evaluation at or above each accuracy, and in brackets the "]
-    out += ["speed-up over dense (dense's time / the codec's); `-`: not reached within the run.", ""]
-    out += _speedup_table({lb: {t: s[t]["time_to_target_s"] for t in targets} for lb, s in summaries.items()}, targets)
-    rows = []
-    for label, c in runs.items():
-        s = summaries[label][targets[0]] if targets else reached(c.records, 1.0)
-        mb = [_fmt_mb(summaries[label][t]["bytes_up_to_target"]) for t in targets]
-        step = step_time(c.records)
-        rows.append(
-            [label, _fmt_acc(s["final_test_accuracy"]), str(s["steps"]), f"{1e3 * step:.1f}" if step else "-", *mb]
-        )
-    head = ["codec", "final test accuracy", "steps", "ms / step", *(f"MB up to {_fmt_acc(t)}" for t in targets)]
-    out += _table(head, rows)
-    name = f"accuracy_vs_time_{_slug(headline)}.png"
-    curves = {label: run_report.curves(c.records) for label, c in runs.items()}
-    _save(
-        run_report.accuracy_plot(
-            curves,
-            "eval_time_s",
-            "training time (s) from the end of step 1, measured",
-            f"Test accuracy against time at {headline} (measured)",
-        ),
-        plots / name,
-    )
-    out += [f"![test accuracy against measured time at {headline}]({stem}/{name})", ""]
-    return out
-
-
 def profile_step_times(res: Results, profile: str) -> dict[str, float]:
-    """Mean seconds per step of each codec at `profile`, from its main run there, else its timing run."""
+    """Mean seconds per step of each codec at `profile`: the median over its main runs there, else its timing
+    run's."""
     out = {}
-    for phase in ("timing", "main"):
-        for label, c in res.runs(phase, profile).items():
-            step = step_time(c.records)
-            if step is not None:
-                out[label] = step
+    for label, c in res.runs("timing", profile).items():
+        step = step_time(c.records)
+        if step is not None:
+            out[label] = step
+    for label, cases in res.seeded("main", profile).items():
+        step = _median([step_time(c.records) or math.inf for c in cases])
+        if step is not None:
+            out[label] = step
     return out
 
 
 def _projected_section(res: Results, targets: list[float], headline: str, plots: Path, stem: str) -> list[str]:
-    main = res.runs("main", headline)
+    main = res.seeded("main", headline)
     profiles = sorted({c.profile for c in res.cases if c.ok and c.phase == "timing" and c.profile != headline})
     out = ["## Time to accuracy at the other profiles (PROJECTED)", ""]
     if not profiles:
         return out + ["No timing run at another profile: nothing to project.", ""]
     if not main:
         return out + [f"No main run at `{headline}` gives the steps to each target: nothing to project.", ""]
-    out += ["PROJECTED: steps to the target of the codec's main run at the headline profile x its mean measured "]
-    out += ["seconds per step at the profile (its timing run).", ""]
+    out += ["PROJECTED, not measured: the median over seeds of the steps to the target of the codec's main runs "]
+    out += ["(momentum 0.9) at the headline profile x its mean measured seconds per step at the profile (its timing "]
+    out += ["run there); the plots' time axes are logarithmic.", ""]
     for profile in profiles:
         steps = profile_step_times(res, profile)
         labels = [lb for lb in main if lb in steps]
         times = {}
         for label in labels:
-            records = main[label].records
-            times[label] = {
-                t: projected_time(reached(records, t)["step_to_target"], records[0]["step"], steps[label])
-                for t in targets
-            }
+            times[label] = {}
+            for t in targets:
+                n = _median([_steps_to(c, t) for c in main[label]])
+                times[label][t] = None if n is None else n * steps[label]
         out += [f"### `{profile}` (projected)", ""] + _speedup_table(times, targets)
         missing = [lb for lb in main if lb not in steps]
         if missing:
             out += [f"No timing run at `{profile}` for: {', '.join(missing)}.", ""]
         curves = {}
         for label in labels:
-            c = run_report.curves(main[label].records)
-            first = main[label].records[0]["step"]
-            evals = [r for r in main[label].records if r.get("test_accuracy") is not None]
+            records = main[label][0].records
+            c = run_report.curves(records)
+            first = records[0]["step"]
+            evals = [r for r in records if r.get("test_accuracy") is not None]
             c.eval_time_s = [(r["step"] - first) * steps[label] for r in evals]
             c.test_accuracy = [r["test_accuracy"] for r in evals]
             curves[label] = c
@@ -282,8 +613,9 @@ def _projected_section(res: Results, targets: list[float], headline: str, plots:
             run_report.accuracy_plot(
                 curves,
                 "eval_time_s",
-                "training time (s), PROJECTED: step x measured s/step",
+                "training time (s), PROJECTED: step x measured s/step (log scale; seed 0)",
                 f"Test accuracy against PROJECTED time at {profile}",
+                log_x=True,
             ),
             plots / name,
         )
@@ -292,40 +624,30 @@ def _projected_section(res: Results, targets: list[float], headline: str, plots:
 
 
 def _momentum_section(res: Results, targets: list[float], headline: str) -> list[str]:
-    on, off = res.runs("main", headline), res.runs("momentum_off")
+    on, off = res.seeded("main", headline), res.seeded("momentum_off", headline)
     out = ["## Momentum on (0.9) and off (0, the paper's setting)", ""]
     if not off:
         return out + ["No momentum-off run.", ""]
-    steps = {label: step_time(c.records) for label, c in on.items()}
-    out += ["Momentum on: measured (main runs). Momentum off: PROJECTED, the momentum-off run's steps to the target "]
-    out += [f"x the codec's mean measured seconds per step at `{headline}` (its main run).", ""]
+    out += [
+        f"Both measured over the emulated link at `{headline}`, each with its own tuned step size; median [range] "
+        "over the seeds of the steps to each target and of the final test accuracy.",
+        "",
+    ]
     rows = []
-    for label, c in off.items():
+    for label in [lb for lb in on if lb in off] + [lb for lb in off if lb not in on]:
+        row = [label]
+        for runs in (on.get(label), off.get(label)):
+            row.append("-" if not runs else f"{runs[0].case.get('lr', 0):g}")
         for t in targets:
-            s_off = reached(c.records, t)
-            s_on = reached(on[label].records, t) if label in on else None
-            proj = projected_time(s_off["step_to_target"], c.records[0]["step"], steps.get(label))
-            rows.append(
-                [
-                    label,
-                    _fmt_acc(t),
-                    str(s_on["step_to_target"] or "-") if s_on else "no run",
-                    _fmt_s(s_on["time_to_target_s"]) if s_on else "-",
-                    str(s_off["step_to_target"] or "-"),
-                    _fmt_s(proj),
-                ]
-            )
-        rows.append(
-            [
-                label,
-                "final",
-                _fmt_acc(reached(on[label].records, 1.0)["final_test_accuracy"]) if label in on else "-",
-                "",
-                _fmt_acc(reached(c.records, 1.0)["final_test_accuracy"]),
-                "",
-            ]
-        )
-    head = ["codec", "target", "steps (on)", "time (on, measured)", "steps (off)", "time (off, PROJECTED)"]
+            for runs in (on.get(label), off.get(label)):
+                row.append("no run" if not runs else _spread([_steps_to(c, t) for c in runs], _steps_fmt))
+        for runs in (on.get(label), off.get(label)):
+            finals = [] if not runs else [reached(c.records, 1.0)["final_test_accuracy"] for c in runs]
+            row.append("no run" if not runs else _spread(finals, _acc_fmt))
+        rows.append(row)
+    head = ["codec", "lr (on)", "lr (off)"]
+    head += [f"steps to {_fmt_acc(t)} ({m})" for t in targets for m in ("on", "off")]
+    head += ["final (on)", "final (off)"]
     return out + _table(head, rows)
 
 
@@ -433,11 +755,18 @@ def _bytes_plot(per_message: dict[str, tuple[float, float]]):
 
 
 def _gradient_section(res: Results, targets: list[float], headline: str, plots: Path, stem: str) -> list[str]:
-    out = ["## Variance per byte on real gradients", ""]
+    out = ["## Variance per byte on ResNet-18 and VGG-11-BN gradients", ""]
     g = res.gradients
     if not g or not g.get("models"):
         return out + ["No gradient study (`gradients.json` is missing or empty).", ""]
     config = g.get("config", {})
+    if g.get("dataset") == "synthetic":
+        out += [
+            "**Synthetic data.** These gradients are real backward passes of ResNet-18 and VGG-11-BN, but on "
+            "atomo_core.data's synthetic images (CIFAR-10 was not available offline), not on a real data set: "
+            "their spectra and variances are those of these networks on that data, not the paper's.",
+            "",
+        ]
     out += [
         f"{', '.join(m['title'] for m in g['models'].values())} trained with plain SGD (batch "
         f"{config.get('batch_size')}, lr {config.get('lr')}) on {g.get('dataset_note', g.get('dataset'))}; "
@@ -853,155 +1182,6 @@ def _paper_row(model, costs, compute, measured, update, eff_up, eff_down, overhe
     return cells + [f"{x:.2f}x" for x in scale.PAPER_TABLE6_SPEEDUPS.values()]
 
 
-# The targets ---------------------------------------------------------------------------------------------------
-
-
-def evaluate_targets(res: Results, targets: list[float], headline: str) -> list[dict]:
-    """The four targets (spectral ATOMO against dense and QSGD, accuracy, encode share) at the headline profile:
-    name, measured value, PASS/MISS (or n/a), blame."""
-    main = res.runs("main", headline)
-    dense = main.get("dense")
-    spectral = {lb: c for lb, c in main.items() if lb.startswith("svd")}
-    qsgd = {lb: c for lb, c in main.items() if lb.startswith("qsgd")}
-    rows = []
-    names = [
-        f"spectral ATOMO >= {TARGET_SPEEDUP_DENSE:g}x faster than dense to the target",
-        f"spectral ATOMO >= {TARGET_SPEEDUP_QSGD:g}x faster than the best QSGD",
-        f"spectral ATOMO's final accuracy within {100 * TARGET_ACCURACY_GAP:g} point of dense",
-        f"encode share of spectral ATOMO's step <= {100 * TARGET_ENCODE_SHARE:g}%",
-    ]
-    if dense is None or not spectral:
-        why = "no main run of dense" if dense is None else "no main run of spectral ATOMO (svd)"
-        return [{"target": n, "value": "-", "result": "n/a", "blame": why} for n in names]
-    reached_by_dense = [t for t in targets if reached(dense.records, t)["time_to_target_s"] is not None]
-    target = max(reached_by_dense) if reached_by_dense else None
-    if target is None:
-        best_label = max(spectral, key=lambda lb: reached(spectral[lb].records, 1.0)["final_test_accuracy"] or 0)
-    else:
-        times = {lb: reached(c.records, target)["time_to_target_s"] for lb, c in spectral.items()}
-        best_label = min(spectral, key=lambda lb: math.inf if times[lb] is None else times[lb])
-    best = spectral[best_label]
-    parts = mean_parts(best.records)
-    step = step_time(best.records) or math.nan
-    blame_step = _largest_part(parts, step)
-    if target is None:
-        rows += [
-            {"target": n, "value": "-", "result": "n/a", "blame": "dense reached none of the targets"}
-            for n in names[:2]
-        ]
-    else:
-        d, s = reached(dense.records, target), reached(best.records, target)
-        value = speedup(d["time_to_target_s"], s["time_to_target_s"])
-        blame = ""
-        if value is None:
-            blame = f"{best_label} did not reach {_fmt_acc(target)} within its run"
-        elif value < TARGET_SPEEDUP_DENSE:
-            steps_ratio = (d["step_to_target"] - dense.records[0]["step"]) / max(
-                1, s["step_to_target"] - best.records[0]["step"]
-            )
-            step_ratio = (step_time(dense.records) or math.nan) / step
-            blame = (
-                f"{_fmt_x(value)} = {_fmt_x(steps_ratio)} (steps to target, dense / {best_label}) x "
-                f"{_fmt_x(step_ratio)} (time per step); {best_label}'s step: {blame_step}"
-            )
-        rows.append(
-            {
-                "target": names[0] + f" ({_fmt_acc(target)}, {best_label})",
-                "value": _fmt_x(value),
-                "result": _pass(value is not None and value >= TARGET_SPEEDUP_DENSE),
-                "blame": blame,
-            }
-        )
-        q_times = {lb: reached(c.records, target)["time_to_target_s"] for lb, c in qsgd.items()}
-        reached_q = {lb: t for lb, t in q_times.items() if t is not None}
-        if not qsgd:
-            rows.append({"target": names[1], "value": "-", "result": "n/a", "blame": "no main run of QSGD"})
-        elif s["time_to_target_s"] is None:
-            rows.append({"target": names[1], "value": "-", "result": "MISS", "blame": blame})
-        elif reached_q:
-            q_label = min(reached_q, key=reached_q.get)
-            ratio = speedup(reached_q[q_label], s["time_to_target_s"])
-            q_step = step_time(qsgd[q_label].records) or math.nan
-            miss = (
-                ""
-                if ratio and ratio >= TARGET_SPEEDUP_QSGD
-                else (
-                    f"time per step {q_label} / {best_label} = {_fmt_x(q_step / step)}; "
-                    f"{best_label}'s step: {blame_step}"
-                )
-            )
-            rows.append(
-                {
-                    "target": names[1] + f" ({q_label})",
-                    "value": _fmt_x(ratio),
-                    "result": _pass(ratio is not None and ratio >= TARGET_SPEEDUP_QSGD),
-                    "blame": miss,
-                }
-            )
-        else:
-            # No QSGD run reached the target within its length, so the shortest run's length bounds the best
-            # QSGD's time from below (the longest would not).
-            shortest = min(run_report.summarize(c.records)["time_s"] for c in qsgd.values())
-            bound = speedup(shortest, s["time_to_target_s"])
-            ok = bound is not None and bound >= TARGET_SPEEDUP_QSGD
-            rows.append(
-                {
-                    "target": names[1],
-                    "value": f"> {_fmt_x(bound)} (no QSGD run reached {_fmt_acc(target)})",
-                    "result": _pass(ok),
-                    "blame": "" if ok else "QSGD's runs were too short to bound the ratio",
-                }
-            )
-    dense_final = reached(dense.records, 1.0)["final_test_accuracy"]
-    best_final = reached(best.records, 1.0)["final_test_accuracy"]
-    gap = None if dense_final is None or best_final is None else dense_final - best_final
-    rows.append(
-        {
-            "target": names[2] + f" ({best_label})",
-            "value": "-" if gap is None else f"{100 * -gap:+.1f} points against dense",
-            "result": "n/a" if gap is None else _pass(gap <= TARGET_ACCURACY_GAP),
-            "blame": ""
-            if gap is None or gap <= TARGET_ACCURACY_GAP
-            else "convergence: the estimate's variance at this lr and step count",
-        }
-    )
-    share = parts["encode_s"] / step if step and math.isfinite(step) else None
-    rows.append(
-        {
-            "target": names[3] + f" ({best_label})",
-            "value": "-" if share is None else f"{100 * share:.1f}%",
-            "result": "n/a" if share is None else _pass(share <= TARGET_ENCODE_SHARE),
-            "blame": "" if share is None or share <= TARGET_ENCODE_SHARE else f"encoding: {blame_step}",
-        }
-    )
-    return rows
-
-
-def _pass(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def _largest_part(parts: dict[str, float], step: float) -> str:
-    names = {**dict(PARTS), "other_s": "other"}
-    ordered = sorted(parts.items(), key=lambda kv: -kv[1])
-    return ", ".join(f"{names[k]} {1e3 * v:.1f} ms ({100 * v / step:.0f}%)" for k, v in ordered[:3] if step) + (
-        f" of {1e3 * step:.1f} ms" if step else ""
-    )
-
-
-def _targets_section(res: Results, targets: list[float], headline: str) -> list[str]:
-    rows = [[r["target"], r["value"], r["result"], r["blame"] or "-"] for r in evaluate_targets(res, targets, headline)]
-    out = [
-        "## Targets",
-        "",
-        f"At the headline profile `{headline}`; the target accuracy is the highest of "
-        f"{', '.join(_fmt_acc(t) for t in targets)} that dense reached; the spectral run is the fastest `svd` run "
-        "to it.",
-        "",
-    ]
-    return out + _table(["target", "measured", "result", "to blame (for a miss)"], rows)
-
-
 # Downlink --------------------------------------------------------------------------------------------------------
 
 
@@ -1076,18 +1256,40 @@ def _header(res: Results, results: Path) -> list[str]:
             out += [f"  - `{name}`: {p.get('bandwidth_mbit')} Mbit/s, {latency}"]
     out += [f"- Headline profile: `{b.get('headline_profile', '-')}`"]
     if regime:
-        ratios = ", ".join(
-            f"`{k}` {'-' if v is None else f'{v:.3g}'}" for k, v in (regime.get("dense_comm_to_compute") or {}).items()
-        )
+        measured = (regime.get("dense_comm_share") or {}).items()
+        shares = ", ".join(f"`{k}` {'-' if v is None else f'{100 * v:.1f}%'}" for k, v in measured)
         out += [
-            f"- Regime: dense SGD's communication-to-compute ratio per step {ratios or '-'} (the paper's: "
-            f"{regime.get('paper_comm_to_compute', '-')}); {regime.get('how', '')}"
+            f"- Regime: dense SGD's communication share of its step {shares or '-'} (the paper's: >= "
+            f"{100 * suite.PAPER_COMM_SHARE:.1f}%); {regime.get('how', '')}"
         ]
     out += [
-        f"- Step sizes: {b.get('lr_rule', '-')}; chosen: "
+        f"- Step sizes: {b.get('lr_rule', '-')}; chosen (momentum 0.9): "
         + (", ".join(f"{k} {v:g}" for k, v in (b.get("lrs") or {}).items()) or "-")
+        + "; momentum off: "
+        + (", ".join(f"{k} {v:g}" for k, v in (b.get("lrs_momentum_off") or {}).items()) or "-")
     ]
+    if b.get("seeds"):
+        out += [f"- Seeds of the main and momentum-off runs: {', '.join(map(str, b['seeds']))}"]
+    if b.get("eval_every"):
+        out += [f"- Evaluation every {b['eval_every']} steps on the whole test set ({b.get('test_size', '-')} images)"]
+    out += _load_lines(res)
     out += [f"- Results folder: `{results}`", ""]
+    return out
+
+
+def _load_lines(res: Results) -> list[str]:
+    """The machine's load (bench.json's samples and each run's at its end), with a warning when it was high."""
+    load = res.bench.get("load") or {}
+    start = load.get("start") or {}
+    during = [c.case["load"]["load_1m"] for c in res.cases if (c.case.get("load") or {}).get("load_1m") is not None]
+    if not start and not during:
+        return []
+    line = f"- Machine load (1-minute average, {start.get('cpus', '-')} CPUs): {start.get('load_1m', '-')} at the start"
+    if during:
+        line += f"; at the end of the runs {min(during):.2f} to {max(during):.2f} (our own PS and workers included)"
+    out = [line]
+    if load.get("warning"):
+        out += [f"- **Warning: {load['warning']}**"]
     return out
 
 

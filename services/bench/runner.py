@@ -17,8 +17,11 @@ Results folder (what services.bench.report reads):
                         "machine": {cpu, cores, memory_gib, os, python, torch, pyzmq, git_commit},
                         "network": {"emulated", "reason", "latency_emulated", "latency_reason",
                                     "profiles": {name: {"bandwidth_mbit", "latency_ms"}}},
-                        "headline_profile", "model", "dataset", "workers", "targets",
-                        "regime": {"dense_comm_to_compute": {profile: ratio}, "paper_comm_to_compute", "how"},
+                        "headline_profile", "model", "dataset", "workers", "targets", "seeds", "eval_every",
+                        "test_size", "main_codecs",
+                        "load": {"start": load(), "end": load() (null until done), "warning": str or null},
+                        "regime": {"dense_comm_share": {profile: share}, "paper_comm_share",
+                                   "required_comm_share", "how"},
                         "lr_rule", "lrs": {label: lr}, "lrs_momentum_off": {label: lr},
                         "bytes": {"comparable": {reference, reference_nbytes, budgets, nbytes},
                                   "message_nbytes": {label: mean bytes of one worker's message}},
@@ -27,18 +30,21 @@ Results folder (what services.bench.report reads):
     <out>/runs/<case_id>/case.json   {"case_id", "label", "family", "biased", "codec" (CodecSpec as JSON),
                         "profile" (name or "loopback"), "bandwidth_mbit", "latency_ms", "workers", "momentum",
                         "lr", "downlink", "phase" ("tune", "main", "momentum_off", "timing", "scale",
-                        "downlink"), "steps", "state", "error", "wall_s" (submit to end, seconds)}
+                        "downlink"), "steps", "seed", "eval_every", "state", "error", "wall_s" (submit to end,
+                        seconds), "load" (load() at the run's end)}
     <out>/runs/<case_id>/spec.json, metrics.jsonl, summary.json, events.jsonl   written by the PS: one record
                         per step (wall_s, loss, bytes_up, bytes_down, compute_s, encode_s, communication_s,
                         decode_s, update_s, step_s; test_accuracy at evaluation steps)
     <out>/logs/<group>/   each process's log
     <out>/gradients.json  services.bench.gradients.run_study(out, quick)
 
-Projections (services.bench.report): a codec's time to accuracy at a profile other than the headline one is
-the steps to the target of its main run at the headline profile times its mean step time at that profile (its
-timing run there); with momentum off, the steps to the target of its momentum_off run (loopback) times the
-mean step time of its main run at the headline profile. Only the headline profile's main runs measure time to
-accuracy end to end; the downlink runs report step time, bytes and communication time.
+`python -m services.bench.reduced <out> docs/benchmarks/bench.json` reduces a results folder to the one file
+the report regenerates from (`atomo bench --report-from docs/benchmarks/bench.json`).
+
+Measured and projected (services.bench.report): every time to accuracy at the headline profile, momentum on
+and off, is measured end to end over the emulated link. A codec's time to accuracy at another profile is a
+projection: the median steps to the target of its main runs at the headline profile times its mean step time
+at that profile (its timing run there).
 """
 
 from __future__ import annotations
@@ -174,7 +180,7 @@ def write_case(out: Path, case: Case, state: str, error: str | None, wall_s: flo
     """Write and return `case`'s case.json with its outcome."""
     folder = out / "runs" / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
-    record = {**case.record(), "state": state, "error": error, "wall_s": wall_s}
+    record = {**case.record(), "state": state, "error": error, "wall_s": wall_s, "load": load()}
     (folder / "case.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
 
@@ -187,11 +193,30 @@ def median_timing(rows: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def comm_to_compute(folder: Path) -> float | None:
-    """Median communication_s over median compute_s of a run's steps (after the warm-up)."""
-    rows = records(folder)
-    communication, compute = median_timing(rows, "communication_s"), median_timing(rows, "compute_s")
-    return communication / compute if communication is not None and compute else None
+def comm_share(folder: Path) -> float | None:
+    """The median over a run's steps (after the warm-up) of communication_s / (compute_s + encode_s +
+    communication_s): communication's share of a worker's step."""
+    shares = []
+    for r in records(folder):
+        parts = [r.get(k) for k in ("compute_s", "encode_s", "communication_s")]
+        if r.get("step", 0) >= WARMUP_STEPS and all(isinstance(v, (int, float)) for v in parts) and sum(parts) > 0:
+            shares.append(parts[2] / sum(parts))
+    return statistics.median(shares) if shares else None
+
+
+def load() -> dict:
+    """The machine's load now: os.getloadavg() (1, 5 and 15 minutes) and the CPU count."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return {"load_1m": None, "load_5m": None, "load_15m": None, "cpus": os.cpu_count()}
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2), "cpus": os.cpu_count()}
+
+
+def high_load(sample: dict, share: float = 0.5) -> bool:
+    """Whether a load sample taken before our processes start shows the CPUs busy: the 1-minute load at least
+    `share` of the CPU count (other work would then slow and distort the measured steps)."""
+    return sample.get("load_1m") is not None and sample["load_1m"] >= share * (sample.get("cpus") or 1)
 
 
 def final_accuracy(folder: Path) -> float | None:

@@ -275,6 +275,11 @@ class RunSpec(BaseModel):
         None, gt=0, le=10_000, description="passes over the training set instead of steps; null: counted in steps"
     )
     eval_every: int = Field(50, ge=1, le=MAX_COUNT)
+    eval_deferred: bool = Field(
+        False,
+        description="evaluate after the last step, on the weights copied at each evaluation step, so that no "
+        "evaluation shares the CPU with the timed steps (benchmarks); records are written at the end",
+    )
     checkpoint_every: int = Field(100, ge=1, le=MAX_COUNT)
     num_aggregate: int | None = Field(
         None, ge=1, description="k gradients averaged per step; null (the default): all live workers"

@@ -1,4 +1,8 @@
-"""Test-set evaluation in a background thread, on a copy of the weights, so that training does not wait."""
+"""Test-set evaluation in a background thread, on a copy of the weights, so that training does not wait.
+
+Deferred (`deferred=True`, RunSpec.eval_deferred): the copies are kept and evaluated only after `release()`
+(the run's last step), so that no evaluation shares the CPU with the training steps a benchmark times.
+"""
 
 from __future__ import annotations
 
@@ -21,10 +25,21 @@ class EvaluationError(RuntimeError):
 class Evaluator:
     """`submit(step, state_dict)` queues an evaluation; `results()` returns the finished ones."""
 
-    def __init__(self, model_name: str, num_classes: int, in_channels: int, test: Split, device: torch.device):
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int,
+        in_channels: int,
+        test: Split,
+        device: torch.device,
+        deferred: bool = False,
+    ):
         self.model = build_model(model_name, num_classes, in_channels).to(device)
         self.test = test.to(device)
         self.device = device
+        self.released = threading.Event()
+        if not deferred:
+            self.released.set()
         self.todo: queue.Queue = queue.Queue()
         self.done: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="evaluate", daemon=True)
@@ -47,14 +62,20 @@ class Evaluator:
                 raise result
             out.append(result)
 
+    def release(self) -> None:
+        """Start evaluating (deferred: the copies submitted so far and every later one; otherwise a no-op)."""
+        self.released.set()
+
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop after the evaluations queued so far, waiting at most `timeout_s` for them (0: return at once;
         the thread finishes the evaluation it is running, then exits)."""
+        self.released.set()
         self.todo.put(None)
         if timeout_s > 0:
             self.thread.join(timeout=timeout_s)
 
     def _loop(self) -> None:
+        self.released.wait()
         while (job := self.todo.get()) is not None:
             step, state = job
             try:

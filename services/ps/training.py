@@ -230,7 +230,9 @@ class Run:
             torch.manual_seed(self.spec.seed)
             self.replica = Replica(self.spec, info.num_classes, info.in_channels, self.device)
             self.dense_gradient_bytes = self.replica.dense_bytes
-            self.evaluator = Evaluator(self.spec.model, info.num_classes, info.in_channels, test, self.device)
+            self.evaluator = Evaluator(
+                self.spec.model, info.num_classes, info.in_channels, test, self.device, self.spec.eval_deferred
+            )
             self._check_fits(train)
             self._resume()
             self.total_steps = self.spec.total_steps(len(train))
@@ -764,6 +766,8 @@ class Run:
         if s % self.spec.eval_every == 0 or s >= self.total_steps:
             self.pending_evals.add(s)
             self.evaluator.submit(s, {k: v.detach().clone() for k, v in self.replica.model.state_dict().items()})
+        if s >= self.total_steps:
+            self.evaluator.release()  # deferred evaluations start after the last step
         self.records.append(record)
         self._add_timings(record)
         self.unflushed.append(record)

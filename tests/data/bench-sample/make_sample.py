@@ -136,8 +136,8 @@ def main(raw: Path, study_only: bool) -> None:
         "workers": 2,
         "targets": [0.4, 0.6, 0.8],
         "regime": {
-            "dense_comm_to_compute": {},
-            "paper_comm_to_compute": None,
+            "dense_comm_share": {},
+            "paper_comm_share": None,
             "how": "not chosen: a loopback sample for the report's tests",
         },
         "lr_rule": "fixed lr 0.05 (no tuning in the sample)",
