@@ -28,6 +28,7 @@ import torch
 
 from atomo_core.biased import Feedback
 from atomo_core.codecs import Codec, DenseCodec, codec_for, decode
+from atomo_core.decompositions.base import AtomicCodec
 from atomo_core.wire import CODEC_IDS, DEFAULT_LIMITS, Message, WireFormatError, WireLimits, decode_message
 
 STATE_VERSION = 1
@@ -67,11 +68,30 @@ class LayerPolicy:
         return codec
 
     def encode(self, tensors: Sequence[torch.Tensor], generator: torch.Generator | None = None) -> list[Message]:
-        """One message per tensor; a layer whose codec keeps state (feedback, warm basis) runs one step of it."""
+        """One message per tensor; a layer whose codec keeps state (feedback, warm basis) runs one step of it.
+
+        The layers that share one ATOMO codec (`AtomicCodec`) are encoded together by its `encode_many` (one
+        host sync for all of them), when the first of them comes in parameter order; every other layer by
+        its codec's `encode_with_state`, in parameter order.
+        """
+        codecs = [self.codec_for_shape(tuple(tensor.shape)) for tensor in tensors]
+        groups: dict[int, list[int]] = {}
+        for index, codec in enumerate(codecs):
+            if isinstance(codec, AtomicCodec):
+                groups.setdefault(id(codec), []).append(index)
+        encoded: dict[int, tuple[Message, object]] = {}
+        for index, (tensor, codec) in enumerate(zip(tensors, codecs, strict=True)):
+            if index in encoded:
+                continue
+            if isinstance(codec, AtomicCodec):
+                layers = groups[id(codec)]
+                batch = codec.encode_many([tensors[i] for i in layers], [self._state.get(i) for i in layers], generator)
+                encoded.update(zip(layers, zip(*batch, strict=True), strict=True))
+            else:
+                encoded[index] = codec.encode_with_state(tensor, self._state.get(index), generator)
         messages, states = [], {}
         for index, tensor in enumerate(tensors):
-            codec = self.codec_for_shape(tuple(tensor.shape))
-            msg, state = codec.encode_with_state(tensor, self._state.get(index), generator)
+            msg, state = encoded[index]
             if state is not None:
                 states[index] = state
             if len(msg) > dense_nbytes(tuple(tensor.shape)):
