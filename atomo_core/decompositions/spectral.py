@@ -117,9 +117,9 @@ def _gram_eigen(y: torch.Tensor, drop_zero_rows: bool | None = None) -> tuple[to
     21 Gram matrices on an H200, its float32 one 93 ms, and it is the more accurate) they are kept instead,
     with -1 put on the Gram matrix's diagonal at each: e_j is then an eigenvector with eigenvalue -1,
     separated from the others (>= 0), and its eigenvalue is returned as 0 (r = n; `decompose` floors it like
-    any eigenvalue within rounding of zero, an atom of negligible coefficient). Either way the Gram matrix is formed from Y / max|Y| (same eigenvectors, better scaled;
-    the eigenvalues are scaled back), and any orthonormal basis keeps the decomposition exact, so the
-    choice changes which basis, never unbiasedness.
+    any eigenvalue within rounding of zero, an atom of negligible coefficient). Either way the Gram matrix is
+    formed from Y / max|Y| (same eigenvectors, better scaled; the eigenvalues are scaled back), and any
+    orthonormal basis keeps the decomposition exact, so the choice changes which basis, never unbiasedness.
     """
     if drop_zero_rows is None:
         drop_zero_rows = not y.is_cuda
