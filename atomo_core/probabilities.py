@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # Newton passes before finishing with Algorithm 1's scan over the top coefficients.
@@ -149,7 +150,7 @@ class SegmentLayout:
         """The layer of each block (int64, on `device`; copied there without waiting, once per device)."""
         device = torch.device(device)
         if device not in self._block_layer:
-            host = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.blocks, dtype=torch.long))
+            host = torch.from_numpy(np.repeat(np.arange(len(self.lengths), dtype=np.int64), self.blocks))
             self._block_layer[device] = host.to(device, non_blocking=True)
         return self._block_layer[device]
 
@@ -186,7 +187,8 @@ def segment_probabilities(
     data-dependent branch on the host. Started from Lemma 2's c, the clipped set only grows and stays within
     the optimum's, which has at most ceil(s) - 1 atoms (|C*| >= s would make sum p > s), so ceil(s) - 1
     updates reach the fixed point: with budgets up to max_passes + 1 this is exact for every input. Larger
-    budgets usually converge as fast; where a layer did not (a long geometric tail), flags says so.
+    budgets usually converge as fast; where a layer did not (a long geometric tail), flags says so. On the
+    CPU the passes stop as soon as every layer is at its fixed point (a flag read there is no sync).
 
     flags (bool, L + 1): flags[0] is whether every coefficient is finite, flags[1 + l] whether layer l's
     iteration reached its fixed point (p exact). The caller copies flags to the host with the sample (one
@@ -210,11 +212,11 @@ def segment_probabilities(
         return torch.zeros(count, dtype=torch.float64, device=device).index_add_(0, block_layer, partial)
 
     def per_layer_count(blocks: torch.Tensor) -> torch.Tensor:
-        partial = blocks.sum(1, dtype=torch.int64)
+        partial = torch.count_nonzero(blocks, dim=1)
         return torch.zeros(count, dtype=torch.int64, device=device).index_add_(0, block_layer, partial)
 
     finite = torch.isfinite(a).all().reshape(1)
-    nnz = per_layer_count(a > 0)
+    nnz = per_layer_count(a)  # a >= 0
     certain = nnz <= s  # every non-zero atom is kept with certainty
     total = per_layer_sum(a)
     c = torch.where(certain, 1.0, s / torch.where(certain, 1.0, total))  # Lemma 2: optimal when nothing is clipped
@@ -222,22 +224,22 @@ def segment_probabilities(
     done = certain.clone()
     failed = torch.zeros_like(done)
     passes = max(0, min(max_passes, math.ceil(max(budgets, default=1.0)) - 1))
-    for _ in range(passes + 1):
-        threshold = (1.0 / c).to(dtype)[block_layer].unsqueeze(1)
-        unclipped = a < threshold
-        now = per_layer_count(~unclipped)
+    for step in range(passes + 1):
+        above = a >= (1.0 / c).to(dtype)[block_layer].unsqueeze(1)  # the clipped atoms at this c
+        now = per_layer_count(above)
         done |= now == clipped  # the fixed point: c is optimal
         failed |= ~done & (now >= s)  # only rounding gets here (atomic_probabilities then scans)
-        if _ == passes:
+        # On the CPU, reading a flag is no synchronization (there is no device): stop once all layers are.
+        if step == passes or (device.type == "cpu" and (done | failed).numpy().all()):
             break
         update = ~done & ~failed
-        unclipped_sum = per_layer_sum(a * unclipped)
+        unclipped_sum = per_layer_sum(torch.where(above, 0.0, a))
         c = torch.where(update, (s - now) / torch.where(update, unclipped_sum, 1.0), c)
         clipped = torch.where(update, now, clipped)
-    scale = c.to(dtype)[block_layer].unsqueeze(1)
-    p = (a * scale).clamp_(max=1.0)
-    p = torch.where(certain[block_layer].unsqueeze(1), (a > 0).to(dtype), p)
-    p = torch.where((p == 0) & (a > 0), torch.finfo(dtype).tiny, p)  # c |lam_i| underflowed: keep p_i > 0
+    positive = a > 0
+    p = (a * c.to(dtype)[block_layer].unsqueeze(1)).clamp_(max=1.0)
+    p = torch.where(certain[block_layer].unsqueeze(1) & positive, 1.0, p)
+    p = torch.where((p == 0) & positive, torch.finfo(dtype).tiny, p)  # c |lam_i| underflowed: keep p_i > 0
     return p.reshape(-1), torch.cat([finite, done & ~failed])
 
 

@@ -96,15 +96,15 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
             scale[0] = np.abs(weight)[np.argmax(np.where(shared, host_p, 0))]
             shared &= np.abs(np.abs(weight) - scale[0]) <= 1e-3 * scale[0]
         with np.errstate(over="ignore"):
-            exact = torch.from_numpy(weight[~shared]).to(ATOM_DTYPES[self.atom_dtype])
-        if not bool(torch.isfinite(exact).all()):  # a host tensor: no device sync
+            exact = weight[~shared].astype(np.float16 if self.atom_dtype == "float16" else np.float32)
+        if not np.isfinite(exact).all():
             raise ValueError(f"atom_dtype {self.atom_dtype} cannot represent the weights lam_i/p_i: use float32")
         sections = [
             torch.from_numpy(host_index[shared].astype(np.int32)),
             torch.from_numpy(np.packbits(host_lam[shared] < 0, bitorder="little")),
             torch.from_numpy(scale),
             torch.from_numpy(host_index[~shared].astype(np.int32)),
-            exact,
+            torch.from_numpy(exact),
         ]
         return [section.to(lam.device, non_blocking=True) for section in sections]
 
