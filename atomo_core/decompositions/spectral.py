@@ -281,6 +281,9 @@ class SpectralDecomposition(AtomicDecomposition):
         # unbiased; the atoms sent are rebuilt from Y itself in `pack`.
         floor = torch.finfo(eigenvalues.dtype).eps * eigenvalues.max() if eigenvalues.numel() else 0.0
         lam = eigenvalues.clamp(min=floor).sqrt()
+        # A non-finite entry must fail Algorithm 1's check (the CPU route drops a row whose max is NaN as if it
+        # were zero): made NaN on the device, without a host sync.
+        lam = torch.where(torch.isfinite(y).all(), lam, torch.nan)
         return lam, _Exact(y, u, transposed), None
 
     def _warm(self, y, r, previous, generator, transposed):
