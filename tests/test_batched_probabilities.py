@@ -160,17 +160,19 @@ CODECS = {
 
 
 def _z_scores(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(mean - truth) / standard error per coordinate; coordinates with no spread must be exact (z 0 or inf)."""
-    mean, sd = samples.mean(0), samples.std(0)
-    se = sd / math.sqrt(samples.shape[0])
-    exact = (mean - truth).abs() <= 1e-5 * (1 + truth.abs())
-    return torch.where(se > 0, (mean - truth) / se, torch.where(exact, 0.0, math.inf))
+    """(mean - truth) / standard error of 20 fixed random projections <v, g^> of the samples (rows): each
+    averages many coordinates, so its mean is close to normal even where single coordinates are rarely
+    sampled (a coordinate never selected in the run would have no spread to estimate its error from)."""
+    directions = torch.randn(20, truth.numel(), generator=torch.Generator().manual_seed(11), dtype=samples.dtype)
+    projected = samples @ directions.T
+    se = projected.std(0) / math.sqrt(samples.shape[0])
+    return (projected.mean(0) - directions @ truth) / se
 
 
 @pytest.mark.parametrize("label", sorted(CODECS))
 def test_batched_encode_through_the_policy_is_unbiased(label):
-    """Mean of 2000 batched encodes of a small model against the gradient, |z| < 5 on every coordinate
-    (fixed seed); the same samples with p not inverted (each selected atom weighted lam_i, not lam_i / p_i)
+    """Mean of 2000 batched encodes of a small model against the gradient, |z| < 5 on each of 20 random
+    projections (fixed seeds); the same samples with p not inverted (each selected atom weighted lam_i, not lam_i / p_i)
     fail the test, so it can see a bias."""
     tensors = _model_tensors(5)
     policy = _policy(label)
