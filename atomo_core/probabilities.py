@@ -13,6 +13,10 @@ stops at the fixed point after at most |C| + 1 < s + 1 passes of O(n) each. Inpu
 coefficients only (the candidates above a bound on 1/c, or a top-k; never a full sort). Sums are built by
 additions only, never as total - prefix: float32 partial sums over short blocks of non-negative terms,
 accumulated in float64.
+
+`segment_probabilities` runs the same iteration for all layers of a model at once, on their device and
+without a host synchronization (a fixed number of passes; `SegmentLayout` places the layers in one flat
+vector); `AtomicCodec.encode_many` uses it with `atomo_core.sampling.sample_segments`.
 """
 
 from __future__ import annotations

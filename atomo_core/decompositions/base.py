@@ -6,6 +6,9 @@ ATOMO, the same for every decomposition: Algorithm 1 probabilities p (problem (3
 t_i ~ Bernoulli(p_i), and the estimate g^ = sum_i (t_i / p_i) lam_i a_i of eq. (2), which is unbiased, with
 E||g^||^2 = sum_i lam_i^2 / p_i when the atoms are orthonormal (Lemma 1, Theorem 4).
 
+`AtomicCodec.encode_many` encodes many layers (a model's, through `LayerPolicy`) with Algorithm 1 and the
+sampling batched over all of them: one host synchronization per model.
+
 To add a decomposition, subclass `AtomicDecomposition` and register an `AtomicCodec` subclass that names
 it (see docs/custom-decomposition.md).
 """
