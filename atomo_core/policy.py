@@ -72,18 +72,19 @@ class LayerPolicy:
 
         The layers that share one ATOMO codec (`AtomicCodec`) are encoded together by its `encode_many` (one
         host sync for all of them), when the first of them comes in parameter order; every other layer by
-        its codec's `encode_with_state`, in parameter order.
+        its codec's `encode_with_state`, in parameter order (also an `AtomicCodec` subclass's that overrides
+        `encode_with_state`, so that its own encoding is kept).
         """
         codecs = [self.codec_for_shape(tuple(tensor.shape)) for tensor in tensors]
         groups: dict[int, list[int]] = {}
         for index, codec in enumerate(codecs):
-            if isinstance(codec, AtomicCodec):
+            if _batched(codec):
                 groups.setdefault(id(codec), []).append(index)
         encoded: dict[int, tuple[Message, object]] = {}
         for index, (tensor, codec) in enumerate(zip(tensors, codecs, strict=True)):
             if index in encoded:
                 continue
-            if isinstance(codec, AtomicCodec):
+            if _batched(codec):
                 layers = groups[id(codec)]
                 batch = codec.encode_many([tensors[i] for i in layers], [self._state.get(i) for i in layers], generator)
                 encoded.update(zip(layers, zip(*batch, strict=True), strict=True))
@@ -151,6 +152,11 @@ class LayerPolicy:
             else:
                 raise ValueError(f"policy state: layer {index} has an unknown entry {sorted(entry)} of kind {kind!r}")
         self._state = loaded
+
+
+def _batched(codec: Codec) -> bool:
+    """Whether `codec` encodes a model's layers together: an `AtomicCodec` with the common per-layer path."""
+    return isinstance(codec, AtomicCodec) and type(codec).encode_with_state is AtomicCodec.encode_with_state
 
 
 def _state_tensor(value, index: int, what: str, ndim: int | None) -> torch.Tensor:
