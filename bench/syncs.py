@@ -155,7 +155,7 @@ def main() -> None:
     for label, (name, params) in CONFIGS.items():
         row = {}
         for path in ("per-layer", "batched"):
-            policy = LayerPolicy(make_codec(name, **params))
+            policy = LayerPolicy(make_codec(name, **params), batched=True)
 
             def run(policy=policy, path=path):
                 generator = torch.Generator().manual_seed(0)

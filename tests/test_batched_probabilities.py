@@ -146,7 +146,7 @@ def _model_tensors(seed: int) -> list[torch.Tensor]:
 def _policy(label: str) -> LayerPolicy:
     """The policy of codec `label`, which encodes every >= 2-D tensor of _model_tensors (none goes dense)."""
     name, params = CODECS[label]
-    policy = LayerPolicy(make_codec(name, **params))
+    policy = LayerPolicy(make_codec(name, **params), batched=True)
     assert all(policy.codec_for_shape(tuple(t.shape)) is policy.codec for t in _model_tensors(0) if t.dim() >= 2)
     return policy
 
