@@ -6,6 +6,9 @@ ATOMO, the same for every decomposition: Algorithm 1 probabilities p (problem (3
 t_i ~ Bernoulli(p_i), and the estimate g^ = sum_i (t_i / p_i) lam_i a_i of eq. (2), which is unbiased, with
 E||g^||^2 = sum_i lam_i^2 / p_i when the atoms are orthonormal (Lemma 1, Theorem 4).
 
+`AtomicCodec.encode_many` encodes many layers (a model's, through `LayerPolicy`) with Algorithm 1 and the
+sampling batched over all of them: one host synchronization per model.
+
 To add a decomposition, subclass `AtomicDecomposition` and register an `AtomicCodec` subclass that names
 it (see docs/custom-decomposition.md).
 """
@@ -13,13 +16,23 @@ it (see docs/custom-decomposition.md).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from atomo_core.codecs import Codec
-from atomo_core.probabilities import atomic_probabilities, check_budget
-from atomo_core.sampling import bernoulli_sample
+from atomo_core.probabilities import (
+    SegmentLayout,
+    atomic_probabilities,
+    check_budget,
+    finish_probabilities,
+    flat_dtype,
+    layer_probabilities,
+    segment_probabilities,
+)
+from atomo_core.sampling import bernoulli_sample, sample_segments
 from atomo_core.wire import DEFAULT_LIMITS, DTYPE_CODES, Message, WireFormatError, WireLimits
 
 ATOM_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -60,6 +73,21 @@ class AtomicDecomposition(ABC):
 
         `index` lists the selected atoms (ascending), `lam` and `p` their coefficients and probabilities.
         """
+
+    def pack_selected(
+        self,
+        state: Any,
+        index: torch.Tensor,
+        lam: torch.Tensor,
+        p: torch.Tensor,
+        host_index: np.ndarray,
+        host_lam: np.ndarray,
+        host_p: np.ndarray,
+    ) -> list[torch.Tensor]:
+        """`pack` in a batched encode (`AtomicCodec.encode_many`), which also holds the selected indices
+        (int64), coefficients and probabilities (float64) on the host, from its one copy: override to read
+        counts (or whole small sections) there instead of synchronizing with the device. Default: `pack`."""
+        return self.pack(state, index, lam, p)
 
     @abstractmethod
     def unpack(self, sections: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -102,6 +130,66 @@ class AtomicCodec(Codec):
         index = bernoulli_sample(p, generator)  # t_i ~ Bernoulli(p_i)
         sections = self.decomposition.pack(decomposition, index, lam[index], p[index])  # eq. (2)
         return self._message(tensor, sections), state
+
+    def encode_many(
+        self,
+        tensors: Sequence[torch.Tensor],
+        states: Sequence[Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[list[Message], list[Any]]:
+        """Encode many tensors (a model's layers) at once: the messages and each one's next encoder state.
+
+        Each tensor is decomposed in turn (eq. (1); kernel launches, no host sync in the built-in
+        decompositions' hot path), then Algorithm 1 runs for all layers at once on the device
+        (`segment_probabilities`), one uniform draw samples them all and ONE copy to the host brings back the
+        sample with the finiteness and convergence flags (`sample_segments`); each layer is then packed
+        (`pack_selected`, eq. (2)). The estimate of each layer has the same law as `encode_with_state`'s (the
+        random stream differs: one draw for all layers). Non-finite coefficients raise ValueError; a layer
+        whose Newton iteration did not reach its fixed point (budgets above 17 with long geometric tails of
+        coefficients) is finished by `atomic_probabilities` and resampled with the same uniforms (a few more
+        host syncs, only then). Tensors on several devices are encoded one by one (`encode_with_state`).
+        """
+        states = [None] * len(tensors) if states is None else list(states)
+        if len(states) != len(tensors):
+            raise ValueError(f"{len(states)} encoder states for {len(tensors)} tensors")
+        if len({t.device for t in tensors}) > 1:
+            pairs = [self.encode_with_state(t, st, generator) for t, st in zip(tensors, states, strict=True)]
+            return [m for m, _ in pairs], [st for _, st in pairs]
+        decomposed = [
+            self.decomposition.decompose_with_state(t.detach(), st, generator)  # (1)
+            for t, st in zip(tensors, states, strict=True)
+        ]
+        lams = [lam for lam, _, _ in decomposed]
+        for lam in lams:
+            if lam.dim() != 1 or not lam.is_floating_point():
+                raise ValueError(f"coefficients must be 1-D floating point, got shape {tuple(lam.shape)} {lam.dtype}")
+        layout = SegmentLayout([lam.numel() for lam in lams])
+        budgets = [self.budget] * len(lams)
+        flat = layout.flatten(lams, flat_dtype(lams))
+        flat_p, flags = segment_probabilities(flat, layout, budgets)  # Algorithm 1, problem (3)
+        sample = sample_segments(flat_p, flat, layout, budgets, generator, flags)  # t_i ~ Bernoulli(p_i)
+        p = layer_probabilities(flat_p, layout, lams)
+        for layer in finish_probabilities(p, lams, budgets, sample.extra):
+            uniforms = layout.split(sample.uniforms)[layer]
+            index = torch.nonzero(uniforms < p[layer]).reshape(-1)
+            sample.index[layer] = index
+            sample.host_index[layer] = index.cpu().numpy()
+            sample.host_lam[layer] = lams[layer][index].to(torch.float64).cpu().numpy()
+            sample.host_p[layer] = p[layer][index].to(torch.float64).cpu().numpy()
+        messages = []
+        for layer, (tensor, (lam, decomposition, _)) in enumerate(zip(tensors, decomposed, strict=True)):
+            index = sample.index[layer]
+            sections = self.decomposition.pack_selected(  # eq. (2)
+                decomposition,
+                index,
+                lam[index],
+                p[layer][index],
+                sample.host_index[layer],
+                sample.host_lam[layer],
+                sample.host_p[layer],
+            )
+            messages.append(self._message(tensor, sections))
+        return messages, [state for _, _, state in decomposed]
 
     def wire_params(self) -> tuple[float, ...]:
         return (self.budget, *self.decomposition.wire_params())

@@ -67,6 +67,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from atomo_core.codecs import register_codec
@@ -105,16 +106,32 @@ def matrix_shape(shape: tuple[int, ...], reshape: str) -> tuple[int, int]:
     return out, columns
 
 
-def _gram_eigen(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (r) and orthonormal eigenvectors (columns, n x r) of Y Y^T over Y's r non-zero rows.
+def _gram_eigen(y: torch.Tensor, drop_zero_rows: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (r) and orthonormal eigenvectors (columns, n x r) of Y Y^T.
 
-    Zero rows (dead ReLU units) carry no atom: dropping them is exact, shrinks the problem, and avoids
-    LAPACK's fp32 eigensolver failing (no convergence, or NaN) on such rank-deficient Gram matrices, as it
-    did on LeNet-5 and MLP gradients late in training. The Gram matrix is formed from Y / max|Y| (same
-    eigenvectors, better scaled; the eigenvalues are scaled back). Should fp32 still fail, it is retried in
-    float64 (on CUDA, float64 is used from the start: it is faster there): any orthonormal basis keeps the
-    decomposition exact, so this changes which basis, never unbiasedness.
+    Zero rows (dead ReLU units) carry no atom. Off CUDA (drop_zero_rows, the default there) they are
+    dropped: exact, a smaller problem, and it avoids LAPACK's fp32 eigensolver failing (no convergence, or
+    NaN) on such rank-deficient Gram matrices, as it did on LeNet-5 and MLP gradients late in training; r is
+    the number of non-zero rows. Should fp32 still fail, it is retried in float64. Finding the rows is a
+    host sync, so on CUDA (float64 from the start: cuSOLVER's float64 eigensolver took 41 ms for ResNet-18's
+    21 Gram matrices on an H200, its float32 one 93 ms, and it is the more accurate) they are kept instead,
+    with -1 put on the Gram matrix's diagonal at each: e_j is then an eigenvector with eigenvalue -1,
+    separated from the others (>= 0), and its eigenvalue is returned as 0 (r = n; `decompose` floors it like
+    any eigenvalue within rounding of zero, an atom of negligible coefficient). Either way the Gram matrix is
+    formed from Y / max|Y| (same eigenvectors, better scaled; the eigenvalues are scaled back), and any
+    orthonormal basis keeps the decomposition exact, so the choice changes which basis, never unbiasedness.
     """
+    if drop_zero_rows is None:
+        drop_zero_rows = not y.is_cuda
+    if not drop_zero_rows:
+        zero = y.abs().amax(dim=1) == 0
+        peak = y.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)
+        wide = (y / peak).to(torch.float64)
+        gram = wide @ wide.T
+        gram.diagonal().sub_(zero.to(torch.float64))  # -1 at zero rows (their rows and columns are 0)
+        eigenvalues, basis = torch.linalg.eigh(gram)
+        eigenvalues = torch.where(eigenvalues < -0.5, 0.0, eigenvalues).to(y.dtype)
+        return eigenvalues * peak**2, basis.to(y.dtype)
     rows = torch.nonzero(y.abs().amax(dim=1) > 0).squeeze(1)
     u = torch.zeros(y.shape[0], rows.numel(), dtype=y.dtype, device=y.device)
     if rows.numel() == 0:
@@ -122,15 +139,11 @@ def _gram_eigen(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nonzero = y[rows]
     peak = nonzero.abs().max()
     nonzero = nonzero / peak
-    # On CUDA it is solved in float64 from the start: cuSOLVER's float64 eigensolver took 41 ms for
-    # ResNet-18's 21 Gram matrices on an H200, its float32 one 93 ms (and float64 is the more accurate).
-    solved = False
-    if not nonzero.is_cuda:
-        try:
-            eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
-            solved = bool(torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all())
-        except torch.linalg.LinAlgError:
-            solved = False
+    try:
+        eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
+        solved = bool(torch.isfinite(basis).all() and torch.isfinite(eigenvalues).all())
+    except torch.linalg.LinAlgError:
+        solved = False
     if not solved:
         wide = nonzero.to(torch.float64)
         eigenvalues, basis = (t.to(y.dtype) for t in torch.linalg.eigh(wide @ wide.T))
@@ -268,6 +281,9 @@ class SpectralDecomposition(AtomicDecomposition):
         # unbiased; the atoms sent are rebuilt from Y itself in `pack`.
         floor = torch.finfo(eigenvalues.dtype).eps * eigenvalues.max() if eigenvalues.numel() else 0.0
         lam = eigenvalues.clamp(min=floor).sqrt()
+        # A non-finite entry must fail Algorithm 1's check (the CPU route drops a row whose max is NaN as if it
+        # were zero): made NaN on the device, without a host sync.
+        lam = torch.where(torch.isfinite(y).all(), lam, torch.nan)
         return lam, _Exact(y, u, transposed), None
 
     def _warm(self, y, r, previous, generator, transposed):
@@ -307,7 +323,19 @@ class SpectralDecomposition(AtomicDecomposition):
             v = right / norms.clamp(min=tiny).unsqueeze(1)  # unit rows (0 for a null atom)
             row_factors, column_factors = (v, left) if transposed else (left, v)
             return [(norms / p).to(torch.float32), row_factors.to(dtype), column_factors.to(dtype)]
-        top = int(torch.count_nonzero(index < state.r))  # index is ascending: the top atoms come first
+        return self._pack_warm(state, index, lam, p, int(torch.count_nonzero(index < state.r)))
+
+    def pack_selected(self, state, index, lam, p, host_index, host_lam, host_p):
+        """`pack`, reading the warm layout's number of selected top atoms from the host's copy of the indices
+        (no host sync; `pack` counts them on the device)."""
+        if isinstance(state, _Exact):
+            return self.pack(state, index, lam, p)
+        return self._pack_warm(state, index, lam, p, int(np.count_nonzero(host_index < state.r)))
+
+    def _pack_warm(self, state, index, lam, p, top):
+        """The warm layout's sections; `top` selected atoms (index is ascending: they come first) are top atoms."""
+        dtype = ATOM_DTYPES[self.atom_dtype]
+        tiny = torch.finfo(torch.float32).tiny
         left, right = state.q[:, index[:top]].T, state.b[:, index[:top]].T  # k1 x n, k1 x m
         left = left / torch.linalg.vector_norm(left, dim=1, keepdim=True).clamp(min=tiny)
         right = right / torch.linalg.vector_norm(right, dim=1, keepdim=True).clamp(min=tiny)
