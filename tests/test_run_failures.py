@@ -222,6 +222,31 @@ def test_a_deferred_evaluator_evaluates_only_after_release():
     assert len({accuracy for _step, accuracy, _loss in results}) == 1  # the same weights, the same accuracy
 
 
+def test_a_deferred_evaluator_holds_bounded_copies(monkeypatch):
+    # A spec comes from the network: many evaluation steps of a large model must not pile up weight copies in
+    # the PS until it runs out of memory. Past MAX_DEFERRED_BYTES the evaluator starts evaluating at once.
+    from services.ps import evaluate
+
+    test = Split(torch.randn(64, 1, 32, 32), torch.randint(0, 10, (64,)))
+    evaluator = Evaluator("mlp", 10, 1, test, torch.device("cpu"), deferred=True)
+    state = {k: v.clone() for k, v in evaluator.model.state_dict().items()}
+    copy_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    monkeypatch.setattr(evaluate, "MAX_DEFERRED_BYTES", 2 * copy_bytes)
+    try:
+        evaluator.submit(5, {k: v.clone() for k, v in state.items()})
+        evaluator.submit(10, {k: v.clone() for k, v in state.items()})
+        assert not evaluator.released.is_set() and evaluator.held_bytes == 2 * copy_bytes
+        evaluator.submit(15, {k: v.clone() for k, v in state.items()})  # a third copy would exceed the bound
+        assert evaluator.released.is_set() and evaluator.released_early
+        deadline, results = time.monotonic() + 30, []
+        while len(results) < 3 and time.monotonic() < deadline:
+            results += evaluator.results()
+            time.sleep(0.01)
+    finally:
+        evaluator.close()
+    assert [step for step, _accuracy, _loss in results] == [5, 10, 15]
+
+
 def test_unreadable_summaries_mark_their_runs_failed_instead_of_stopping_the_ps(tmp_path):
     # scan_runs runs when the PS starts: a summary.json it cannot read must not keep the PS from starting,
     # nor make a finished run look unfinished (it would be resumed).

@@ -278,7 +278,8 @@ class RunSpec(BaseModel):
     eval_deferred: bool = Field(
         False,
         description="evaluate after the last step, on the weights copied at each evaluation step, so that no "
-        "evaluation shares the CPU with the timed steps (benchmarks); records are written at the end",
+        "evaluation shares the CPU with the timed steps (benchmarks); records are written at the end. At most 2 GiB "
+        "of copies are held: beyond, evaluation starts at once (event evaluation_not_deferred)",
     )
     checkpoint_every: int = Field(100, ge=1, le=MAX_COUNT)
     num_aggregate: int | None = Field(

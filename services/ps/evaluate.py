@@ -1,7 +1,10 @@
 """Test-set evaluation in a background thread, on a copy of the weights, so that training does not wait.
 
 Deferred (`deferred=True`, RunSpec.eval_deferred): the copies are kept and evaluated only after `release()`
-(the run's last step), so that no evaluation shares the CPU with the training steps a benchmark times.
+(the run's last step), so that no evaluation shares the CPU with the training steps a benchmark times. The
+copies held are bounded: once they would exceed MAX_DEFERRED_BYTES (a spec comes from the network: many
+evaluation steps of a large model must not exhaust the PS's memory), evaluation starts at once, as if not
+deferred, and `released_early` says so.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from atomo_core.data import Split
 from atomo_core.models import build_model
 
 EVAL_BATCH = 512
+
+
+MAX_DEFERRED_BYTES = 2 << 30  # weight copies a deferred evaluator may hold before it starts evaluating
 
 
 class EvaluationError(RuntimeError):
@@ -38,6 +44,8 @@ class Evaluator:
         self.test = test.to(device)
         self.device = device
         self.released = threading.Event()
+        self.released_early = False
+        self.held_bytes = 0
         if not deferred:
             self.released.set()
         self.todo: queue.Queue = queue.Queue()
@@ -47,6 +55,11 @@ class Evaluator:
 
     def submit(self, step: int, state: dict[str, torch.Tensor]) -> None:
         """Evaluate the weights `state` (a copy, owned by the evaluator from now on) of step `step`."""
+        if not self.released.is_set():
+            self.held_bytes += sum(t.numel() * t.element_size() for t in state.values())
+            if self.held_bytes > MAX_DEFERRED_BYTES:
+                self.released_early = True
+                self.released.set()
         self.todo.put((step, state))
 
     def results(self) -> list[tuple[int, float, float]]:

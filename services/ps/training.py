@@ -765,7 +765,10 @@ class Run:
         s = self.step
         if s % self.spec.eval_every == 0 or s >= self.total_steps:
             self.pending_evals.add(s)
+            released = self.evaluator.released.is_set()
             self.evaluator.submit(s, {k: v.detach().clone() for k, v in self.replica.model.state_dict().items()})
+            if not released and self.evaluator.released_early:
+                self.event("evaluation_not_deferred", {"step": s, "held_bytes": self.evaluator.held_bytes})
         if s >= self.total_steps:
             self.evaluator.release()  # deferred evaluations start after the last step
         self.records.append(record)
