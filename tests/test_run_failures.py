@@ -199,6 +199,15 @@ def test_an_evaluation_that_raises_is_reported_in_the_callers_thread():
     assert [step for step, _accuracy, _loss in results] == [2]
 
 
+def _collect(evaluator: Evaluator, count: int, timeout_s: float = 30.0) -> list:
+    """The evaluator's results until `count` have come (or `timeout_s` has passed)."""
+    deadline, results = time.monotonic() + timeout_s, []
+    while len(results) < count and time.monotonic() < deadline:
+        results += evaluator.results()
+        time.sleep(0.01)
+    return results
+
+
 def test_a_deferred_evaluator_evaluates_only_after_release():
     # RunSpec.eval_deferred: the weights copied at each evaluation step wait until the run's last step, so that
     # no evaluation takes CPU from the steps a benchmark times; then every one is evaluated, in step order.
@@ -211,11 +220,7 @@ def test_a_deferred_evaluator_evaluates_only_after_release():
         time.sleep(0.5)
         assert evaluator.results() == []  # nothing evaluated before the release
         evaluator.release()
-        deadline = time.monotonic() + 30
-        results = []
-        while len(results) < 3 and time.monotonic() < deadline:
-            results += evaluator.results()
-            time.sleep(0.01)
+        results = _collect(evaluator, 3)
     finally:
         evaluator.close()
     assert [step for step, _accuracy, _loss in results] == [5, 10, 15]
@@ -238,10 +243,7 @@ def test_a_deferred_evaluator_holds_bounded_copies(monkeypatch):
         assert not evaluator.released.is_set() and evaluator.held_bytes == 2 * copy_bytes
         evaluator.submit(15, {k: v.clone() for k, v in state.items()})  # a third copy would exceed the bound
         assert evaluator.released.is_set() and evaluator.released_early
-        deadline, results = time.monotonic() + 30, []
-        while len(results) < 3 and time.monotonic() < deadline:
-            results += evaluator.results()
-            time.sleep(0.01)
+        results = _collect(evaluator, 3)
     finally:
         evaluator.close()
     assert [step for step, _accuracy, _loss in results] == [5, 10, 15]
