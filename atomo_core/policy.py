@@ -86,9 +86,9 @@ class LayerPolicy:
         """One message per tensor; a layer whose codec keeps state (feedback, warm basis) runs one step of it.
 
         The layers that share one ATOMO codec (`AtomicCodec`) are encoded together by its `encode_many` (one
-        host sync for all of them) where `batched` says so, when the first of them comes in parameter order; every other layer by
-        its codec's `encode_with_state`, in parameter order (also an `AtomicCodec` subclass's that overrides
-        `encode_with_state`, so that its own encoding is kept).
+        host sync for all of them) where `batched` says so, when the first of them comes in parameter order;
+        every other layer by its codec's `encode_with_state`, in parameter order (also an `AtomicCodec`
+        subclass's that overrides `encode_with_state`, so that its own encoding is kept).
         """
         codecs = [self.codec_for_shape(tuple(tensor.shape)) for tensor in tensors]
         batched = [self._batched(codec, tensor.device) for codec, tensor in zip(codecs, tensors, strict=True)]
