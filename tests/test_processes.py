@@ -264,7 +264,7 @@ def test_ps_refuses_a_public_bind_without_keys_naming_the_flags(tmp_path, capsys
         (["up", "--workers", "-2"], "argument --workers: expected a positive integer, got -2"),
         (["up", "--port", "70000"], "argument --port: expected a port number from 0 to 65535, got 70000"),
         (["ps", "--threads", "0"], "argument --threads: expected a positive integer, got 0"),
-        (["ps", "--heartbeat-s", "nan"], "argument --heartbeat-s: expected a positive number, got 'nan'"),
+        (["ps", "--heartbeat-s", "nan"], "argument --heartbeat-s: expected a number of seconds from 0.01 to 3600"),
         (["worker", "--metrics-port", "-5"], "argument --metrics-port: expected a port number from 0 to 65535"),
         (["serve", "--poll-interval", "0"], "argument --poll-interval: expected a positive number, got 0"),
     ],
