@@ -67,28 +67,15 @@ class OrthonormalBasisDecomposition(AtomicDecomposition):
         return self.analysis(flat), None
 
     def pack(self, state, index, lam, p):
-        weight = lam.to(torch.float64) / p.to(torch.float64)  # lam_i / p_i of eq. (2)
-        shared = p < 1  # p_i = c |lam_i|: weight sign(lam_i) / c ...
-        scale = torch.zeros(1, dtype=torch.float64, device=lam.device)
-        if bool(shared.any()):
-            scale[0] = weight.abs()[torch.argmax(torch.where(shared, p, 0))]  # 1/c, from the largest p < 1
-            # ... except where p_i was raised to the dtype's tiny because c |lam_i| underflowed it.
-            shared &= (weight.abs() - scale).abs() <= 1e-3 * scale
-        exact = weight[~shared].to(ATOM_DTYPES[self.atom_dtype])
-        if not bool(torch.isfinite(exact).all()):
-            raise ValueError(f"atom_dtype {self.atom_dtype} cannot represent the weights lam_i/p_i: use float32")
-        return [
-            index[shared].to(torch.int32),
-            _pack_bits(lam[shared] < 0),
-            scale,
-            index[~shared].to(torch.int32),
-            exact,
-        ]
+        """`pack_selected` from host copies of the selected atoms: one packing, whichever path encodes."""
+        host = [t.detach().cpu().numpy() for t in (index, lam.to(torch.float64), p.to(torch.float64))]
+        return self.pack_selected(state, index, lam, p, *host)
 
     def pack_selected(self, state, index, lam, p, host_index, host_lam, host_p):
-        """`pack`'s sections, computed on the host from the batched encode's copy of the selected atoms (the
-        same arithmetic in float64, numpy's first-maximum argmax as torch's), then moved to lam's device
-        without waiting: no host sync, where `pack` needs several (its boolean selections)."""
+        """The sections carrying sum_k (lam_k / p_k) a_{index_k} (eq. (2)), computed on the host from its copy
+        of the selected atoms (the batched encode's, or `pack`'s), then moved to lam's device without waiting:
+        weights lam_i / p_i; the atoms with p_i = c |lam_i| < 1 share one weight 1/c (sent once, with their
+        signs as bits), except where p_i was raised to the dtype's tiny because c |lam_i| underflowed it."""
         weight = host_lam / host_p  # lam_i / p_i of eq. (2)
         shared = host_p < 1
         scale = np.zeros(1, dtype=np.float64)
@@ -147,13 +134,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         numel *= d
     return numel
-
-
-def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Booleans -> uint8, 8 per byte, least significant bit first."""
-    padded = torch.zeros(-(-bits.numel() // 8) * 8, dtype=torch.int32, device=bits.device)
-    padded[: bits.numel()] = bits.to(torch.int32)
-    return (padded.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(1).to(torch.uint8)
 
 
 def _unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
