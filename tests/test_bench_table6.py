@@ -52,6 +52,15 @@ def test_quick_mode_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Speed-up over dense to each target, 4 workers" in report
     assert "## The virtual clock against a real run" in report and "error" in report
+    shares = simulate._dense_comm_share(result)
+    assert set(shares) == {2, 4} and all(0 < share < 1 for share in shares.values())
+    assert f"4 workers {100 * shares[4]:.0f}%" in report
+    # the report comes back from the results folder alone, byte for byte, with nothing run
+    (out / "report.md").unlink()
+    argv = [sys.executable, "-m", "services", "bench", "table6", "--report-from", str(out)]
+    again = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert (out / "report.md").read_text() == report
 
 
 @netem
@@ -135,3 +144,23 @@ def test_cost_table_file(tmp_path):
     path.write_text(json.dumps({"device": "x"}))
     with pytest.raises(ValueError, match="needs device, compute_s and encode_s"):
         simulate.CostTable.read(path)
+
+
+def test_speedup_cells_are_the_median_and_range_over_seeds(tmp_path):
+    """Three seeds: dense reaches the target at 10 s in each; svd s=3 at 5, 4 and 2 s, so its cell is the median
+    2.50x with the range 2.00-5.00x; a codec that reaches it with one seed of three says so."""
+    runs = []
+    for seed, svd_tta in enumerate((5.0, 4.0, 2.0)):
+        runs.append({"label": "dense", "workers": 8, "seed": seed, "tta": {"0.5": 10.0}})
+        runs.append({"label": "svd s=3", "workers": 8, "seed": seed, "tta": {"0.5": svd_tta}})
+        runs.append({"label": "qsgd b=4", "workers": 8, "seed": seed, "tta": {"0.5": 8.0 if seed == 0 else None}})
+    result = {"workers": [8], "runs": runs, "targets": {"8": [0.5]}}
+    cells = simulate.speedups(result)[8]["0.5"]
+    assert cells["svd s=3"] == (pytest.approx(2.5), pytest.approx(2.0), pytest.approx(5.0), 3)
+    assert simulate._fmt_ratio(cells["svd s=3"], 3) == "2.50x (2.00-5.00)"
+    assert simulate._fmt_ratio(cells["qsgd b=4"], 3) == "1.25x, 1 of 3 seeds"
+    assert cells["svd s=3 / qsgd best"][3] == 1 and cells["svd s=3 / qsgd best"][0] == pytest.approx(8.0 / 5.0)
+    assert simulate._fmt_ratio((None, None, None, 0), 3) == "-"
+    bad = tmp_path / "table6.json"
+    bad.write_text("{not json")
+    assert simulate.main(["--report-from", str(bad)]) == 2

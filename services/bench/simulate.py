@@ -68,6 +68,7 @@ COST_REPS = 5
 TARGET_SPACING = 0.03  # the targets are 3 points apart, as Table 6's (65%, 68%, 71%, 74%)
 TARGETS = 4
 TABLE6_DOC = Path("docs/benchmarks-table6.md")
+TABLE6_JSON = Path("docs/benchmarks/table6.json")  # committed beside the report, so its figures can be rechecked
 NETWORK_NAME = "atomo-t6"
 PORT = 5601
 
@@ -671,7 +672,8 @@ def run_experiment(args: argparse.Namespace) -> dict:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     dataset = args.dataset or pick_dataset()
-    data = load(dataset, QUICK_TEST_SIZE if args.quick else TEST_SIZE)
+    data = load(dataset, args.test_size)
+    args.test_size_used = len(data[1].y)  # the test split may hold fewer images than asked for
     link = None if args.no_netem else LinkProfile(args.bandwidth, 0.0)
     reason = "--no-netem given" if args.no_netem else Network.check()
     print(
@@ -709,6 +711,7 @@ def run_experiment(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "replay_every": args.replay_every,
         "eval_every": args.eval_every,
+        "test_size": args.test_size_used,
         "bandwidth_mbit": None if reason else args.bandwidth,
     }
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -775,8 +778,28 @@ def run_experiment(args: argparse.Namespace) -> dict:
     report = args.report or (out / "report.md" if args.quick or args.no_netem else TABLE6_DOC)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(render(result), encoding="utf-8")
+    if report == TABLE6_DOC:
+        TABLE6_JSON.parent.mkdir(parents=True, exist_ok=True)
+        TABLE6_JSON.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"report: {report}  ({_duration(time.time() - started)})", flush=True)
     return result
+
+
+def report_from(source: Path, report: Path | None) -> int:
+    """Regenerate the report from a table6.json or the results folder that holds one (default report:
+    docs/benchmarks-table6.md for a file, <folder>/report.md for a folder); nothing runs."""
+    path = source / "table6.json" if source.is_dir() else source
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+        text = render(result)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"atomo bench table6: --report-from: {path} is not a readable table6.json ({exc!r})", file=sys.stderr)
+        return 2
+    target = report or (TABLE6_DOC if source.is_file() else source / "report.md")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    print(f"report: {target}", flush=True)
+    return 0
 
 
 def measure_for_two(costs: CostTable, data, cases, dataset, args) -> CostTable:
@@ -828,6 +851,7 @@ def summarize(runs, costs, args, dataset, budget, replay_info, validation) -> di
         "workers": list(args.workers),
         "replay_every": args.replay_every,
         "eval_every": args.eval_every,
+        "test_size": args.test_size_used,
         "topk_budget": budget,
         "quick": args.quick,
         "targets": {str(n): t for n, t in targets.items()},
@@ -846,8 +870,8 @@ def _parameters() -> int:
 
 
 def speedups(result: dict) -> dict:
-    """{workers: {target: {label: (mean, sd, seeds) of dense's time over the label's, per seed}}}, and
-    {workers: {target: svd s=3 over the best qsgd}} likewise."""
+    """{workers: {target: {label: (median, lowest, highest, seeds) of dense's time over the label's, per
+    seed}}}, with `qsgd best` (the fastest qsgd of each seed) and `svd s=3 / qsgd best` likewise."""
     out: dict = {}
     for n in result["workers"]:
         rows = [r for r in result["runs"] if r["workers"] == n]
@@ -874,19 +898,34 @@ def speedups(result: dict) -> dict:
                     if ratio is not None:
                         ratios.append(ratio)
                 cell[lb] = (
-                    statistics.fmean(ratios) if ratios else None,
-                    statistics.stdev(ratios) if len(ratios) > 1 else None,
-                    len(ratios),
+                    (statistics.median(ratios), min(ratios), max(ratios), len(ratios))
+                    if ratios
+                    else (None, None, None, 0)
                 )
             out[n][t] = cell
     return out
 
 
-def _fmt_ratio(cell) -> str:
-    mean, sd, count = cell
-    if mean is None:
+def _dense_comm_share(result: dict) -> dict[int, float | None]:
+    """{workers: the median over dense's runs of (up + down) / step, from the mean virtual step's parts}."""
+    out = {}
+    for n in result["workers"]:
+        shares = [
+            (r["mean_parts"]["up_s"] + r["mean_parts"]["down_s"]) / r["mean_parts"]["step_s"]
+            for r in result["runs"]
+            if r["workers"] == n and r["label"] == "dense" and r["mean_parts"]["step_s"] > 0
+        ]
+        out[n] = statistics.median(shares) if shares else None
+    return out
+
+
+def _fmt_ratio(cell, seeds: int) -> str:
+    """`median (lowest-highest)`, and how many of the seeds reached the target when not all did."""
+    median, low, high, count = cell
+    if median is None:
         return "-"
-    return f"{mean:.2f}x" + (f" ± {sd:.2f}" if sd is not None else "")
+    spread = f" ({low:.2f}-{high:.2f})" if count > 1 else ""
+    return f"{median:.2f}x{spread}" + (f", {count} of {seeds} seeds" if count < seeds else "")
 
 
 def render(result: dict) -> str:
@@ -907,7 +946,9 @@ def render(result: dict) -> str:
         f"Model `{result['model']}` ({result['parameters']:,} parameters: VGG-11-BN at 5/16 width) on "
         f"`{result['dataset']}`, global batch {result['batch_size']} split over the workers, lr {result['lr']}, "
         f"momentum {result['momentum']}, cosine schedule, {result['steps']} steps, seeds {result['seeds']}, "
-        f"an evaluation every {result['eval_every']} steps. Every simulated worker computes its real gradient "
+        f"an evaluation every {result['eval_every']} steps"
+        + (f" on {result['test_size']:,} test images" if "test_size" in result else "")
+        + ". Every simulated worker computes its real gradient "
         "on its own shard and encodes it with the real codec through the real per-layer policy; the PS's "
         "average is the real decode of those messages (exact training). The clock is virtual: compute and "
         f"encode from the cost table ({result['costs']['source']}, device {result['costs']['device']}), "
@@ -935,13 +976,26 @@ def render(result: dict) -> str:
         lines += [f"## Speed-up over dense to each target, {n} workers", ""]
         lines += ["| test accuracy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for t in reversed(list(sp[n])):
-            lines.append(f"| {100 * float(t):.1f}% | " + " | ".join(_fmt_ratio(sp[n][t][c]) for c in cols) + " |")
+            lines.append(
+                f"| {100 * float(t):.1f}% | "
+                + " | ".join(_fmt_ratio(sp[n][t][c], len(result["seeds"])) for c in cols)
+                + " |"
+            )
         lines += [""]
     lines += [
-        "Cells: dense's time to the target over the codec's (mean ± sd over seeds); `qsgd best`: the fastest of "
+        "Cells: dense's time to the target over the codec's, the median over seeds (lowest-highest), with how many "
+        "seeds reached the target when not all did; `qsgd best`: the fastest of "
         "the qsgd bit widths run ("
         + (", ".join(sorted({r["label"] for r in result["runs"] if r["label"].startswith("qsgd")})) or "none")
         + ") per seed; `svd s=3 / qsgd best`: the best qsgd's time over svd s=3's.",
+        "",
+        "",
+        "Dense's communication (up and down) as a share of its mean virtual step, the regime the bar asks for "
+        "(>= 75%): "
+        + "; ".join(
+            f"{n} workers {100 * share:.0f}%" for n, share in _dense_comm_share(result).items() if share is not None
+        )
+        + ".",
         "",
         "## Time to accuracy (virtual seconds) and the mean step",
         "",
@@ -1026,21 +1080,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", type=Path, help="a cost table JSON (device, compute_s {batch: s}, encode_s {label: s})")
     p.add_argument("--replay-every", type=positive_int, help=f"replay every N-th step (default {REPLAY_EVERY})")
     p.add_argument("--eval-every", type=positive_int, help=f"evaluate every N steps (default {EVAL_EVERY})")
+    p.add_argument(
+        "--test-size",
+        type=positive_int,
+        help=f"test images per evaluation (default {TEST_SIZE}, all of Fashion-MNIST's; --quick {QUICK_TEST_SIZE})",
+    )
     p.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], help="accuracy targets (0-1)")
     p.add_argument("--no-netem", action="store_true", help="replay over loopback")
     p.add_argument("--no-validate", action="store_true", help="skip the check against a real 2-worker run")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/table6-<timestamp>)")
     p.add_argument("--report", type=Path, help=f"report (default {TABLE6_DOC}; --quick/--no-netem: <out>/report.md)")
+    p.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="PATH",
+        help=f"regenerate the report from a table6.json ({TABLE6_JSON}) or a results folder and exit",
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.report_from is not None:
+        return report_from(args.report_from, args.report)
     args.argv = list(argv)
     args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
     args.replay_every = args.replay_every or (QUICK_REPLAY_EVERY if args.quick else REPLAY_EVERY)
     args.eval_every = args.eval_every or (QUICK_EVAL_EVERY if args.quick else EVAL_EVERY)
     args.validation_steps = QUICK_VALIDATION_STEPS if args.quick else VALIDATION_STEPS
+    args.test_size = args.test_size or (QUICK_TEST_SIZE if args.quick else TEST_SIZE)
     args.out = args.out or Path("bench/results") / time.strftime("table6-%Y%m%d-%H%M%S")
     run_experiment(args)
     return 0
