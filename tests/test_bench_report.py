@@ -14,6 +14,7 @@ from services.bench import reduced, scale, suite
 from services.bench.report import compare, evaluate_targets, load_results, write_report
 from services.report import load_metrics
 
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = Path(__file__).parent / "data" / "bench-sample"
 SECTIONS = (
     "## How it was run",
@@ -198,6 +199,37 @@ def test_headline_profile_and_best_downlink():
     assert suite.best_downlink(247_000, 247_000, 2) == "model"
     assert suite.best_downlink(14_000, 247_000, 2) == "atoms"
     assert suite.best_downlink(100_000, 247_000, 3) == "model"
+
+
+def test_the_lr_grid_goes_on_doubling_while_its_largest_is_the_best():
+    """Interior optimum: chosen, nothing more to try. Best at the top: twice it next, until LR_EXTENSIONS
+    doublings above the grid; a failed (-1) larger lr leaves the best where it was; ties keep the smaller lr."""
+    top, top_off = max(suite.LR_GRID), max(suite.LR_GRID_MOMENTUM_OFF)
+    interior = {lr: acc for lr, acc in zip(suite.LR_GRID, (0.6, 0.7, 0.65), strict=True)}
+    rising = {lr: acc for lr, acc in zip(suite.LR_GRID_MOMENTUM_OFF, (0.6, 0.62, 0.64), strict=True)}
+    best, more = suite.choose_lrs({("dense", 0.9): interior, ("svd s=3", 0.0): rising})
+    assert best == {("dense", 0.9): suite.LR_GRID[1], ("svd s=3", 0.0): top_off}
+    assert more == {("svd s=3", 0.0): 2 * top_off}
+    rising[2 * top_off] = -1.0  # the doubled lr diverged
+    assert suite.choose_lrs({("svd s=3", 0.0): rising}) == ({("svd s=3", 0.0): top_off}, {})
+    climbing = {lr: 0.5 + lr for lr in [*suite.LR_GRID, *(top * 2**k for k in range(1, suite.LR_EXTENSIONS + 1))]}
+    best, more = suite.choose_lrs({("qsgd b=4", 0.9): climbing})
+    assert best == {("qsgd b=4", 0.9): top * 2**suite.LR_EXTENSIONS} and more == {}  # the extensions are spent
+    assert suite.choose_lrs({("topk", 0.9): dict.fromkeys(suite.LR_GRID, 0.7)})[0] == {
+        ("topk", 0.9): min(suite.LR_GRID)
+    }
+
+
+def test_the_committed_report_is_what_the_committed_results_give(tmp_path, monkeypatch):
+    """docs/benchmarks.md is generated: from docs/benchmarks/bench.json the code writes it again, byte for byte,
+    and the plots it names are committed beside it (so a report edited by hand, or code that no longer renders
+    the committed figures the same way, fails here)."""
+    monkeypatch.chdir(ROOT)  # the report names its source as given: the relative path the docs were made with
+    docs = Path("docs")
+    written = write_report(docs / "benchmarks" / "bench.json", tmp_path / "benchmarks.md")
+    assert written.read_text(encoding="utf-8") == (docs / "benchmarks.md").read_text(encoding="utf-8")
+    for png in re.findall(r"\(benchmarks/([\w.-]+\.png)\)", written.read_text(encoding="utf-8")):
+        assert (docs / "benchmarks" / png).is_file(), png
 
 
 def test_the_reduced_file_regenerates_the_same_report(tmp_path):

@@ -164,3 +164,4 @@ def test_speedup_cells_are_the_median_and_range_over_seeds(tmp_path):
     bad = tmp_path / "table6.json"
     bad.write_text("{not json")
     assert simulate.main(["--report-from", str(bad)]) == 2
+

@@ -37,10 +37,11 @@ LOOPBACK = "loopback"
 # The duration model behind the estimates (measured here: LeNet-5 on Fashion-MNIST, 2 workers, 2 cores),
 # corrected as the suite runs by the ratio of measured to estimated time of the runs done so far.
 GROUP_START_S = 8.0  # namespaces, PS and workers up, workers registered, the first run's data and model
-RUN_OVERHEAD_S = 3.0  # submission, the PS and both workers loading the data set (Fashion-MNIST: about
-# 1 s each, every run), the checkpoint (measured: 100-step loopback runs take 4.6-5 s, 2 s of it steps and evaluation)
+RUN_OVERHEAD_S = 1.5  # submission, the PS and both workers loading the data set, the checkpoint (the default
+# suite on an idle machine: 100-step loopback tuning runs took 2.6 s on average, 1.3 s of it steps)
 LOOPBACK_STEP_S = 0.013  # a step of LeNet-5 at batch 32 per worker
-EVAL_S_PER_IMAGE = 7e-5  # one evaluation on the PS's CPU, per test image (10,000 images: 0.7 s)
+EVAL_S_PER_IMAGE = 2e-5  # one deferred evaluation on the PS's CPU, per test image (10,000 images: 0.2 s; the
+# default suite's 160-step svd runs at 100 Mbit/s took 11.6-13 s with 32 evaluations and 2.6 s of steps)
 GRADIENTS_S = {True: 60.0, False: 150.0}  # the gradient study (quick, default), for the ETA only
 
 
@@ -300,16 +301,25 @@ class Bench:
         return results
 
     def tune(self, cases: list[Case], later: list[Case]) -> None:
-        """Run the tune `cases` (plan's); keep each codec's best lr, with momentum and without."""
-        self.run_phase("tune", cases, later)
-        for case in cases:
-            accuracy = final_accuracy(self.out / "runs" / case.case_id)
-            table = self.lrs if case.momentum else self.lrs_off
-            best = table.get(case.codec.label)
-            score = -1.0 if accuracy is None else accuracy
-            if best is None or score > self._tuned[case.codec.label, case.momentum]:
-                table[case.codec.label] = case.lr  # the grid is ascending: a tie keeps the smaller lr
-                self._tuned[case.codec.label, case.momentum] = score
+        """Run the tune `cases` (plan's), then the step sizes `suite.choose_lrs` adds above a grid's largest
+        where that was the best; keep each codec's best lr, with momentum and without."""
+        codecs = {(c.codec.label, c.momentum): c.codec for c in cases}
+        scores: dict[tuple[str, float], dict[float, float]] = {}
+        while cases:
+            self.run_phase("tune", cases, later)
+            for case in cases:
+                accuracy = final_accuracy(self.out / "runs" / case.case_id)
+                scores.setdefault((case.codec.label, case.momentum), {})[case.lr] = (
+                    -1.0 if accuracy is None else accuracy
+                )
+            best, more = suite.choose_lrs(scores)
+            cases = [
+                self.case("tune", codecs[key], LOOPBACK, lr, momentum=key[1], eval_every=suite.TUNE_STEPS)
+                for key, lr in more.items()
+            ]
+        self.lrs_tried = {key: sorted(lrs) for key, lrs in scores.items()}
+        for (label, momentum), lr in best.items():
+            (self.lrs if momentum else self.lrs_off)[label] = lr
 
     def write_bench(self, finished: float | None = None) -> None:
         data = {
@@ -339,11 +349,15 @@ class Bench:
                 f"no tuning: lr {suite.QUICK_LR} for every codec (--quick)"
                 if self.args.quick
                 else suite.LR_RULE.format(
-                    steps=suite.TUNE_STEPS, grid=list(suite.LR_GRID), grid_off=list(suite.LR_GRID_MOMENTUM_OFF)
+                    steps=suite.TUNE_STEPS,
+                    grid=list(suite.LR_GRID),
+                    grid_off=list(suite.LR_GRID_MOMENTUM_OFF),
+                    extensions=suite.LR_EXTENSIONS,
                 )
             ),
             "lrs": self.lrs,
             "lrs_momentum_off": self.lrs_off,
+            "lrs_tried": {f"{label} momentum {m:g}": lrs for (label, m), lrs in self.lrs_tried.items()},
             "bytes": {"comparable": self.comparable, "message_nbytes": self.nbytes},
             "steps": self.steps,
             "skipped": self.skipped,
@@ -362,7 +376,7 @@ class Bench:
                 "other work slows and distorts the measured steps"
             )
             print(f"warning: {self.load['warning']}", flush=True)
-        self._tuned: dict[tuple[str, float], float] = {}
+        self.lrs_tried: dict[tuple[str, float], list[float]] = {}  # (label, momentum): the step sizes tuned
         if not self.emulated:
             print(f"atomo bench: no emulated network ({self.network['reason']}): every run on loopback", flush=True)
             self.profiles = {}

@@ -1268,6 +1268,7 @@ def _header(res: Results, results: Path) -> list[str]:
         + "; momentum off: "
         + (", ".join(f"{k} {v:g}" for k, v in (b.get("lrs_momentum_off") or {}).items()) or "-")
     ]
+    out += _edge_lr_lines(b)
     if b.get("seeds"):
         out += [f"- Seeds of the main and momentum-off runs: {', '.join(map(str, b['seeds']))}"]
     if b.get("eval_every"):
@@ -1275,6 +1276,26 @@ def _header(res: Results, results: Path) -> list[str]:
     out += _load_lines(res)
     out += [f"- Results folder: `{results}`", ""]
     return out
+
+
+def _edge_lr_lines(b: dict) -> list[str]:
+    """A line naming the codecs whose chosen lr is still the largest tried (the optimum may lie above it)."""
+    tried = b.get("lrs_tried") or {}
+    if not tried:
+        return []
+    edge = []
+    for key, lrs in tried.items():
+        label, _, momentum = key.rpartition(" momentum ")
+        chosen = ((b.get("lrs") if float(momentum) else b.get("lrs_momentum_off")) or {}).get(label)
+        if chosen is not None and chosen == max(lrs):
+            edge.append(f"{label} (momentum {momentum}) {chosen:g}")
+    tried_text = "; ".join(f"{k}: {', '.join(f'{x:g}' for x in sorted(v))}" for k, v in tried.items())
+    lines = [f"- Step sizes tried: {tried_text}"]
+    if edge:
+        lines.append(
+            "- Chosen lr still the largest tried after the extensions (the best may lie above): " + ", ".join(edge)
+        )
+    return lines
 
 
 def _load_lines(res: Results) -> list[str]:

@@ -23,6 +23,7 @@ Results folder (what services.bench.report reads):
                         "regime": {"dense_comm_share": {profile: share}, "paper_comm_share",
                                    "required_comm_share", "how"},
                         "lr_rule", "lrs": {label: lr}, "lrs_momentum_off": {label: lr},
+                        "lrs_tried": {"<label> momentum <m>": [lr, ...] in the order run},
                         "bytes": {"comparable": {reference, reference_nbytes, budgets, nbytes},
                                   "message_nbytes": {label: mean bytes of one worker's message}},
                         "steps": {phase: steps}, "skipped": {label: why}, "phases": {phase: seconds},

@@ -12,8 +12,9 @@ Phases (`Case.phase`), in the order they run:
 - regime: dense (downlink `model`, its best) timed at each profile; its communication share of the step picks
   the headline profile (`headline_profile`);
 - tune: each codec of `MAIN_LABELS` at each step size of `LR_GRID` (momentum 0.9) and `LR_GRID_MOMENTUM_OFF`
-  (momentum 0, plain SGD: the paper's setting), `TUNE_STEPS` steps on loopback, seed 0; the best final test
-  accuracy wins, ties to the smaller step size;
+  (momentum 0, plain SGD: the paper's setting), `TUNE_STEPS` steps on loopback, seed 0, the grid extended
+  upwards by doubling (at most `LR_EXTENSIONS` times) while its largest step size is the best; the best final
+  test accuracy wins, ties to the smaller step size;
 - main: each codec of `MAIN_LABELS` with its step size, momentum 0.9, its best downlink (`best_downlink`), one
   run per seed of `SEEDS`, over the headline profile;
 - momentum_off: the same with momentum 0 and its own tuned step size, over the headline profile too;
@@ -62,9 +63,11 @@ SCALE_WORKERS = (2, 3, 4)
 # byte-matched budget, so it is matched by family); every other codec runs in the timing phase only.
 MAIN_LABELS = ("dense", "qsgd b=4", "qsgd b=8", "svd s=2", "svd s=3", "powersgd r=2")
 MAIN_FAMILIES = ("topk",)
+LR_EXTENSIONS = 2  # where the best lr is the grid's largest, the grid goes on doubling, this many times at most
 LR_RULE = (
     "each codec trained {steps} steps on loopback at every lr of {grid} (momentum 0.9) and of {grid_off} "
-    "(momentum off); the lr with the best test accuracy at the end wins, ties to the smaller lr"
+    "(momentum off), and at twice the largest lr tried while that was the best, at most {extensions} more times; "
+    "the lr with the best test accuracy at the end wins, ties to the smaller lr"
 )
 # Table 6 of the paper: spectral ATOMO s=3 reaches the target 3.96x faster than dense SGD (VGG-11-BN, 16
 # workers). If compressed communication cost nothing and the steps to the target were the same, the speed-up
@@ -116,6 +119,22 @@ def codec_cases(budgets: dict[str, int]) -> list[CodecCase]:
 
 
 QUICK_LABELS = ("dense", "qsgd b=4", "svd s=3")
+
+
+def choose_lrs(
+    scores: dict[tuple[str, float], dict[float, float]],
+) -> tuple[dict[tuple[str, float], float], dict[tuple[str, float], float]]:
+    """The tuning rule. `scores`: {(label, momentum): {lr: final test accuracy (-1 for a failed run)}}.
+    Returns ({key: the best lr, ties to the smaller}, {key: the next lr to try}): twice the best where the best
+    is the largest lr tried and doubling stays within `LR_EXTENSIONS` doublings of the grid's largest."""
+    best, more = {}, {}
+    for key, by_lr in scores.items():
+        top = max(by_lr.values())
+        best[key] = min(lr for lr, score in by_lr.items() if score == top)
+        grid = LR_GRID if key[1] else LR_GRID_MOMENTUM_OFF
+        if best[key] == max(by_lr) and 2 * best[key] <= max(grid) * 2**LR_EXTENSIONS * (1 + 1e-9):
+            more[key] = 2 * best[key]
+    return best, more
 
 
 def in_main(case: CodecCase) -> bool:
