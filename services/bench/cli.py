@@ -305,6 +305,7 @@ class Bench:
         where that was the best; keep each codec's best lr, with momentum and without."""
         codecs = {(c.codec.label, c.momentum): c.codec for c in cases}
         scores: dict[tuple[str, float], dict[float, float]] = {}
+        best: dict[tuple[str, float], float] = {}
         while cases:
             self.run_phase("tune", cases, later)
             for case in cases:
