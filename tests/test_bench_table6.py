@@ -161,7 +161,17 @@ def test_speedup_cells_are_the_median_and_range_over_seeds(tmp_path):
     assert simulate._fmt_ratio(cells["qsgd b=4"], 3) == "1.25x, 1 of 3 seeds"
     assert cells["svd s=3 / qsgd best"][3] == 1 and cells["svd s=3 / qsgd best"][0] == pytest.approx(8.0 / 5.0)
     assert simulate._fmt_ratio((None, None, None, 0), 3) == "-"
+    # the bar on the median cells: svd s=3 is 2.5x over dense (< 2.7: match missed) and 1.6x over qsgd
+    result["momentum"] = 0.9
+    lines = simulate._bar_lines(result, simulate.speedups(result))
+    assert any("match over dense **missed** (lowest 2.50x, bar 2.7x)" in line for line in lines), lines
+    assert any("over the best qsgd **missed** (lowest 1.60x, bar 2x)" in line for line in lines), lines
     bad = tmp_path / "table6.json"
     bad.write_text("{not json")
     assert simulate.main(["--report-from", str(bad)]) == 2
 
+
+def test_the_committed_table6_report_is_what_the_committed_results_give():
+    """docs/benchmarks-table6.md is generated: the code renders docs/benchmarks/table6.json to it, byte for byte."""
+    result = json.loads((ROOT / simulate.TABLE6_JSON).read_text(encoding="utf-8"))
+    assert simulate.render(result) == (ROOT / simulate.TABLE6_DOC).read_text(encoding="utf-8")
