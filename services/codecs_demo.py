@@ -42,7 +42,7 @@ ROWS = [
     ("entrywise s=64", "entrywise", {"budget": 64}),
     ("entrywise s=300 (default)", "entrywise", {"budget": 300}),
     ("fourier s=64", "fourier", {"budget": 64}),
-    ("fourier s=300 (default)", "fourier", {"budget": 300}),
+    ("fourier s=600 (default)", "fourier", {"budget": 600}),
     ("qsgd 1 bit", "qsgd", {"bits": 1, "bucket_size": 512}),
     ("qsgd 4 bits (default)", "qsgd", {"bits": 4, "bucket_size": 512}),
     ("terngrad", "terngrad", {}),
