@@ -27,7 +27,7 @@ import torch
 import atomo_core
 from atomo_core import LayerPolicy, dense_nbytes, make_codec
 from atomo_core.models import MODEL_NAMES, build_model
-from services.common.spec import RunSpec
+from services.common.spec import DEFAULT_BUDGETS, RunSpec
 
 DEFAULT_RUN = RunSpec()
 PER_WORKER_BATCH = DEFAULT_RUN.batch_size // DEFAULT_RUN.workers  # what each worker encodes in the default run
@@ -40,15 +40,15 @@ ROWS = [
     ("svd s=3 (default)", "svd", {"budget": 3}),
     ("svd s=3 paper reshape", "svd", {"budget": 3, "reshape": "paper"}),
     ("entrywise s=64", "entrywise", {"budget": 64}),
-    ("entrywise s=300 (default)", "entrywise", {"budget": 300}),
+    (f"entrywise s={DEFAULT_BUDGETS['entrywise']:g} (default)", "entrywise", {"budget": DEFAULT_BUDGETS["entrywise"]}),
     ("fourier s=64", "fourier", {"budget": 64}),
-    ("fourier s=600 (default)", "fourier", {"budget": 600}),
+    (f"fourier s={DEFAULT_BUDGETS['fourier']:g} (default)", "fourier", {"budget": DEFAULT_BUDGETS["fourier"]}),
     ("qsgd 1 bit", "qsgd", {"bits": 1, "bucket_size": 512}),
     ("qsgd 4 bits (default)", "qsgd", {"bits": 4, "bucket_size": 512}),
     ("terngrad", "terngrad", {}),
     ("lq q=2", "lq", {"q": 2.0}),
     ("lq q=inf (default)", "lq", {"q": float("inf")}),
-    ("topk k=300 (default)", "topk", {"budget": 300}),
+    (f"topk k={DEFAULT_BUDGETS['topk']:g} (default)", "topk", {"budget": DEFAULT_BUDGETS["topk"]}),
     ("powersgd r=1", "powersgd", {"rank": 1}),
     ("powersgd r=4 (default)", "powersgd", {"rank": 4}),
 ]

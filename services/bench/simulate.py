@@ -910,7 +910,8 @@ def speedups(result: dict) -> dict:
 def _bar_lines(result: dict, sp: dict) -> list[str]:
     """Per worker count, the bar on the median cells: match (svd s=3 >= 2.7x over dense and >= 2x over the best
     qsgd at every target), beat (>= 4x and >= 2.4x at the highest), each met or missed with the figure that
-    decides it (a target not reached by svd s=3 or the baseline with the median seed counts as missed)."""
+    decides it. A cell is the median over the seeds where both runs reached the target (the table says when
+    not all did); a target no seed reached counts as missed."""
     from services.bench.suite import BEAT_DENSE, BEAT_QSGD, MATCH_DENSE, MATCH_QSGD
 
     def verdict(cells: list, bar: float) -> str:
