@@ -8,14 +8,17 @@ ResNet-18 gradients (one CIFAR-shaped batch; `build_model("resnet18", 10, 3)`), 
 - syncs: calls that force a host synchronization when the tensor is on a GPU, counted by patching them in
   this process only (`SyncCounter`): Tensor.item / __bool__ / __int__ / __float__ / __index__ / tolist /
   cpu, a blocking Tensor.to onto another device, torch.nonzero and Tensor.nonzero, masked_select, and indexing
-  with a boolean mask (a nonzero inside). On this CPU each is counted where it runs, also in a branch that
-  runs only off CUDA (the fp32 eigensolver's finiteness check in the svd exact route); calls inside C++
-  operators (torch.linalg.eigh checks its solver's status on the host on CUDA), and copies that only cross
-  devices on a GPU (a blocking `.to(tensor.device)` of a host constant), are not seen. --sites
-  prints where each call came from.
+  with a boolean mask (a nonzero inside), and torch.linalg.eigh (it checks its solver's status on the host
+  on CUDA). On this CPU each is counted where it runs, also in a branch that runs only off CUDA (the svd
+  exact route's per-layer fp32 eigensolver and its finiteness check; on CUDA the batched path solves those
+  eigenproblems with one eigh per matrix size); other calls inside C++ operators, and copies that only
+  cross devices on a GPU (a blocking `.to(tensor.device)` of a host constant), are not seen. --sites prints
+  where each call came from.
+- --cuda-route: the svd exact route's Gram matrices take the route they take on CUDA (a batched float64 eigh
+  per matrix size, `spectral.batched_exact_route`) here too, so that the counts are a GPU's.
 - encode ms: median wall time of the whole model's encode over --repeats; "ratio" is batched / per-layer.
 
-    python bench/syncs.py [--batch 8] [--repeats 5] [--threads 2] [--sites]
+    python bench/syncs.py [--batch 8] [--repeats 5] [--threads 2] [--sites] [--cuda-route]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from timing import median_time
 
 from atomo_core import LayerPolicy, dense_nbytes, make_codec
 from atomo_core.codecs import decode
+from atomo_core.decompositions import spectral
 from atomo_core.models import build_model
 
 CONFIGS = {
@@ -69,6 +73,7 @@ class SyncCounter(contextlib.AbstractContextManager):
             self._patch(torch.Tensor, name, self._always(name))
         self._patch(torch, "nonzero", self._always("torch.nonzero"))
         self._patch(torch, "masked_select", self._always("torch.masked_select"))
+        self._patch(torch.linalg, "eigh", self._always("linalg.eigh"))
         self._patch(torch.Tensor, "__getitem__", self._masked("getitem"))
         self._patch(torch.Tensor, "__setitem__", self._masked("setitem"))
         self._patch(torch.Tensor, "to", self._to_host())
@@ -145,7 +150,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sites", action="store_true", help="print where each counted call came from")
+    parser.add_argument("--cuda-route", action="store_true", help="the svd exact route's CUDA eigensolver route")
     args = parser.parse_args()
+    if args.cuda_route:
+        spectral.batched_exact_route = lambda y: True
     torch.set_num_threads(args.threads)
     grads = resnet18_gradients(args.batch)
     atomic = sum(g.dim() >= 2 for g in grads)

@@ -12,6 +12,10 @@ g_A). The warm codec's state (each layer's Q) comes from encoding g_A; everythin
   --samples encodings check it by Monte Carlo.
 - Each warm row's budget s is chosen (bisection) so that its E[KB] equals the exact s=3's: the comparison is
   at equal expected bytes. "r = n/F" takes a rank proportional to each layer's n (one codec per layer).
+- "from the SVD" rows start the warm route at each layer's top-r left singular vectors of g_B itself (one
+  more subspace step keeps that subspace): the variance of the warm atoms on the best r-dimensional
+  subspace, so what any tracker of the top subspace could reach at that r (their encode time is the same
+  route's; the SVD that gives their state is not timed).
 - PowerSGD (BIASED) compresses the same g_B, warm-started from its Q of g_A, without error-feedback memory:
   its encode time, its bytes and its squared relative error ||P Q^T - g||^2 / ||g||^2 (an error, not a
   variance); "err x MB" and "var x MB" put both on one scale of error per byte.
@@ -22,7 +26,8 @@ cuda the model, the gradients, the encoders and their generators are on the GPU 
 (the encode ratio to the backward pass measured in the same run is printed; the targets: <= 0.3x).
 
     python bench/warm.py [--model resnet18] [--batch 32] [--ranks 16,32,64] [--fraction 8] [--threads 2]
-        [--data random|fashion-mnist|digits] [--device cpu|cuda] [--checkpoint RUN/checkpoint.pt]
+        [--svd-ranks 32,64] [--data random|fashion-mnist|digits] [--device cpu|cuda]
+        [--checkpoint RUN/checkpoint.pt]
 """
 
 from __future__ import annotations
@@ -130,6 +135,21 @@ def warm_states(config: Config, grads_a) -> list:
     ]
 
 
+def svd_states(config: Config, grads) -> list:
+    """Each warm layer's top-r left singular vectors of its own gradient (the best r-dimensional subspace)."""
+    states = []
+    for codec, g in zip(config.codecs, grads, strict=True):
+        rows, columns = matrix_shape(tuple(g.shape), "rows")
+        r = 0 if codec is None else codec.decomposition.warm_rank(rows, columns)
+        if not r:
+            states.append(None)
+            continue
+        y = g.reshape(rows, columns)
+        y = y.T if rows > columns else y
+        states.append(torch.linalg.svd(y.double(), full_matrices=False)[0][:, :r].to(y.dtype))
+    return states
+
+
 def decomposed(config: Config, grads, states) -> list:
     """Per layer: (lam float64, bytes of each atom, header bytes), or None for a dense layer."""
     out = []
@@ -229,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=3.0, help="the exact route's s")
     parser.add_argument("--ranks", default="16,32,64")
     parser.add_argument("--fraction", type=int, default=8, help="also r = n / FRACTION per layer (0: not)")
+    parser.add_argument("--svd-ranks", default="32,64", help="ranks also started from each layer's own SVD")
     parser.add_argument("--powersgd", default="1,2,4", help="PowerSGD ranks")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -266,13 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     cold = Config("warm r=32 cold", grads_b, args.budget, "warm", 32)
     configs.append((cold, [None] * len(grads_b)))
+    for rank in [int(r) for r in args.svd_ranks.split(",") if r]:
+        ideal = Config(f"warm r={rank} from SVD", grads_b, args.budget, "warm", rank)
+        configs.append((ideal, svd_states(ideal, grads_b)))
 
     exact_layers = decomposed(exact, grads_b, configs[0][1])
     target_bytes, exact_variance = expected(exact_layers, grads_b, args.budget)
     rows = {}
     exact_ms = None
     print(
-        f"{'codec':<18} {'s':>6} {'encode ms':>10} {'x exact':>8} {'x bwd':>7} {'E[KB]':>8} {'rel var':>8} "
+        f"{'codec':<22} {'s':>6} {'encode ms':>10} {'x exact':>8} {'x bwd':>7} {'E[KB]':>8} {'rel var':>8} "
         f"{'x exact':>8} {'var x MB':>9} {'MC KB':>8} {'MC var':>8}"
     )
     for config, states in configs:
@@ -305,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         rows[config.label] = row
         print(
-            f"{config.label:<18} {budget:>6.2f} {row['encode_ms']:>10.1f} {row['encode_over_exact']:>8.3f} "
+            f"{config.label:<22} {budget:>6.2f} {row['encode_ms']:>10.1f} {row['encode_over_exact']:>8.3f} "
             f"{row['encode_over_backward']:>7.2f} "
             f"{nbytes / 1e3:>8.1f} {row['relative_variance']:>8.3f} {row['variance_over_exact']:>8.3f} "
             f"{row['relative_variance'] * nbytes / 1e6:>9.3f} {mc_bytes / 1e3:>8.1f} "

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from atomo_core import LayerPolicy, atomic_probabilities, decode, make_codec
+from atomo_core.decompositions import spectral
 from atomo_core.probabilities import SegmentLayout, batched_atomic_probabilities, segment_probabilities
 from atomo_core.sampling import sample_segments
 
@@ -193,15 +194,33 @@ def test_batched_encode_through_the_policy_is_unbiased(label):
 @pytest.mark.parametrize("label", sorted(CODECS))
 def test_the_batched_encode_makes_one_host_sync_per_model(label):
     """Counted with bench/syncs.py's SyncCounter (item, bool, int, float, tolist, cpu, nonzero, mask
-    indexing...). The svd exact route's CPU-only eigensolver branch (zero rows found by nonzero, fp32
-    results checked with bool) is left out of the count: on CUDA that route takes neither."""
+    indexing, linalg.eigh...): the sample's one copy, and for the warm basis one batched eigh of all layers'
+    Rayleigh-Ritz matrices. The svd exact route's CPU-only eigensolver branch (per layer, zero rows found by
+    nonzero, fp32 results checked with bool) is left out of the count: on CUDA that route takes none of it."""
     policy = _policy(label)
     tensors = _model_tensors(7)
     policy.encode(tensors, torch.Generator().manual_seed(0))  # the warm basis's second step too
     with bench_syncs.SyncCounter() as counter:
         policy.encode(tensors, torch.Generator().manual_seed(1))
     counted = {key: n for key, n in counter.sites.items() if key[1] != "spectral.py:_gram_eigen"}
-    assert counted == {("cpu", "sampling.py:sample_segments"): 1}
+    expected = {("cpu", "sampling.py:sample_segments"): 1}
+    if label == "svd warm":
+        expected[("linalg.eigh", "spectral.py:ritz_rotations")] = 1
+    assert counted == expected
+
+
+def test_the_cuda_eigensolver_route_makes_one_sync_per_matrix_size(monkeypatch):
+    """The svd exact route as on CUDA (forced here): one batched eigh per distinct n, then the sample's copy."""
+    monkeypatch.setattr(spectral, "batched_exact_route", lambda y: True)
+    policy = _policy("svd exact")
+    tensors = _model_tensors(7)
+    with bench_syncs.SyncCounter() as counter:
+        policy.encode(tensors, torch.Generator().manual_seed(1))
+    sizes = {min(t.shape[0], math.prod(t.shape[1:])) for t in tensors if t.dim() >= 2}
+    assert counter.sites == {
+        ("linalg.eigh", "spectral.py:_gram_eigen_batched"): len(sizes),
+        ("cpu", "sampling.py:sample_segments"): 1,
+    }
 
 
 def test_the_per_layer_path_made_many_syncs():

@@ -335,3 +335,131 @@ def test_a_warm_message_for_a_small_layer_must_use_the_exact_layout():
 def test_warm_header_parameters_are_validated(params, problem):
     with pytest.raises(WireFormatError, match=problem):
         atomo_core.decode(bytes(Message(CODEC_IDS["svd"], (12, 40), torch.float32, params, [])))
+
+
+def _unrotated(codec, x, state):
+    """(lam, Q, B) of the warm route without the Rayleigh-Ritz rotation (V = I), on the same subspace."""
+    d = codec.decomposition
+    y, transposed, r = d._view(x)
+    q, b = d._warm_subspace(y, r, state, None)
+    lam, _, _ = d._warm_atoms(y, q, b, torch.eye(r), transposed)
+    return lam, q, b
+
+
+def test_rayleigh_ritz_makes_the_top_atoms_the_singular_pairs_within_the_subspace():
+    """The rotated top atoms' coefficients are the singular values of B = Y^T Q (descending), their sum (B's
+    nuclear norm) is below the unrotated basis's, the next step's basis spans the same subspace, and
+    Algorithm 1's variance sum_i lam_i^2 (1 / p_i - 1) on the same subspace is lower."""
+    x = low_rank_plus_noise((30, 80), rank=6, noise=0.2, seed=11)
+    codec = warm_codec(budget=3.0, rank=8)
+    state = previous_basis(codec, shape=(30, 80))
+    lam, parts, basis = codec.decomposition.decompose_with_state(x, state, None)
+    plain, q, b = _unrotated(codec, x, state)
+    top = lam[: parts.r].double()
+    assert torch.allclose(top, torch.linalg.svdvals(b.double()), rtol=1e-4)
+    assert bool((top[:-1] >= top[1:]).all())
+    assert float(top.sum()) < 0.99 * float(plain[: parts.r].double().sum())
+    assert torch.allclose(basis.T @ basis, torch.eye(parts.r), atol=1e-5)
+    assert float(torch.linalg.svdvals(basis.T @ q)[-1]) > 1 - 1e-5  # span(Q V) = span(Q)
+    y = x.reshape(30, 80)
+    assert torch.allclose(parts.q @ parts.b.T + parts.residual, y, atol=1e-5)
+
+    def variance(coefficients):
+        coefficients = coefficients.double()
+        p = atomic_probabilities(coefficients, 3.0)
+        kept = p > 0
+        return float((coefficients[kept] ** 2 * (1 / p[kept] - 1)).sum())
+
+    assert variance(lam) < 0.95 * variance(plain)
+
+
+def test_rotation_of_a_non_finite_basis_is_the_identity_and_spares_the_other_layers():
+    g = torch.Generator().manual_seed(3)
+    good, bad = torch.randn(50, 4, generator=g), torch.randn(60, 4, generator=g)
+    bad[7, 1] = float("nan")
+    rotations = spectral.ritz_rotations([good, bad])
+    assert torch.equal(rotations[1], torch.eye(4))
+    assert torch.allclose(rotations[0], spectral.ritz_rotations([good])[0])
+    assert torch.allclose(rotations[0].T @ rotations[0], torch.eye(4), atol=1e-6)
+
+
+def _layers_for_many():
+    """A warm layer, a transposed one, a convolution, one small enough for the exact route and a 1-D one."""
+    shapes = [(12, 40), (40, 12), (16, 8, 3, 3), (6, 20), (9,)]
+    return [low_rank_plus_noise((s[0], math.prod(s[1:])), seed=20 + i).reshape(s) for i, s in enumerate(shapes)]
+
+
+def test_decompose_many_is_decompose_with_state_layer_by_layer():
+    """The batched decomposition (one eigh for all warm layers) gives each layer's per-layer result, from the
+    same generator stream (cold layers draw their sketches in order) and from given states."""
+    codec = warm_codec(budget=3.0, rank=4)
+    d = codec.decomposition
+    tensors = _layers_for_many()
+    stale = previous_basis(codec)
+    for states in ([None] * 5, [stale, None, None, None, None]):
+        many = d.decompose_many(tensors, states, torch.Generator().manual_seed(4))
+        gen = torch.Generator().manual_seed(4)
+        single = [d.decompose_with_state(t, s, gen) for t, s in zip(tensors, states, strict=True)]
+        for (lam_m, parts_m, next_m), (lam_s, parts_s, next_s) in zip(many, single, strict=True):
+            assert type(parts_m) is type(parts_s)
+            assert torch.allclose(lam_m, lam_s, rtol=1e-5, atol=1e-7)
+            assert (next_m is None) == (next_s is None)
+            if next_m is not None:
+                assert torch.allclose(next_m, next_s, atol=1e-5)
+
+
+def test_batched_gram_eigen_matches_the_singular_values_and_keeps_zero_rows_apart():
+    """The CUDA route's batched eigensolver, run here on the CPU: same n, different m, a zero row, a NaN layer
+    (no solver error; the others untouched)."""
+    g = torch.Generator().manual_seed(8)
+    ys = [torch.randn(6, m, generator=g) for m in (10, 25, 7)]
+    ys[1][2] = 0
+    nan = torch.randn(6, 9, generator=g)
+    nan[0, 0] = float("nan")
+    results = spectral._gram_eigen_batched([*ys, nan])
+    for y, (eigenvalues, u) in zip(ys, results, strict=False):
+        assert torch.allclose(
+            eigenvalues.sort().values,
+            torch.linalg.svdvals(y.double()).pow(2).sort().values.float(),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+        assert torch.allclose(u.T @ u, torch.eye(6), atol=1e-5)
+        assert torch.allclose(u @ torch.diag(eigenvalues) @ u.T, y @ y.T, atol=1e-4)
+    zero_row = results[1][1][2].abs()
+    assert float(zero_row.max()) == pytest.approx(1.0) and int((zero_row > 0.5).sum()) == 1
+    assert not bool(torch.isfinite(results[3][0]).all())  # NaN coefficients, for Algorithm 1 to reject
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: none here")
+def test_decompose_many_on_cuda_matches_the_per_layer_route():
+    """On CUDA the exact layers' Gram matrices are solved per size in one eigh too."""
+    tensors = [t.cuda() for t in _layers_for_many()]
+    for basis in ("exact", "warm"):
+        d = make_codec("svd", budget=3.0, basis=basis, rank=4).decomposition
+        many = d.decompose_many(tensors, [None] * 5, torch.Generator("cuda").manual_seed(4))
+        gen = torch.Generator("cuda").manual_seed(4)
+        single = [d.decompose_with_state(t, None, gen) for t in tensors]
+        for (lam_m, _, _), (lam_s, _, _) in zip(many, single, strict=True):
+            assert torch.allclose(lam_m, lam_s, rtol=1e-4, atol=1e-6)
+
+
+def test_the_cuda_eigensolver_route_run_here_matches_the_cpu_route(monkeypatch):
+    """The exact layers' batched float64 route (CUDA's), forced on the CPU: the same coefficients as the
+    per-layer float32 route, which drops a zero row where this one keeps it as an atom of coefficient ~0."""
+    tensors = _layers_for_many()
+    tensors[1] = tensors[1].clone()
+    tensors[1][:, 3] = 0  # a zero row of Y (the layer is transposed)
+    d = make_codec("svd", budget=3.0).decomposition
+    single = [d.decompose_with_state(t, None, None) for t in tensors]
+    monkeypatch.setattr(spectral, "batched_exact_route", lambda y: True)
+    many = d.decompose_many(tensors, [None] * 5, None)
+    for (lam_m, parts_m, _), (lam_s, _, _) in zip(many, single, strict=True):
+        scale = float(lam_s.max())
+        ordered = lam_m.sort(descending=True).values
+        assert torch.allclose(ordered[: lam_s.numel()], lam_s.sort(descending=True).values, atol=1e-5 * scale)
+        floor = math.sqrt(torch.finfo(torch.float32).eps) * scale  # `decompose`'s floor on eigenvalue 0
+        extra = ordered[lam_s.numel() :]
+        assert extra.numel() == (1 if parts_m is many[1][1] else 0)
+        assert float(extra.abs().sum()) <= 1.01 * floor
+        assert torch.allclose(parts_m.u.T @ parts_m.u, torch.eye(parts_m.u.shape[1]), atol=1e-5)

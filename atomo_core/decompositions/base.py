@@ -67,6 +67,13 @@ class AtomicDecomposition(ABC):
         lam, decomposition = self.decompose(tensor)
         return lam, decomposition, None
 
+    def decompose_many(
+        self, tensors: Sequence[torch.Tensor], states: Sequence[Any], generator: torch.Generator | None
+    ) -> list[tuple[torch.Tensor, Any, Any]]:
+        """`decompose_with_state` for each of a model's tensors, in order (the batched encode's step (1)):
+        override to share work across layers (the spectral one batches its small eigenproblems)."""
+        return [self.decompose_with_state(t, st, generator) for t, st in zip(tensors, states, strict=True)]
+
     @abstractmethod
     def pack(self, state: Any, index: torch.Tensor, lam: torch.Tensor, p: torch.Tensor) -> list[torch.Tensor]:
         """Sections that carry sum_k (lam_k / p_k) a_{index_k}: the selected atoms with their weights (eq. (2)).
@@ -139,14 +146,15 @@ class AtomicCodec(Codec):
     ) -> tuple[list[Message], list[Any]]:
         """Encode many tensors (a model's layers) at once: the messages and each one's next encoder state.
 
-        Each tensor is decomposed in turn (eq. (1); kernel launches, no host sync in the built-in
-        decompositions' hot path), then Algorithm 1 runs for all layers at once on the device
-        (`segment_probabilities`), one uniform draw samples them all and ONE copy to the host brings back the
-        sample with the finiteness and convergence flags (`sample_segments`); each layer is then packed
-        (`pack_selected`, eq. (2)). The estimate of each layer has the same law as `encode_with_state`'s (the
-        random stream differs: one draw for all layers). Non-finite coefficients raise ValueError; a layer
-        whose Newton iteration did not reach its fixed point (budgets above 17 with long geometric tails of
-        coefficients) is finished by `atomic_probabilities` and resampled with the same uniforms (a few more
+        The tensors are decomposed (eq. (1), `decompose_many`: kernel launches, with no host sync in the
+        built-in decompositions' hot path but the spectral one's batched eigensolver calls, one per matrix
+        size), then Algorithm 1 runs for all layers at once on the device (`segment_probabilities`), one
+        uniform draw samples them all and ONE copy to the host brings back the sample with the finiteness and
+        convergence flags (`sample_segments`); each layer is then packed (`pack_selected`, eq. (2)). The
+        estimate of each layer has the same law as `encode_with_state`'s (the random stream differs: one draw
+        for all layers). Non-finite coefficients raise ValueError; a layer whose Newton iteration did not
+        reach its fixed point (budgets above 17 with long geometric tails of coefficients) is finished by
+        `atomic_probabilities` and resampled with the same uniforms (a few more
         host syncs, only then). Tensors on several devices are encoded one by one (`encode_with_state`).
         """
         states = [None] * len(tensors) if states is None else list(states)
@@ -155,10 +163,7 @@ class AtomicCodec(Codec):
         if len({t.device for t in tensors}) > 1:
             pairs = [self.encode_with_state(t, st, generator) for t, st in zip(tensors, states, strict=True)]
             return [m for m, _ in pairs], [st for _, st in pairs]
-        decomposed = [
-            self.decomposition.decompose_with_state(t.detach(), st, generator)  # (1)
-            for t, st in zip(tensors, states, strict=True)
-        ]
+        decomposed = self.decomposition.decompose_many([t.detach() for t in tensors], states, generator)  # (1)
         lams = [lam for lam, _, _ in decomposed]
         for lam in lams:
             if lam.dim() != 1 or not lam.is_floating_point():

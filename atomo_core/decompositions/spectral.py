@@ -126,14 +126,7 @@ def _gram_eigen(y: torch.Tensor, drop_zero_rows: bool | None = None) -> tuple[to
     if drop_zero_rows is None:
         drop_zero_rows = not y.is_cuda
     if not drop_zero_rows:
-        zero = y.abs().amax(dim=1) == 0
-        peak = y.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)
-        wide = (y / peak).to(torch.float64)
-        gram = wide @ wide.T
-        gram.diagonal().sub_(zero.to(torch.float64))  # -1 at zero rows (their rows and columns are 0)
-        eigenvalues, basis = torch.linalg.eigh(gram)
-        eigenvalues = torch.where(eigenvalues < -0.5, 0.0, eigenvalues).to(y.dtype)
-        return eigenvalues * peak**2, basis.to(y.dtype)
+        return _gram_eigen_batched([y])[0]
     rows = torch.nonzero(y.abs().amax(dim=1) > 0).squeeze(1)
     u = torch.zeros(y.shape[0], rows.numel(), dtype=y.dtype, device=y.device)
     if rows.numel() == 0:
@@ -151,6 +144,64 @@ def _gram_eigen(y: torch.Tensor, drop_zero_rows: bool | None = None) -> tuple[to
         eigenvalues, basis = (t.to(y.dtype) for t in torch.linalg.eigh(wide @ wide.T))
     u[rows] = basis
     return eigenvalues * peak**2, u
+
+
+def batched_exact_route(y: torch.Tensor) -> bool:
+    """Whether `decompose_many` solves this exact-route layer's Gram matrix in a batched float64 eigh with the
+    others of its size (on CUDA), rather than by `_gram_eigen`'s per-layer float32 CPU route (bench/syncs.py
+    replaces it to count the CUDA route's syncs on a CPU)."""
+    return y.is_cuda
+
+
+def _gram_eigen_batched(ys: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`_gram_eigen(y, drop_zero_rows=False)` for matrices with the same number of rows n, by one batched
+    float64 `eigh` of their n x n Gram matrices (each formed from Y / max|Y|, -1 on the diagonal at a zero
+    row; see `_gram_eigen`). A non-finite Gram matrix is replaced by zeros for the eigensolver, so that it
+    cannot fail the other layers; that layer's eigenvalues come out NaN (scaled by its NaN peak)."""
+    grams, peaks = [], []
+    for y in ys:
+        zero = y.abs().amax(dim=1) == 0
+        peak = y.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)
+        wide = (y / peak).to(torch.float64)
+        gram = wide @ wide.T
+        gram.diagonal().sub_(zero.to(torch.float64))  # -1 at zero rows (their rows and columns are 0)
+        grams.append(torch.where(torch.isfinite(gram).all(), gram, 0.0))
+        peaks.append(peak)
+    eigenvalues, bases = torch.linalg.eigh(torch.stack(grams))
+    eigenvalues = torch.where(eigenvalues < -0.5, 0.0, eigenvalues)
+    return [
+        (e.to(y.dtype) * peak**2, u.to(y.dtype)) for e, u, peak, y in zip(eigenvalues, bases, peaks, ys, strict=True)
+    ]
+
+
+def ritz_rotations(bs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The Rayleigh-Ritz rotations of warm bases of one rank r: for each B (m x r, B = Y^T Q), the r x r
+    orthogonal V whose columns are the eigenvectors of B^T B by descending eigenvalue (one batched float64
+    `eigh` for all of them).
+
+    Q V and B V span what Q and B span and (Q V)(B V)^T = Q B^T, so the decomposition stays exact; with Q
+    orthonormal the columns of B V are orthogonal, B V = Y^T Q V = U_B S_B (B's left singular vectors and
+    singular values), and the top atoms' coefficients ||B V e_i|| are B's singular values: the best rank-one
+    atoms within span(Q) (Section 5: the SVD's atoms). Their sum, the nuclear norm of B, is the least
+    sum_i ||B W e_i|| over orthogonal W, and Algorithm 1's variance grows with the coefficients' sum
+    (Lemma 2: at most (sum_i lam_i)^2 / s - ||g||^2 with no p_i clipped at 1). Each Gram matrix is formed
+    from B / max|B| (the eigenvectors do not change; no overflow). A non-finite B gets V = I (its
+    coefficients are NaN and Algorithm 1 rejects them), and so do all of them where the eigensolver fails:
+    V only makes the atoms better, never the estimate biased."""
+    r = bs[0].shape[1]
+    tiny = torch.finfo(torch.float32).tiny
+    eye = torch.eye(r, dtype=torch.float64, device=bs[0].device)
+    grams, finite = [], []
+    for b in bs:
+        scaled = b / b.abs().amax().clamp(min=tiny)
+        gram = (scaled.T @ scaled).to(torch.float64)
+        finite.append(torch.isfinite(gram).all())
+        grams.append(torch.where(finite[-1], gram, eye))
+    try:
+        _, v = torch.linalg.eigh(torch.stack(grams))
+    except torch.linalg.LinAlgError:
+        return [eye.to(b.dtype) for b in bs]
+    return [torch.where(ok, rotation.flip(-1), eye).to(b.dtype) for rotation, ok, b in zip(v, finite, bs, strict=True)]
 
 
 @contextlib.contextmanager
@@ -264,19 +315,55 @@ class SpectralDecomposition(AtomicDecomposition):
         lam, state, _ = self.decompose_with_state(tensor, None, None)
         return lam, state
 
-    def decompose_with_state(self, tensor, state, generator):
-        """(lam, decomposition state, the next step's basis Q or None where the exact route ran)."""
+    def _view(self, tensor):
+        """(Y, transposed, r): the n x m view (n <= m) in float32 or float64, and the warm rank (0: exact)."""
         rows, columns = matrix_shape(tuple(tensor.shape), self.reshape)
         x = tensor.reshape(rows, columns)
         if x.dtype != torch.float64:
             x = x.to(torch.float32)
         transposed = rows > columns
-        y = x.T if transposed else x  # n x m with n <= m
-        r = self.warm_rank(rows, columns)
+        return (x.T if transposed else x), transposed, self.warm_rank(rows, columns)
+
+    def decompose_with_state(self, tensor, state, generator):
+        """(lam, decomposition state, the next step's basis Q or None where the exact route ran)."""
+        y, transposed, r = self._view(tensor)
         if r:
             with strict_float32(y.device):
-                return self._warm(y, r, state, generator, transposed)
-        eigenvalues, u = _gram_eigen(y)  # orthonormal u_i (columns), the left singular vectors
+                q, b = self._warm_subspace(y, r, state, generator)
+                return self._warm_atoms(y, q, b, ritz_rotations([b])[0], transposed)
+        return self._exact(y, _gram_eigen(y), transposed)
+
+    def decompose_many(self, tensors, states, generator):
+        """`decompose_with_state` for each tensor, with the small eigenproblems of all layers solved together:
+        one batched `eigh` for the warm layers' r x r Rayleigh-Ritz matrices of each rank and, on CUDA, one
+        per matrix size for the exact layers' Gram matrices (float64, zero rows at eigenvalue -1, as
+        `_gram_eigen` does on CUDA). A CUDA `eigh` checks its status on the host, so this turns one host sync
+        per layer into one per distinct size. On the CPU (syncs are free) the exact layers keep
+        `_gram_eigen`'s float32 route. The results are the per-layer ones up to the eigensolver's rounding."""
+        views = [self._view(t) for t in tensors]
+        out: list = [None] * len(views)
+        warm: dict[int, list] = {}
+        exact: dict[int, list] = {}
+        for i, ((y, transposed, r), state) in enumerate(zip(views, states, strict=True)):
+            if r:
+                with strict_float32(y.device):
+                    warm.setdefault(r, []).append((i, *self._warm_subspace(y, r, state, generator)))
+            elif batched_exact_route(y):
+                exact.setdefault(y.shape[0], []).append(i)
+            else:
+                out[i] = self._exact(y, _gram_eigen(y), transposed)
+        for group in warm.values():
+            with strict_float32(group[0][1].device):
+                rotations = ritz_rotations([b for _, _, b in group])
+                for (i, q, b), v in zip(group, rotations, strict=True):
+                    out[i] = self._warm_atoms(views[i][0], q, b, v, views[i][1])
+        for group in exact.values():
+            for i, eigen in zip(group, _gram_eigen_batched([views[i][0] for i in group]), strict=True):
+                out[i] = self._exact(views[i][0], eigen, views[i][1])
+        return out
+
+    def _exact(self, y, eigen, transposed):
+        eigenvalues, u = eigen  # orthonormal u_i (columns), the left singular vectors
         # lam_i = ||Y^T u_i|| = sqrt(u_i^T Y Y^T u_i), the square root of u_i's eigenvalue: no m x n product
         # for the probabilities. Eigenvalues within rounding of zero are floored at eps * the largest, so
         # that every atom whose coefficient may be non-zero keeps p_i > 0 and the estimate stays exactly
@@ -288,7 +375,8 @@ class SpectralDecomposition(AtomicDecomposition):
         lam = torch.where(torch.isfinite(y).all(), lam, torch.nan)
         return lam, _Exact(y, u, transposed), None
 
-    def _warm(self, y, r, previous, generator, transposed):
+    def _warm_subspace(self, y, r, previous, generator):
+        """(Q, B = Y^T Q): one subspace-iteration step from the previous basis (or from Y Omega)."""
         n, m = y.shape
         if previous is None:
             device = generator.device if generator is not None else y.device
@@ -304,7 +392,11 @@ class SpectralDecomposition(AtomicDecomposition):
         start = y.T @ previous  # B0 = Y^T Q_prev
         start = start / start.abs().amax().clamp(min=torch.finfo(y.dtype).tiny)  # scale only: no overflow in Z
         q = cholesky_qr2(y @ start)  # Q = CholQR2(Y B0)
-        b = y.T @ q  # B = Y^T Q
+        return q, y.T @ q  # B = Y^T Q
+
+    def _warm_atoms(self, y, q, b, v, transposed):
+        """The warm atoms after the Rayleigh-Ritz rotation V: Q V, B V, R = Y - (Q V)(B V)^T, lam."""
+        q, b = q @ v, b @ v
         residual = torch.addmm(y, q, b.T, alpha=-1.0)  # R = Y - Q B^T
         lam = torch.cat(
             [
@@ -312,7 +404,7 @@ class SpectralDecomposition(AtomicDecomposition):
                 torch.linalg.vector_norm(residual, dim=1),
             ]
         )
-        return lam, _Warm(q, b, residual, r, transposed), q
+        return lam, _Warm(q, b, residual, q.shape[1], transposed), q
 
     def pack(self, state, index, lam, p):
         dtype = ATOM_DTYPES[self.atom_dtype]
