@@ -20,8 +20,13 @@ standard normal m x r Omega from the encoder's generator):
     Z  = Y B0            (n x r: one step of subspace iteration on Y Y^T)
     Q  = CholQR2(Z)      (two passes of shifted Cholesky QR in float64 on the r x r Gram matrix)
     B  = Y^T Q           (m x r)
+    V  = the eigenvectors of B^T B (r x r, by descending eigenvalue); Q <- Q V, B <- B V (Rayleigh-Ritz)
     R  = Y - Q B^T       (n x m, the residual, one addmm)
 
+The rotation V (`ritz_rotations`, one batched float64 eigh for all of a model's layers of one rank) changes no
+subspace and no product Q B^T; it makes the top atoms the singular pairs of Y's projection on span(Q), whose
+coefficients have the least sum over all bases of that subspace, which lowers Algorithm 1's variance (on a
+trained ResNet-18's gradients, 1.64x -> 1.56x the exact route's at r = 32 and 1.32x -> 1.24x at r = 64).
 Atoms: q_i b_i^T for i < r, with lam_i = ||q_i|| ||b_i||, and e_j R_j^T (row j of the residual) for the n
 rows, with lam_{r+j} = ||R_j||; Algorithm 1 runs over all n + r. As computed, the sum of these atoms is
 Q B^T + R with R the rounded Y - Q B^T, so it equals Y to the rounding of that one product and subtraction
@@ -42,12 +47,17 @@ encoded by the exact route (its eigendecomposition is cheap and its message has 
 the warm route's matmuls run in strict float32 (TF32 off while encoding: TF32 biased the top atoms' sum away
 from Y by about 1e-3 relative).
 
-Measured (bench/warm.py, ResNet-18 gradients, CPU, 2 threads, one run): with r = 32 the warm route encodes in
-0.27x the exact route's time (0.25x and 0.33x in two other runs) at 1.20x its variance for equal expected
-bytes; r = 16 0.19x and 1.20x, r = 64 0.39x and 1.19x. On a trained ResNet-18's gradients (bench/warm.py
---checkpoint) no rank met both 0.3x and 1.3x (r = 32: 0.37x at 1.84x the variance); ResNet-18 trained with it
-(bench/warm_accuracy.py, 3 seeds) reached the exact basis's accuracy within noise. It is not the default: the
-variance on trained gradients and the GPU timings (not yet run) are what decide it (README, "The library").
+Measured (bench/warm.py, ResNet-18, CPU, 2 threads, one run each): at initialization (a random batch of 32)
+r = 32 encodes in 0.25x the exact route's time at 1.18x its variance for equal expected bytes (r = 16: 0.18x
+and 1.19x; r = 64: 0.41x and 1.17x). On a trained ResNet-18's gradients (bench/warm.py --checkpoint, digits,
+batch 16) no rank meets both 0.3x and 1.3x: r = 32 0.27x at 1.56x, r = 48 0.34x at 1.36x, r = 64 0.44x at
+1.24x. The tracker is not what limits it: started from each layer's own top-r singular vectors the route
+gives 1.44x at r = 32 and 1.19x at r = 64. A trained gradient's tail beyond r costs more as rows than as
+singular vectors, and at the r its variance needs, the route's four n x m x r products (4 r n m
+multiply-adds against the Gram matrix's n^2 m: half of it at n = 512, r = 64) come near 0.3x of the exact
+encode on their own. ResNet-18 trained with the warm basis (bench/warm_accuracy.py, 3 seeds) reached the exact
+basis's accuracy within noise (+3.4 points, standard error 2.7). It is not the default: the variance on
+trained gradients and the GPU timings (not yet run) decide it (README, "The library").
 
 Reshapes: "rows" views a weight [out, in, *k] as [out, in * prod(k)]; "paper" follows the paper's
 experiments, [out * in / 2, 2 * prod(k)] for convolutions with a kernel larger than 1x1 and an even
