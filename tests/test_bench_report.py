@@ -361,3 +361,25 @@ def test_a_failed_regime_run_and_a_null_variance_still_give_a_report(tmp_path):
     (results / "gradients.json").write_text(json.dumps(grads))
     markdown = write_report(results, tmp_path / "docs" / "benchmarks.md").read_text()
     assert "`loopback` -" in markdown and "`1gbit` 50.0%" in markdown
+
+
+def test_a_hand_edited_reduced_file_is_a_one_line_error(tmp_path, capsys):
+    """A key of `lrs_tried` without its " momentum <m>", and a run whose records are not a list: exit 2 with a
+    one-line reason, no traceback, and no report written."""
+    from services.bench.cli import report_from
+
+    data = json.loads((ROOT / "docs" / "benchmarks" / "bench.json").read_text())
+    label = next(iter(data["lrs_tried"]))
+    for edit in (
+        lambda d: d["lrs_tried"].update({label.split(" momentum ")[0]: [0.1]}),
+        lambda d: d["runs"][0].update(records="not a list"),
+    ):
+        edited = json.loads(json.dumps(data))
+        edit(edited)
+        path = tmp_path / "bench.json"
+        path.write_text(json.dumps(edited))
+        report = tmp_path / "report.md"
+        assert report_from(path, report) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not in the form the report reads" in err and "Traceback" not in err
+        assert not report.exists()

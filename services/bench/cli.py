@@ -566,7 +566,15 @@ def report_from(source: Path, report: Path | None) -> int:
         print(f"atomo bench: --report-from: {source} is not a results folder or a reduced bench.json", file=sys.stderr)
         return 2
     target = report or (DEFAULT_REPORT if source.is_file() else source / "report.md")
-    written = write_report(source, target)
+    try:
+        written = write_report(source, target)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:  # a file edited by hand
+        print(
+            f"atomo bench: --report-from: {source} is not in the form the report reads "
+            f"({type(exc).__name__}: {exc}); regenerate it with `python -m services.bench.reduced`",
+            file=sys.stderr,
+        )
+        return 2
     print(_targets_section(written.read_text(encoding="utf-8")), flush=True)
     print(f"report: {written}", flush=True)
     return 0
