@@ -28,6 +28,7 @@ import pytest
 from helpers import wait_until
 from kubernetes import client as k8s_client
 
+from services.control import kubernetes as kubernetes_module
 from services.control.kubernetes import (
     REQUIRED_RULES,
     KubernetesLauncher,
@@ -736,6 +737,32 @@ def test_an_answer_that_trickles_in_is_cut_off_at_the_requests_deadline(raw_api,
     assert api.delivered == [False]  # cut off mid-answer, not read to the end
     assert launcher.explain(1) == timed_out
     assert api.requests == [GET_STS] * 2
+
+
+@pytest.mark.parametrize("status", [200, 500, 403])
+def test_a_reply_beyond_its_bound_is_refused_without_reading_it_whole(raw_api, status, monkeypatch):
+    """A 2xx reply over MAX_REPLY_BYTES, or an error answer's body over MAX_ERROR_BYTES (which the client would
+    otherwise read whole into its exception, bounded only by the deadline): a LaunchError saying so, at once
+    and not tried again (a 500 is otherwise a transient failure); a body at the bound is read."""
+    bound = 1 << 20 if status != 200 else 4 << 20
+    if status == 200:
+        monkeypatch.setattr(kubernetes_module, "MAX_REPLY_BYTES", bound)
+    too_long = json.dumps({"kind": "Status", "message": "x" * bound}).encode()
+    api = raw_api(lambda method, path: (status, too_long, None))
+    launcher = make_launcher(api)
+    with pytest.raises(LaunchError) as failure:
+        launcher.pods()
+    what = " (an error answer's body)" if status != 200 else ""
+    assert str(failure.value) == (
+        f"could not get StatefulSet {NS}/{MAIN}: the Kubernetes API's reply is longer than {bound} bytes{what}"
+    )
+    assert api.requests == [GET_STS]
+    at_bound = {"kind": "Status", "reason": "Forbidden", "message": "m" * (bound - 200)}
+    at_bound["message"] += "m" * (bound - len(json.dumps(at_bound)))
+    if status == 403:  # an error body of exactly MAX_ERROR_BYTES is read and reported as the API error
+        api = raw_api(lambda method, path: (403, json.dumps(at_bound).encode(), None))
+        with pytest.raises(LaunchError, match=r"refused to get StatefulSet .*: 403 Forbidden: m{100}"):
+            make_launcher(api).pods()
 
 
 POD_0 = pod(f"{MAIN}-0")

@@ -43,7 +43,8 @@ Errors. Every failure is a `LaunchError` whose message says what was refused or 
 API error (401, 403, 404, 409, 422, 429, 5xx: the status, the API's reason and message, a hint, and how
 many tries it took), a request that got no complete answer within `request_timeout_s`, a refused connection,
 a reply that is not what the API sends (not a JSON object, `items` not a list, a pod without a name, a field
-of the wrong type, more than `MAX_REPLY_BYTES`), a missing in-cluster configuration. Nothing from the
+of the wrong type, more than `MAX_REPLY_BYTES`, or an error answer's body over `MAX_ERROR_BYTES`), a missing
+in-cluster configuration. Nothing from the
 client's exceptions is passed on (no headers, no credentials). `explain()` never raises.
 
 The `kubernetes` package is an optional dependency: it is imported only when a launcher is built.
@@ -93,6 +94,7 @@ DEFAULT_MAX_BACKOFF_S = 8.0
 DEFAULT_MAX_RETRY_AFTER_S = 30.0  # the longest wait a Retry-After header gets
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MAX_REPLY_BYTES = 32 << 20  # a longer reply is refused (a pod list of thousands of pods is a few MiB)
+MAX_ERROR_BYTES = 1 << 20  # a longer body of an error answer (a Status object: about 1 KB) is refused
 MAX_PODS_EXPLAINED = 5  # a failed wait names at most this many pods (and counts the rest)
 MAX_EVENTS_PER_OBJECT = 2  # the newest distinct Warning events quoted per pod or StatefulSet
 MAX_API_MESSAGE_CHARS = 500
@@ -628,7 +630,29 @@ def _deadline_pool(pool: type) -> type:
                 raise ConnectionAbortedError("the request's deadline has passed")
             return super().request(*args, **kwargs)
 
-    return type(f"Deadline{pool.__name__}", (pool,), {"ConnectionCls": Connection, "keeps_deadlines": True})
+    def urlopen(self, *args: Any, **kwargs: Any) -> Any:
+        response = pool.urlopen(self, *args, **kwargs)
+        if 200 <= response.status <= 299 or kwargs.get("preload_content", True):
+            return response
+        return _bounded_error(response)
+
+    attributes = {"ConnectionCls": Connection, "keeps_deadlines": True, "urlopen": urlopen}
+    return type(f"Deadline{pool.__name__}", (pool,), attributes)
+
+
+def _bounded_error(response: Any) -> Any:
+    """An error answer (not 2xx) with its body read here, at most MAX_ERROR_BYTES (_TooLong beyond): the
+    client would read it whole into its exception, bounded only by the request's deadline."""
+    from urllib3 import HTTPResponse
+
+    body = response.read(MAX_ERROR_BYTES + 1)
+    if len(body) > MAX_ERROR_BYTES:
+        response.close()  # not back to the pool: the rest of the body is still on the connection
+        raise _TooLong(f"{MAX_ERROR_BYTES} bytes (an error answer's body)")
+    response.release_conn()
+    return HTTPResponse(
+        body=body, headers=response.headers, status=response.status, reason=response.reason, preload_content=False
+    )
 
 
 def _read_reply(response: Any) -> bytes:
