@@ -16,9 +16,11 @@ ResNet-18 gradients (one CIFAR-shaped batch; `build_model("resnet18", 10, 3)`), 
   where each call came from.
 - --cuda-route: the svd exact route's Gram matrices take the route they take on CUDA (a batched float64 eigh
   per matrix size, `spectral.batched_exact_route`) here too, so that the counts are a GPU's.
+- --device cuda: the gradients, the encoders and their generators on the GPU (the exact route then takes
+  its CUDA route by itself), each timing ending with a device synchronization.
 - encode ms: median wall time of the whole model's encode over --repeats; "ratio" is batched / per-layer.
 
-    python bench/syncs.py [--batch 8] [--repeats 5] [--threads 2] [--sites] [--cuda-route]
+    python bench/syncs.py [--batch 8] [--repeats 5] [--threads 2] [--sites] [--cuda-route] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -151,13 +153,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sites", action="store_true", help="print where each counted call came from")
     parser.add_argument("--cuda-route", action="store_true", help="the svd exact route's CUDA eigensolver route")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     if args.cuda_route:
         spectral.batched_exact_route = lambda y: True
     torch.set_num_threads(args.threads)
-    grads = resnet18_gradients(args.batch)
+    grads = [g.to(device) for g in resnet18_gradients(args.batch)]
     atomic = sum(g.dim() >= 2 for g in grads)
-    print(f"ResNet-18: {len(grads)} tensors, {atomic} encoded by the codec, {sum(g.numel() for g in grads)} entries")
+    entries = sum(g.numel() for g in grads)
+    print(f"ResNet-18 on {args.device}: {len(grads)} tensors, {atomic} encoded by the codec, {entries} entries")
     header = f"{'syncs per-layer':>16}{'syncs batched':>14}{'ms per-layer':>14}{'ms batched':>12}{'ratio':>7}"
     print(f"{'codec':<18}{header}")
     for label, (name, params) in CONFIGS.items():
@@ -166,10 +173,13 @@ def main() -> None:
             policy = LayerPolicy(make_codec(name, **params), batched=True)
 
             def run(policy=policy, path=path):
-                generator = torch.Generator().manual_seed(0)
-                if path == "batched":
-                    return policy.encode(grads, generator)
-                return per_layer_encode(policy, grads, generator)
+                generator = torch.Generator(device).manual_seed(0)
+                messages = (
+                    policy.encode(grads, generator) if path == "batched" else per_layer_encode(policy, grads, generator)
+                )
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                return messages
 
             run()  # warm-up (and, for the warm basis, nothing kept: the state stays empty in both paths)
             policy.reset_feedback()
