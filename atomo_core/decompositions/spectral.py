@@ -193,11 +193,11 @@ def ritz_rotations(bs: list[torch.Tensor]) -> list[torch.Tensor]:
     orthonormal the columns of B V are orthogonal, B V = Y^T Q V = U_B S_B (B's left singular vectors and
     singular values), and the top atoms' coefficients ||B V e_i|| are B's singular values: the best rank-one
     atoms within span(Q) (Section 5: the SVD's atoms). Their sum, the nuclear norm of B, is the least
-    sum_i ||B W e_i|| over orthogonal W, and Algorithm 1's variance grows with the coefficients' sum
-    (Lemma 2: at most (sum_i lam_i)^2 / s - ||g||^2 with no p_i clipped at 1). Each Gram matrix is formed
-    from B / max|B| (the eigenvectors do not change; no overflow). A non-finite B gets V = I (its
-    coefficients are NaN and Algorithm 1 rejects them), and so do all of them where the eigensolver fails:
-    V only makes the atoms better, never the estimate biased."""
+    sum_i ||B W e_i|| over orthogonal W, and Algorithm 1's second moment grows with the coefficients' sum
+    (Lemma 2, Theorem 4: it is (sum_i lam_i)^2 / s when no p_i is clipped at 1, more otherwise). Each Gram
+    matrix is formed from B / max|B| (the eigenvectors do not change; no overflow). A non-finite B gets V = I
+    (its coefficients are NaN and Algorithm 1 rejects them), and so do all of them where the eigensolver
+    fails: V only makes the atoms better, never the estimate biased."""
     r = bs[0].shape[1]
     tiny = torch.finfo(torch.float32).tiny
     eye = torch.eye(r, dtype=torch.float64, device=bs[0].device)
