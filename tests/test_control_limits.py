@@ -164,6 +164,41 @@ def test_an_oversized_request_head_is_431_naming_the_limit(service, where):
     assert ok.json() == {"status": "ok"}
 
 
+def test_a_pipelined_request_is_not_charged_with_the_bytes_of_the_one_before(service):
+    """Two pipelined requests in one write, the first complete with 40 KiB of headers and the second's head
+    begun (30 KiB so far) and finished later: both answered 200. Counting the whole read as the second
+    request's head (70 KiB > the 64 KiB limit) had answered it 431."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-A: " + b"a" * (40 << 10) + b"\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-B: " + b"b" * (30 << 10)
+    with sockets(1, port_of(service)) as (conn,):
+        conn.sendall(first + second)
+        time.sleep(0.5)
+        conn.sendall(b"\r\n\r\n")
+        conn.settimeout(30)
+        received = b""
+        deadline = time.monotonic() + 30
+        while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+            assert time.monotonic() < deadline, received[:300]
+            chunk = conn.recv(65536)
+            assert chunk, f"closed after {received[:300]!r}"
+            received += chunk
+    assert received.count(b"HTTP/1.1 200 ") == 2, received[:600]
+
+
+def test_a_pipelined_request_with_an_oversized_head_is_still_431(service):
+    """The second of two pipelined requests sends 100 KiB of complete header lines in the same write and no
+    end of head: counted from its fields, it is over the limit, 431."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    second = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+        b"X-%d: " % i + b"b" * (4 << 10) + b"\r\n" for i in range(25)
+    )
+    with sockets(1, port_of(service)) as (conn,):
+        conn.sendall(first + second)
+        closed = closed_by_server([conn], CLOSE_BOUND_S)
+    assert conn in closed, "the oversized pipelined request's connection is still open"
+    assert b"HTTP/1.1 431 " in closed[conn], closed[conn][:600]
+
+
 # Greedy clients ---------------------------------------------------------------------------------------------
 
 FD_LIMIT = 320  # the service's open-file limit in the next test

@@ -6,7 +6,10 @@ that slow or greedy clients cannot take the service down.
   408 and closed; one that sent nothing is closed. (uvicorn's own keep-alive timeout only covers a connection
   that sent nothing after a response; any byte of a next request cancels it, and a new connection has none.)
 - Header size: a request line and headers larger than `max_header_bytes` are answered 431 and the
-  connection closed (the httptools parser itself would take them without bound).
+  connection closed (the httptools parser itself would take them without bound). Each read of a head counts
+  whole, except one where a pipelined request's head begins after the previous message ended: there the
+  request line and complete headers count (the parser gives no offsets), so that the previous message's
+  bytes are not taken for head bytes; the limit then holds to within that one read's unfinished header.
 - Connection limit: at most `max_connections` are open. A connection beyond that closes the one that has been
   waiting for a request the longest; when every open connection has a request in flight, the new one is
   answered 503 and closed. Idle connections thus cannot use up the process's file descriptors: a new client
@@ -82,6 +85,8 @@ def protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._waiting_cycle = None  # the request cycle current then: a new one means headers arrived
             self._partial = False  # bytes of the awaited request have arrived
             self._header_bytes: int | None = None  # bytes received in a request's head so far; None: not in one
+            self._after_message = False  # a request's message ended in the chunk being parsed
+            self._fields_only = False  # this chunk's head bytes are counted from the parser's fields
             self._counted = False
             self._lingering = False  # an error was answered: input is dropped until the connection closes
             self._linger_timer = None
@@ -163,10 +168,12 @@ def protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             if self._lingering:
                 return
             self._partial = True
+            self._after_message = False
             super().data_received(data)
             if self._header_bytes is not None and not self.transport.is_closing():
-                # a chunk that began the head counts whole: an overcount of at most one read
-                self._header_bytes += len(data)
+                if not self._fields_only:  # the head began at this chunk's start, or before it: all of it is head
+                    self._header_bytes += len(data)
+                self._fields_only = False  # the next chunk is all head until the head ends
                 if self._header_bytes > limits.max_header_bytes:
                     limits.closed("header_too_large")
                     n = limits.max_header_bytes
@@ -176,10 +183,28 @@ def protocol_class(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._header_bytes = 0
+            # A head that begins after a pipelined message ended in the same chunk counts its request line and
+            # complete headers (the parser's callbacks), not the chunk, which holds the message before it.
+            self._fields_only = self._after_message
+
+        def on_url(self, url: bytes) -> None:
+            super().on_url(url)
+            if self._fields_only and self._header_bytes is not None:
+                self._header_bytes += len(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            super().on_header(name, value)
+            if self._fields_only and self._header_bytes is not None:
+                self._header_bytes += len(name) + len(value) + 4  # ": " and CRLF
 
         def on_headers_complete(self) -> None:
             self._header_bytes = None
+            self._fields_only = False
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._after_message = True
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
