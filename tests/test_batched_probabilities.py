@@ -231,14 +231,17 @@ def test_the_per_layer_path_made_many_syncs():
     assert counter.total >= 4 * 4
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("label", sorted(CODECS))
-def test_a_non_finite_gradient_raises_value_error_and_keeps_the_state(label):
+def test_a_non_finite_gradient_raises_value_error_and_keeps_the_state(label, value):
+    """NaN or an infinity (which failed the CPU eigensolver with a LinAlgError): a ValueError naming it, and the
+    policy's state unchanged."""
     policy = _policy(label)
     tensors = _model_tensors(8)
     policy.encode(tensors, torch.Generator().manual_seed(0))
     before = {i: policy.state(i) for i in range(len(tensors))}
     tensors[4] = tensors[4].clone()
-    tensors[4][1, 2] = float("nan")
+    tensors[4][1, 2] = value
     with pytest.raises(ValueError, match="finite"):
         policy.encode(tensors, torch.Generator().manual_seed(1))
     assert all(policy.state(i) is before[i] for i in range(len(tensors)))

@@ -143,6 +143,9 @@ def _gram_eigen(y: torch.Tensor, drop_zero_rows: bool | None = None) -> tuple[to
         return torch.zeros(0, dtype=y.dtype, device=y.device), u
     nonzero = y[rows]
     peak = nonzero.abs().max()
+    if not bool(torch.isfinite(peak)):  # an infinite entry (NaN rows were dropped above): nothing to solve, and
+        # the eigensolver would fail on it; `decompose` makes the coefficients NaN, which Algorithm 1 refuses
+        return torch.full((rows.numel(),), torch.nan, dtype=y.dtype, device=y.device), u
     nonzero = nonzero / peak
     try:
         eigenvalues, basis = torch.linalg.eigh(nonzero @ nonzero.T)
