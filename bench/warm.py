@@ -12,7 +12,7 @@ g_A). The warm codec's state (each layer's Q) comes from encoding g_A; everythin
   independent Bernoulli draws whether or not the atoms are orthogonal (atomo_core/decompositions/spectral.py);
   --samples encodings check it by Monte Carlo.
 - Each warm row's budget s is chosen (bisection) so that its E[KB] equals the exact s=3's: the comparison is
-  at equal expected bytes. "r = n/F" takes a rank proportional to each layer's n (one codec per layer).
+  at equal expected bytes. "r = n/F" takes a rank proportional to each layer's n (one codec per rank).
 - "from the SVD" rows start the warm route at each layer's top-r left singular vectors of g_B itself (one
   more subspace step keeps that subspace): the variance of the warm atoms on the best r-dimensional
   subspace, so what any tracker of the top subspace could reach at that r (their encode time is the same
