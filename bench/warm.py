@@ -142,14 +142,8 @@ def svd_states(config: Config, grads) -> list:
     """Each warm layer's top-r left singular vectors of its own gradient (the best r-dimensional subspace)."""
     states = []
     for codec, g in zip(config.codecs, grads, strict=True):
-        rows, columns = matrix_shape(tuple(g.shape), "rows")
-        r = 0 if codec is None else codec.decomposition.warm_rank(rows, columns)
-        if not r:
-            states.append(None)
-            continue
-        y = g.reshape(rows, columns)
-        y = y.T if rows > columns else y
-        states.append(torch.linalg.svd(y.double(), full_matrices=False)[0][:, :r].to(y.dtype))
+        y, _, r = (None, None, 0) if codec is None else codec.decomposition._view(g)  # Y: n x m, n <= m
+        states.append(torch.linalg.svd(y.double(), full_matrices=False)[0][:, :r].to(y.dtype) if r else None)
     return states
 
 
