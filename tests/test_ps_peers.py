@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from helpers import dropped_counts
+from helpers import dropped_counts, wait_until
 
 from atomo_core import dense_nbytes
 from atomo_core.models import build_model
 from services.common.keys import write_keys
-from services.common.launch import LocalCluster
+from services.common.launch import LocalCluster, free_port
 from services.common.protocol import MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MsgType, pack_header
 from services.common.replica import FRAME_SLACK, MODELS, max_frame_bytes
 from services.common.transport import CurveKeys, QueueFull, SocketOptions, connect_client
@@ -254,6 +254,37 @@ def test_a_worker_skips_what_its_ps_sends_malformed_and_lives_on(tmp_path):
         text = log.read_text()
         assert text.count("malformed message from the PS dropped") == 3, text
         assert "could not apply RUN from the PS" in text, text
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        ctx.destroy(linger=0)
+
+
+def test_a_worker_whose_first_register_found_no_ps_sends_nothing_before_registering(tmp_path):
+    """A real worker process started before its PS listens (as a worker restarted by its supervisor can be,
+    while the PS has not yet taken the new connection): its first REGISTER finds no peer and is dropped, and the
+    first message the PS then gets from it is a REGISTER. A heartbeat first would pass for its dead predecessor's
+    (same worker id), and that worker would never get the state it waits for."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services", "worker", "--ps", f"tcp://127.0.0.1:{port}", "--id", "w0"]
+            + ["--heartbeat-s", "2", "--threads", "1"],  # it heart-beats at 2 s and 4 s, before a silence of 6 s
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    ctx = zmq.Context()
+    try:
+        wait_until(lambda: '"ready": true' in log.read_text(), 60, "the worker's ready line", 0.05)
+        time.sleep(0.5)  # its first REGISTER has gone nowhere
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.bind(f"tcp://127.0.0.1:{port}")
+        assert router.poll(30_000), log.read_text()
+        identity, header = router.recv_multipart()[:2]
+        assert identity == b"w0" and header[5] == MsgType.REGISTER, (MsgType(header[5]).name, log.read_text())
     finally:
         worker.terminate()
         worker.wait(30)

@@ -87,7 +87,7 @@ def test_a_short_run_says_so_and_a_killed_worker_is_restarted_and_rejoins(up, mo
     assert restarted[0]["detail"]["worker"] == worker["id"] and restarted[0]["detail"]["pid"] != worker["pid"]
     assert events_of(api, run_id, "worker_exited")[0]["detail"]["exit_status"] == -signal.SIGKILL
     done = wait_until(lambda: (r := api.run(run_id))["state"] in FINAL and r, 180, "the run to end", 0.2)
-    assert done["state"] == "succeeded" and done["step"] == 300, done
+    assert done["state"] == "succeeded" and done["step"] == 300, (done["error"], api.events(run_id)["events"])
     lost = events_of(api, run_id, "worker_lost")[0]["seq"]
     assert any(e["seq"] > lost for e in events_of(api, run_id, "worker_joined")), "the worker did not rejoin"
 

@@ -147,6 +147,7 @@ class Worker:
         self.last_from_ps = time.monotonic()
         self.ps_lost = False
         self.unanswered = 0  # registrations sent since the PS last said anything
+        self.registered = False  # the last REGISTER went out (it is sent again until one does)
         self.keys = keys
         self.hinted = False
         self.stopping = False
@@ -188,8 +189,14 @@ class Worker:
         self.ctx.term()
 
     def _heartbeat(self, now: float) -> None:
-        """Heartbeat the PS; when it has been silent for three intervals, register again until it answers."""
-        if now - self.last_from_ps > 3 * self.heartbeat_s:
+        """Heartbeat the PS; when it has been silent for three intervals, register again until it answers.
+
+        Nothing goes before a REGISTER that went out: the PS takes any message under a registered worker id for
+        that worker, so a restarted worker whose first REGISTER was dropped (the PS not connected yet) and who
+        heart-beat instead would pass for its dead predecessor, and never get the state it waits for."""
+        if not self.registered:
+            self._register()
+        elif now - self.last_from_ps > 3 * self.heartbeat_s:
             if not self.ps_lost:
                 log.warning("no word from the PS for %.1f s: registering again until it answers", 3 * self.heartbeat_s)
                 self.ps_lost = True
@@ -210,7 +217,7 @@ class Worker:
         meta = {"device": self.device.type[:32], "address": socket.gethostname()[:256], "pid": os.getpid()}
         if self.metrics_port is not None:
             meta["metrics_port"] = self.metrics_port
-        self._send(Header(MsgType.REGISTER, worker_id=self.worker_id, meta=meta))
+        self.registered = self._send(Header(MsgType.REGISTER, worker_id=self.worker_id, meta=meta)) > 0
         self.unanswered += 1
         if self.unanswered >= HINT_AFTER_REGISTRATIONS and not self.hinted:
             self.hinted = True
