@@ -69,6 +69,20 @@ def prefix(kind: MsgType) -> bytes:
     return MAGIC + bytes([PROTOCOL_VERSION, kind])
 
 
+def worker_process(tmp_path, port: int, heartbeat_s: float) -> tuple[subprocess.Popen, Path]:
+    """A real worker process "w0" whose PS is whatever listens on `port` on loopback; (process, its log)."""
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "services", "worker", "--ps", f"tcp://127.0.0.1:{port}", "--id", "w0"]
+            + ["--heartbeat-s", str(heartbeat_s), "--threads", "1"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return worker, log
+
+
 def test_message_limits_fit_every_supported_model():
     """MAX_GRADIENT_FRAMES and MAX_GRADIENT_BYTES hold the largest legitimate gradient, with room to spare."""
     with torch.device("meta"):
@@ -220,15 +234,7 @@ def test_a_worker_skips_what_its_ps_sends_malformed_and_lives_on(tmp_path):
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     port = router.bind_to_random_port("tcp://127.0.0.1")
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "services", "worker", "--ps", f"tcp://127.0.0.1:{port}", "--id", "w0"]
-            + ["--heartbeat-s", "0.2", "--threads", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    worker, log = worker_process(tmp_path, port, heartbeat_s=0.2)
 
     def next_of(kind: MsgType, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -266,15 +272,7 @@ def test_a_worker_whose_first_register_found_no_ps_sends_nothing_before_register
     first message the PS then gets from it is a REGISTER. A heartbeat first would pass for its dead predecessor's
     (same worker id), and that worker would never get the state it waits for."""
     port = free_port()
-    log = tmp_path / "worker.log"
-    with open(log, "wb") as out:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "services", "worker", "--ps", f"tcp://127.0.0.1:{port}", "--id", "w0"]
-            + ["--heartbeat-s", "2", "--threads", "1"],  # it heart-beats at 2 s and 4 s, before a silence of 6 s
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+    worker, log = worker_process(tmp_path, port, heartbeat_s=2)  # heartbeats at 2 s and 4 s, before 6 s of silence
     ctx = zmq.Context()
     try:
         wait_until(lambda: '"ready": true' in log.read_text(), 60, "the worker's ready line", 0.05)
@@ -284,7 +282,7 @@ def test_a_worker_whose_first_register_found_no_ps_sends_nothing_before_register
         router.bind(f"tcp://127.0.0.1:{port}")
         assert router.poll(30_000), log.read_text()
         identity, header = router.recv_multipart()[:2]
-        assert identity == b"w0" and header[5] == MsgType.REGISTER, (MsgType(header[5]).name, log.read_text())
+        assert identity == b"w0" and header.startswith(prefix(MsgType.REGISTER)), (header[:80], log.read_text())
     finally:
         worker.terminate()
         worker.wait(30)
