@@ -67,7 +67,7 @@ def test_quick_mode_end_to_end(tmp_path):
 def test_replayed_upload_grows_with_senders_as_bytes_over_bandwidth(tmp_path):
     """Over a 20 Mbit/s PS link, n senders of 250 kB each take n x 250 kB / 2.5 MB/s to arrive (medians of 3
     replays, from 0.9x: the token bucket's burst of 16-128 kB lets up to ~10% through early, to 1.5x:
-    senders start late on a loaded machine), so 4 senders take about twice as long as 2. The PS's downlink
+    senders start late on a loaded machine), so 4 senders take longer than 2, by 1.5x at least. The PS's downlink
     of 100 kB to each of n workers can never beat n x 100 kB / 2.5 MB/s and grows with n; with 4 concurrent
     flows out of the PS's token bucket we measured up to 1.9x the bytes' time (0.31 s for 0.16 s: drops at
     the bucket's queue and TCP's recovery), so its upper bound is 2.5x."""
@@ -86,7 +86,9 @@ def test_replayed_upload_grows_with_senders_as_bytes_over_bandwidth(tmp_path):
         assert 0.9 * n * up_bytes / link.bytes_per_s <= up <= 1.5 * n * up_bytes / link.bytes_per_s, (n, up)
         ideal = n * down_bytes / link.bytes_per_s
         assert 0.9 * ideal <= down <= 2.5 * ideal, (n, down)
-    assert 1.5 <= measured[4][0] / measured[2][0] <= 2.5, measured
+    # The upload grows with the senders. No upper bound on the ratio beyond the one the bounds above imply
+    # (3.3x): CI saw 2.54, with 2 senders at 1.01x their bytes' time and 4 at 1.29x.
+    assert measured[4][0] >= 1.5 * measured[2][0], measured
     assert measured[4][1] > 1.5 * measured[2][1]
 
 

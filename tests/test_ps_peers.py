@@ -16,7 +16,15 @@ from atomo_core import dense_nbytes
 from atomo_core.models import build_model
 from services.common.keys import write_keys
 from services.common.launch import LocalCluster, free_port
-from services.common.protocol import MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MsgType, pack_header
+from services.common.protocol import (
+    MAGIC,
+    MAX_HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Header,
+    MsgType,
+    pack_header,
+    unpack_header,
+)
 from services.common.replica import FRAME_SLACK, MODELS, max_frame_bytes
 from services.common.transport import CurveKeys, QueueFull, SocketOptions, connect_client
 from services.ps.server import MAX_GRADIENT_BYTES, MAX_GRADIENT_FRAMES
@@ -287,3 +295,54 @@ def test_a_worker_whose_first_register_found_no_ps_sends_nothing_before_register
         worker.terminate()
         worker.wait(30)
         ctx.destroy(linger=0)
+
+
+def test_a_new_process_under_a_training_workers_id_takes_over_its_shard_before_the_loss_is_found(tmp_path):
+    """A worker restarted faster than the PS finds it lost (three heartbeat intervals): its new process's
+    REGISTER (a new pid) gets the state at once and the event worker_rejoined (was "training"), with no
+    worker_lost; a REGISTER again from the same process (one asking for the state again) is no rejoin."""
+    cluster = LocalCluster(tmp_path, workers=0, threads=1, heartbeat_s=2.0)
+    ctx = zmq.Context()
+
+    def register(sock, pid: int) -> None:
+        sock.send(pack_header(Header(MsgType.REGISTER, worker_id="w-x", meta={"pid": pid})))
+
+    def state_for(sock, timeout_s: float = 60) -> Header:
+        """Heart-beat until the PS sends a RUN (the state), and return its header."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sock.poll(200):
+                header = unpack_header(sock.recv_multipart()[0])
+                if header.type == MsgType.RUN:
+                    return header
+            sock.send(pack_header(Header(MsgType.HEARTBEAT, worker_id="w-x")))
+        raise AssertionError(f"no state within {timeout_s} s")
+
+    def events(kind: str) -> list[dict]:
+        found = cluster.client().call("events", run_id="takeover", since=0)["events"]
+        return [e for e in found if e["type"] == kind]
+
+    try:
+        cluster.start()
+        first = raw_dealer(ctx, cluster, b"w-x")
+        register(first, 111)
+        cluster.client().call("submit", run_id="takeover", spec={"model": "mlp", "steps": 10_000, "workers": 1})
+        assert state_for(first).meta["shard"] == 0
+        first.close(linger=0)  # killed, mid-step
+        second = raw_dealer(ctx, cluster, b"w-x")
+        register(second, 222)
+        assert state_for(second).meta["shard"] == 0
+        (rejoined,) = events("worker_rejoined")
+        assert rejoined["detail"] == {
+            "worker": "w-x",
+            "step": rejoined["detail"]["step"],
+            "was": "training",
+            "pid": 222,
+        }
+        register(second, 222)
+        state_for(second)
+        assert len(events("worker_rejoined")) == 1 and not events("worker_lost")
+        assert [e["detail"]["worker"] for e in events("worker_joined")] == ["w-x"]
+    finally:
+        ctx.destroy(linger=0)
+        cluster.stop()

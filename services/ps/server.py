@@ -312,8 +312,11 @@ class ParameterServer:
         w = self.workers.get(sender)
         if w is None:
             w = self.workers[sender] = WorkerInfo(sender, received.peer)
-        elif w.state == "lost" and self.run is not None and not self.run.final:
-            self.run.event("worker_rejoined", {"worker": sender, "step": self.run.step})
+        elif (w.state == "lost" or meta.get("pid") != w.pid) and self.run is not None and not self.run.final:
+            # back after its loss, or a new process under its id (a restart faster than the loss is detected:
+            # it takes over its predecessor's shard, and no worker_lost comes)
+            detail = {"worker": sender, "step": self.run.step, "was": w.state, "pid": meta.get("pid")}
+            self.run.event("worker_rejoined", detail)
         w.peer = received.peer
         w.address = meta.get("address", "")
         w.device = meta.get("device", "")
