@@ -25,7 +25,7 @@ sees an unchecked value:
 
 Message types and their meta::
 
-    REGISTER   worker -> PS   {"device", "address", "metrics_port", "pid"} (all optional)
+    REGISTER   worker -> PS   {"device", "address", "metrics_port", "pid", "session"} (all optional)
     RUN        PS -> worker   {"spec": RunSpec dict, "shard": i, "num_shards": n, "has_momentum", "compute",
                               "check"}; frames: initial state
     UPDATE     PS -> worker   {"mode": "atoms"|"model", "k", "workers", "lr", "compute", "check"}; frames:
@@ -330,7 +330,13 @@ class MetaSchema:
 _REASON = {"reason": _text(256)}
 SCHEMAS: dict[MsgType, MetaSchema] = {
     MsgType.REGISTER: MetaSchema(
-        {"device": _text(32), "address": _text(256), "metrics_port": _integer(1, 65535), "pid": _integer(0, 2**31)}
+        {
+            "device": _text(32),
+            "address": _text(256),
+            "metrics_port": _integer(1, 65535),
+            "pid": _integer(0, 2**31),
+            "session": _text(64),
+        }
     ),
     MsgType.HEARTBEAT: MetaSchema({}),
     MsgType.GRADIENT: MetaSchema(

@@ -312,7 +312,7 @@ class ParameterServer:
         w = self.workers.get(sender)
         if w is None:
             w = self.workers[sender] = WorkerInfo(sender, received.peer)
-        elif (w.state == "lost" or meta.get("pid") != w.pid) and self.run is not None and not self.run.final:
+        elif (w.state == "lost" or meta.get("session") != w.session) and self.run is not None and not self.run.final:
             # back after its loss, or a new process under its id (a restart faster than the loss is detected:
             # it takes over its predecessor's shard, and no worker_lost comes)
             detail = {"worker": sender, "step": self.run.step, "was": w.state, "pid": meta.get("pid")}
@@ -322,6 +322,7 @@ class ParameterServer:
         w.device = meta.get("device", "")
         w.metrics_port = meta.get("metrics_port")
         w.pid = meta.get("pid")
+        w.session = meta.get("session")
         w.last_seen = time.monotonic()
         w.last_heartbeat = time.time()
         if w.state == "lost":

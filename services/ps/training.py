@@ -128,6 +128,7 @@ class WorkerInfo:
     device: str = ""
     metrics_port: int | None = None
     pid: int | None = None
+    session: str | None = None  # the registering process's own token: a new one is a new process under this id
     last_seen: float = 0.0  # monotonic
     last_heartbeat: float = 0.0  # unix time
     state: str = "idle"  # idle, training, lost

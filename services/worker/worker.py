@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import time
@@ -148,6 +149,7 @@ class Worker:
         self.ps_lost = False
         self.unanswered = 0  # registrations sent since the PS last said anything
         self.registered = False  # the last REGISTER went out (it is sent again until one does)
+        self.session = secrets.token_hex(8)  # this process among those under its id (a container's pid repeats)
         self.keys = keys
         self.hinted = False
         self.stopping = False
@@ -215,6 +217,7 @@ class Worker:
 
     def _register(self) -> None:
         meta = {"device": self.device.type[:32], "address": socket.gethostname()[:256], "pid": os.getpid()}
+        meta["session"] = self.session
         if self.metrics_port is not None:
             meta["metrics_port"] = self.metrics_port
         self.registered = self._send(Header(MsgType.REGISTER, worker_id=self.worker_id, meta=meta)) > 0
