@@ -6,6 +6,11 @@ import json
 import time
 
 import httpx
+import zmq
+
+from services.common.protocol import Header, MsgType
+from services.common.replica import max_frame_bytes
+from services.common.transport import MalformedMessage, SocketOptions, connect_client
 
 
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.05):
@@ -37,3 +42,52 @@ def strict_json(text: str):
         raise ValueError(f"{name} in JSON")
 
     return json.loads(text, parse_constant=refuse)
+
+
+class FakeWorker:
+    """A registered worker that heart-beats and reads what the PS sends, but never computes a gradient.
+
+    `session`: the process token its REGISTER carries (two FakeWorkers with one id and two sessions are two
+    processes of that worker; the second takes the first's connection over)."""
+
+    def __init__(self, cluster, worker_id: str = "straggler", session: str | None = None):
+        self.id = worker_id
+        self.session = session
+        self.heartbeat_s = cluster.heartbeat_s
+        self.ctx = zmq.Context()
+        options = SocketOptions(max_message_bytes=max_frame_bytes())
+        self.client = connect_client(self.ctx, f"tcp://127.0.0.1:{cluster.port}", worker_id, options)
+        self.received: list[Header] = []
+        self.register()
+        self.next_heartbeat = time.monotonic()
+
+    def register(self) -> None:
+        meta = {"device": "cpu", "pid": 0} | ({"session": self.session} if self.session is not None else {})
+        self.client.send(Header(MsgType.REGISTER, worker_id=self.id, meta=meta))
+
+    def serve_for(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                received = self.client.recv(50)
+            except MalformedMessage as exc:
+                raise AssertionError(f"the PS sent a malformed message: {exc}") from exc
+            if received is not None:
+                self.received.append(received.header)
+            if time.monotonic() >= self.next_heartbeat:
+                self.client.send(Header(MsgType.HEARTBEAT, worker_id=self.id))
+                self.next_heartbeat = time.monotonic() + self.heartbeat_s / 2
+
+    def wait_for(self, kind: MsgType, timeout_s: float) -> Header:
+        """Serve until a message of type `kind` arrives after those received so far, and return its header."""
+        seen = len(self.received)
+
+        def arrived():
+            self.serve_for(0.1)
+            return next((h for h in self.received[seen:] if h.type == kind), None)
+
+        return wait_until(arrived, timeout_s, f"a {kind.name} from the PS", 0)
+
+    def close(self) -> None:
+        self.client.close()
+        self.ctx.term()

@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from helpers import dropped_counts, wait_until
+from helpers import FakeWorker, dropped_counts, wait_until
 
 from atomo_core import dense_nbytes
 from atomo_core.models import build_model
 from services.common.keys import write_keys
 from services.common.launch import LocalCluster, free_port
-from services.common.protocol import (
-    MAGIC,
-    MAX_HEADER_BYTES,
-    PROTOCOL_VERSION,
-    Header,
-    MsgType,
-    pack_header,
-    unpack_header,
-)
+from services.common.protocol import MAGIC, MAX_HEADER_BYTES, PROTOCOL_VERSION, Header, MsgType, pack_header
 from services.common.replica import FRAME_SLACK, MODELS, max_frame_bytes
 from services.common.transport import CurveKeys, QueueFull, SocketOptions, connect_client
 from services.ps.server import MAX_GRADIENT_BYTES, MAX_GRADIENT_FRAMES
@@ -303,21 +295,6 @@ def test_a_new_process_under_a_training_workers_id_takes_over_its_shard_before_t
     worker_rejoined (was "training"), with no worker_lost; a REGISTER again from the same process (one asking
     for the state again) is no rejoin."""
     cluster = LocalCluster(tmp_path, workers=0, threads=1, heartbeat_s=2.0)
-    ctx = zmq.Context()
-
-    def register(sock, session: str) -> None:
-        sock.send(pack_header(Header(MsgType.REGISTER, worker_id="w-x", meta={"pid": 1, "session": session})))
-
-    def state_for(sock, timeout_s: float = 60) -> Header:
-        """Heart-beat until the PS sends a RUN (the state), and return its header."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if sock.poll(200):
-                header = unpack_header(sock.recv_multipart()[0])
-                if header.type == MsgType.RUN:
-                    return header
-            sock.send(pack_header(Header(MsgType.HEARTBEAT, worker_id="w-x")))
-        raise AssertionError(f"no state within {timeout_s} s")
 
     def events(kind: str) -> list[dict]:
         found = cluster.client().call("events", run_id="takeover", since=0)["events"]
@@ -325,21 +302,21 @@ def test_a_new_process_under_a_training_workers_id_takes_over_its_shard_before_t
 
     try:
         cluster.start()
-        first = raw_dealer(ctx, cluster, b"w-x")
-        register(first, "first")
+        first = FakeWorker(cluster, "w-x", session="first")  # both with pid 0
         cluster.client().call("submit", run_id="takeover", spec={"model": "mlp", "steps": 10_000, "workers": 1})
-        assert state_for(first).meta["shard"] == 0
-        first.close(linger=0)  # killed, mid-step
-        second = raw_dealer(ctx, cluster, b"w-x")
-        register(second, "second")
-        assert state_for(second).meta["shard"] == 0
-        (rejoined,) = events("worker_rejoined")
-        detail = rejoined["detail"]
-        assert (detail["worker"], detail["was"], detail["pid"]) == ("w-x", "training", 1), detail
-        register(second, "second")
-        state_for(second)
+        assert first.wait_for(MsgType.RUN, 60).meta["shard"] == 0
+        first.close()  # killed, mid-step
+        second = FakeWorker(cluster, "w-x", session="second")
+        try:
+            assert second.wait_for(MsgType.RUN, 60).meta["shard"] == 0
+            (rejoined,) = events("worker_rejoined")
+            detail = rejoined["detail"]
+            assert (detail["worker"], detail["was"], detail["pid"]) == ("w-x", "training", 0), detail
+            second.register()
+            second.wait_for(MsgType.RUN, 60)
+        finally:
+            second.close()
         assert len(events("worker_rejoined")) == 1 and not events("worker_lost")
         assert [e["detail"]["worker"] for e in events("worker_joined")] == ["w-x"]
     finally:
-        ctx.destroy(linger=0)
         cluster.stop()

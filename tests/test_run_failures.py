@@ -12,15 +12,12 @@ import time
 
 import pytest
 import torch
-import zmq
-from helpers import strict_json
+from helpers import FakeWorker, strict_json
 
 from atomo_core.data import Split
 from services.common.launch import LocalCluster
-from services.common.protocol import Header, MsgType
-from services.common.replica import max_frame_bytes
+from services.common.protocol import MsgType
 from services.common.spec import RunSpec
-from services.common.transport import MalformedMessage, SocketOptions, connect_client
 from services.ps.evaluate import EvaluationError, Evaluator
 from services.ps.rundir import scan_runs
 
@@ -105,36 +102,6 @@ def test_an_exception_inside_a_run_fails_that_run_with_its_cause(cluster, blocke
     assert summary["state"] == "failed" and summary["error"] == run["error"]
     assert cluster.client().status()["runs"][run_id] == "failed"
     run_normally(cluster, f"after-{run_id}")
-
-
-class FakeWorker:
-    """A registered worker that heart-beats and reads what the PS sends, but never computes a gradient."""
-
-    def __init__(self, cluster, worker_id: str = "straggler"):
-        self.id = worker_id
-        self.ctx = zmq.Context()
-        options = SocketOptions(max_message_bytes=max_frame_bytes())
-        self.client = connect_client(self.ctx, f"tcp://127.0.0.1:{cluster.port}", worker_id, options)
-        self.received: list[Header] = []
-        self.client.send(Header(MsgType.REGISTER, worker_id=worker_id, meta={"device": "cpu", "pid": 0}))
-        self.next_heartbeat = time.monotonic()
-
-    def serve_for(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                received = self.client.recv(50)
-            except MalformedMessage as exc:
-                raise AssertionError(f"the PS sent a malformed message: {exc}") from exc
-            if received is not None:
-                self.received.append(received.header)
-            if time.monotonic() >= self.next_heartbeat:
-                self.client.send(Header(MsgType.HEARTBEAT, worker_id=self.id))
-                self.next_heartbeat = time.monotonic() + HEARTBEAT_S / 2
-
-    def close(self) -> None:
-        self.client.close()
-        self.ctx.term()
 
 
 def test_a_worker_that_never_sends_its_gradient_is_timed_out_and_the_run_finishes(cluster):

@@ -216,8 +216,12 @@ class Worker:
             return 0
 
     def _register(self) -> None:
-        meta = {"device": self.device.type[:32], "address": socket.gethostname()[:256], "pid": os.getpid()}
-        meta["session"] = self.session
+        meta = {
+            "device": self.device.type[:32],
+            "address": socket.gethostname()[:256],
+            "pid": os.getpid(),
+            "session": self.session,
+        }
         if self.metrics_port is not None:
             meta["metrics_port"] = self.metrics_port
         self.registered = self._send(Header(MsgType.REGISTER, worker_id=self.worker_id, meta=meta)) > 0
